@@ -1,0 +1,135 @@
+"""A declaration checked against the live catalog: the source exists, its key, its columns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from .spec import SpecError, TableSpec
+
+# Columns vectorsync adds to each store row; a source key column may not share these names.
+STORE_COLUMNS = ("chunk_seq", "chunk", "text_hash", "model", "bucket", "embedding", "embedded_at")
+# Columns the view adds next to the source's own.
+VIEW_COLUMNS = ("chunk_seq", "chunk", "embedding", "embedding_model", "embedded_at")
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type_sql: str  # as format_type() prints it, already quoted where needed
+    type_oid: int
+    comparable: bool  # has an `=` operator; json, xml and point do not
+
+
+@dataclass(frozen=True)
+class ResolvedTable:
+    spec: TableSpec
+    origin: str
+    key: tuple[Column, ...]
+    text_columns: tuple[Column, ...]
+    all_columns: tuple[Column, ...]
+
+    # Composed SQL fragments, all identifiers quoted --------------------------------------------
+    @property
+    def source(self) -> sql.Identifier:
+        return sql.Identifier(self.spec.source.schema_, self.spec.source.table)
+
+    @property
+    def store(self) -> sql.Identifier:
+        return sql.Identifier(self.spec.store_schema, self.spec.store_name)
+
+    @property
+    def view(self) -> sql.Identifier:
+        return sql.Identifier(self.spec.store_schema, self.spec.view_name)
+
+    @property
+    def queue(self) -> sql.Identifier:
+        return sql.Identifier("vectorsync", self.spec.queue_name)
+
+    def key_list(self, alias: str | None = None) -> sql.Composed:
+        return sql.SQL(", ").join(_col(alias, c.name) for c in self.key)
+
+    def key_json(self, alias: str | None = None) -> sql.Composed:
+        """The canonical key: a jsonb array of the key's values, as the change log stores it."""
+        return sql.SQL("jsonb_build_array({})").format(self.key_list(alias))
+
+    def key_from_json(self, expression: sql.Composable) -> sql.Composed:
+        """Typed key values out of a jsonb key array, for joins against the source or store."""
+        return sql.SQL(", ").join(
+            sql.SQL("({} ->> {})::{}").format(expression, sql.Literal(i), sql.SQL(c.type_sql))
+            for i, c in enumerate(self.key)
+        )
+
+    def key_equal(self, left: str, right: str) -> sql.Composed:
+        return sql.SQL(" AND ").join(
+            sql.SQL("{} = {}").format(_col(left, c.name), _col(right, c.name)) for c in self.key
+        )
+
+
+def _col(alias: str | None, name: str) -> sql.Composable:
+    return sql.Identifier(alias, name) if alias else sql.Identifier(name)
+
+
+def resolve(conn: psycopg.Connection, spec: TableSpec, origin: str = "<python>") -> ResolvedTable:
+    """Check a declaration against the database, before any DDL runs."""
+    src = spec.source
+    oid = conn.execute(
+        """SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+           WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')""",
+        (src.schema_, src.table),
+    ).fetchone()
+    if oid is None:
+        raise SpecError(origin, "source", f"table {src.qualified} does not exist")
+    rows = conn.execute(
+        """SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.atttypid::int,
+                  EXISTS (SELECT 1 FROM pg_operator o
+                          WHERE o.oprname = '=' AND o.oprleft = a.atttypid AND o.oprright = a.atttypid)
+           FROM pg_attribute a
+           WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum""",
+        (oid[0],),
+    ).fetchall()
+    columns = {row[0]: Column(*row) for row in rows}
+
+    pk_names = spec.primary_key
+    field = "primary_key"
+    if pk_names is None:
+        field = "source"
+        found = conn.execute(
+            """SELECT array_agg(a.attname ORDER BY k.ord)
+               FROM pg_index i
+               CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+               WHERE i.indrelid = %s AND i.indisprimary""",
+            (oid[0],),
+        ).fetchone()
+        if not found or not found[0]:
+            raise SpecError(
+                origin, "primary_key",
+                f"table {src.qualified} has no primary key; add one or name unique, non-null "
+                "columns in `primary_key`",
+            )
+        pk_names = list(found[0])
+    missing = [c for c in pk_names if c not in columns]
+    if missing:
+        raise SpecError(origin, field, f"table {src.qualified} has no column {missing[0]!r}")
+    clash = [c for c in pk_names if c in STORE_COLUMNS]
+    if clash:
+        raise SpecError(origin, field, f"key column {clash[0]!r} clashes with a store column; "
+                        "rename it or set a different primary_key")
+    missing = [c for c in spec.text_columns if c not in columns]
+    if missing:
+        where = "columns" if spec.columns is not None else "template"
+        raise SpecError(origin, where, f"table {src.qualified} has no column {missing[0]!r}")
+    clash = [c for c in columns if c in VIEW_COLUMNS]
+    if clash:
+        raise SpecError(origin, "source", f"column {clash[0]!r} of {src.qualified} clashes with a "
+                        "column the embeddings view adds")
+    return ResolvedTable(
+        spec=spec,
+        origin=origin,
+        key=tuple(columns[c] for c in pk_names),
+        text_columns=tuple(columns[c] for c in spec.text_columns),
+        all_columns=tuple(columns.values()),
+    )

@@ -1,0 +1,187 @@
+"""`vectorsync install`: the control schema's migrations, then each declared table's objects.
+
+Numbered migrations in sql/migrations run once each and are recorded in vectorsync.migrations;
+scripts in sql/functions and sql/table are idempotent and run every time. Running install twice
+changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from .catalog import ResolvedTable, resolve
+from .spec import TableSpec
+
+SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+# Serialises concurrent installs (an arbitrary constant of ours).
+INSTALL_LOCK = 7_311_004_221
+
+OPERATOR_CLASSES = {
+    ("vector", "cosine"): "vector_cosine_ops",
+    ("vector", "l2"): "vector_l2_ops",
+    ("vector", "inner_product"): "vector_ip_ops",
+    ("halfvec", "cosine"): "halfvec_cosine_ops",
+    ("halfvec", "l2"): "halfvec_l2_ops",
+    ("halfvec", "inner_product"): "halfvec_ip_ops",
+}
+
+
+@dataclass(frozen=True)
+class InstallReport:
+    migrations_applied: list[str]
+    tables: list[str]
+    sweeps_requested: list[str]
+
+
+def install(
+    conn: psycopg.Connection, specs: list[tuple[TableSpec, str]]
+) -> InstallReport:
+    """Install the control schema and every (spec, origin). All declarations are checked against
+    the catalog before any DDL runs; everything happens in one transaction."""
+    with conn.transaction():
+        resolved = [resolve(conn, spec, origin) for spec, origin in specs]
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (INSTALL_LOCK,))
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        conn.execute("CREATE SCHEMA IF NOT EXISTS vectorsync")
+        conn.execute(
+            """CREATE TABLE IF NOT EXISTS vectorsync.migrations (
+                   version int PRIMARY KEY, name text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now())"""
+        )
+        applied = _apply_migrations(conn)
+        for path in sorted((SQL_DIR / "functions").glob("*.sql")):
+            conn.execute(path.read_text())
+        swept = [t.spec.name for t in resolved if install_table(conn, t)]
+    return InstallReport(applied, [t.spec.name for t in resolved], swept)
+
+
+def _apply_migrations(conn: psycopg.Connection) -> list[str]:
+    done = {v for (v,) in conn.execute("SELECT version FROM vectorsync.migrations")}
+    applied = []
+    for path in sorted((SQL_DIR / "migrations").glob("*.sql")):
+        version = int(path.name.split("_", 1)[0])
+        if version in done:
+            continue
+        conn.execute(path.read_text())
+        conn.execute(
+            "INSERT INTO vectorsync.migrations (version, name) VALUES (%s, %s)", (version, path.stem)
+        )
+        applied.append(path.stem)
+    return applied
+
+
+def table_objects(table: ResolvedTable) -> dict[str, sql.Composable]:
+    """The placeholders of sql/table/*.sql for one table."""
+    spec = table.spec
+    store_name = spec.store_name
+    vector_type = f"{spec.vector_type}({spec.provider.dimensions})"
+
+    def compared(alias: str) -> sql.Composed:
+        return sql.SQL(", ").join(
+            sql.SQL("{}" if c.comparable else "{}::text").format(sql.Identifier(alias, c.name))
+            for c in table.text_columns
+        )
+
+    trigger = f"vectorsync_{spec.name}"
+    return {
+        "store_schema": sql.Identifier(spec.store_schema),
+        "store": table.store,
+        "view": table.view,
+        "queue": table.queue,
+        "source": table.source,
+        "key_definitions": sql.SQL(", ").join(
+            sql.SQL("{} {} NOT NULL").format(sql.Identifier(c.name), sql.SQL(c.type_sql)) for c in table.key
+        ),
+        "key_columns": table.key_list(),
+        "vector_type": sql.SQL(vector_type),
+        "hash_index": sql.Identifier(f"{store_name}_hash"),
+        "bucket_index": sql.Identifier(f"{store_name}_bkt"),
+        "queue_bucket_index": sql.Identifier(f"{spec.queue_name}_bkt"),
+        "store_source_join": table.key_equal("e", "s"),
+        "capture_function": sql.Identifier("vectorsync", f"capture_{spec.name}"),
+        "buckets": sql.Literal(spec.buckets),
+        "new_key": table.key_json("n"),
+        "old_key": table.key_json("o"),
+        "old_new_join": table.key_equal("o", "n"),
+        "first_key": sql.Identifier(table.key[0].name),
+        "old_values": compared("o"),
+        "new_values": compared("n"),
+        "table_name": sql.Literal(spec.name),
+        "insert_trigger": sql.Identifier(f"{trigger}_insert"),
+        "update_trigger": sql.Identifier(f"{trigger}_update"),
+        "delete_trigger": sql.Identifier(f"{trigger}_delete"),
+        "truncate_trigger": sql.Identifier(f"{trigger}_truncate"),
+    }
+
+
+def install_table(conn: psycopg.Connection, table: ResolvedTable) -> bool:
+    """Create or refresh one table's store, change log, view, triggers and index. Returns whether
+    a sweep of every bucket was requested (first install, or a new model, template or bucket count,
+    so rows that predate the triggers or carry an old fingerprint get embedded)."""
+    spec = table.spec
+    objects = table_objects(table)
+    for name in ("store.sql", "capture.sql"):
+        conn.execute(sql.SQL((SQL_DIR / "table" / name).read_text()).format(**objects))
+    conn.execute(
+        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} USING hnsw (embedding {})").format(
+            sql.Identifier(f"{spec.store_name}_hnsw"),
+            table.store,
+            sql.SQL(OPERATOR_CLASSES[(spec.vector_type, spec.distance)]),
+        )
+    )
+    previous = conn.execute(
+        "SELECT fingerprint, buckets FROM vectorsync.embedding_tables WHERE name = %s", (spec.name,)
+    ).fetchone()
+    conn.execute(
+        """INSERT INTO vectorsync.embedding_tables
+               (name, source_schema, source_table, store_schema, store_table, queue_table,
+                key_columns, buckets, fingerprint, spec)
+           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+           ON CONFLICT (name) DO UPDATE SET
+               source_schema = excluded.source_schema, source_table = excluded.source_table,
+               store_schema = excluded.store_schema, store_table = excluded.store_table,
+               queue_table = excluded.queue_table, key_columns = excluded.key_columns,
+               buckets = excluded.buckets, fingerprint = excluded.fingerprint, spec = excluded.spec
+           WHERE (embedding_tables.fingerprint, embedding_tables.buckets, embedding_tables.spec)
+                 IS DISTINCT FROM (excluded.fingerprint, excluded.buckets, excluded.spec)""",
+        (
+            spec.name, spec.source.schema_, spec.source.table, spec.store_schema, spec.store_name,
+            spec.queue_name, [c.name for c in table.key], spec.buckets, spec.fingerprint,
+            json.dumps(spec.model_dump(mode="json", by_alias=True)),
+        ),
+    )
+    if previous == (spec.fingerprint, spec.buckets):
+        return False
+    if previous is not None and previous[1] != spec.buckets:
+        _rebucket(conn, table)
+    conn.execute(
+        sql.SQL("INSERT INTO {} (bucket, row_key) SELECT b, NULL FROM generate_series(0, {} - 1) b").format(
+            table.queue, sql.Literal(spec.buckets)
+        )
+    )
+    return True
+
+
+def _rebucket(conn: psycopg.Connection, table: ResolvedTable) -> None:
+    """A new bucket count moves stored chunks, pending changes and failures to their new buckets."""
+    buckets = sql.Literal(table.spec.buckets)
+    conn.execute(
+        sql.SQL("UPDATE {} SET bucket = vectorsync.bucket_of({}, {})").format(
+            table.store, table.key_json(), buckets
+        )
+    )
+    conn.execute(
+        sql.SQL("DELETE FROM {} WHERE row_key IS NULL").format(table.queue)
+    )
+    conn.execute(
+        sql.SQL("UPDATE {} SET bucket = vectorsync.bucket_of(row_key, {})").format(table.queue, buckets)
+    )
+    conn.execute(
+        "UPDATE vectorsync.failures SET bucket = vectorsync.bucket_of(row_key, %s) WHERE table_name = %s",
+        (table.spec.buckets, table.spec.name),
+    )

@@ -1,0 +1,87 @@
+"""OpenAI's embeddings API through the official client, also for any compatible server."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import openai
+
+from ..spec import ProviderSpec
+from .base import EmbeddingProvider, Embeddings, ProviderError, check_vectors
+
+# OpenAI's documented limits for one embeddings request.
+MAX_INPUTS_PER_REQUEST = 2048
+MAX_TOKENS_PER_REQUEST = 300_000
+MAX_TOKENS_PER_INPUT = 8191
+
+
+class OpenAICompatibleProvider(EmbeddingProvider):
+    def __init__(self, spec: ProviderSpec) -> None:
+        self.spec = spec
+        self.dimensions = spec.dimensions
+        self.max_inputs_per_request = min(spec.batch_size, MAX_INPUTS_PER_REQUEST)
+        self.max_tokens_per_request = MAX_TOKENS_PER_REQUEST
+        self.max_tokens_per_input = MAX_TOKENS_PER_INPUT
+        self.max_concurrency = spec.max_concurrency
+        key = os.environ.get(spec.api_key_env)
+        if not key:
+            if spec.base_url is None:
+                raise ProviderError(
+                    "config", f"environment variable {spec.api_key_env} is not set (it holds the API key)"
+                )
+            key = "unused"  # local compatible servers usually take no key, but the client wants one
+        # The client retries 408/409/429/5xx, timeouts and refused connections with exponential
+        # backoff and honours Retry-After; we only map what is left after those retries.
+        self.client = openai.OpenAI(
+            api_key=key,
+            base_url=spec.base_url,
+            timeout=spec.timeout_seconds,
+            max_retries=spec.max_retries,
+        )
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        # A byte-level BPE token covers at least one UTF-8 byte, so the byte length never
+        # undercounts; tiktoken would be exact but fetches its vocabularies at run time.
+        return [len(t.encode("utf-8")) for t in texts]
+
+    def embed(self, texts: Sequence[str]) -> Embeddings:
+        extra = {"dimensions": self.dimensions} if self.spec.send_dimensions else {}
+        try:
+            response = self.client.embeddings.create(
+                model=self.spec.model, input=list(texts), encoding_format="float", **extra
+            )
+        except openai.AuthenticationError as exc:
+            raise ProviderError("auth", f"provider refused the key: HTTP {exc.status_code}") from None
+        except openai.RateLimitError as exc:
+            raise ProviderError("rate_limited", f"HTTP 429 after retries: {_brief(exc)}") from None
+        except openai.APITimeoutError:
+            raise ProviderError("timeout", f"no answer within {self.spec.timeout_seconds}s") from None
+        except openai.APIConnectionError as exc:
+            raise ProviderError("connection", f"cannot reach the provider: {exc}") from None
+        except openai.InternalServerError as exc:
+            raise ProviderError("server_error", f"HTTP {exc.status_code}: {_brief(exc)}") from None
+        except openai.BadRequestError as exc:
+            raise ProviderError("bad_request", f"HTTP {exc.status_code}: {_brief(exc)}") from None
+        except openai.APIStatusError as exc:
+            raise ProviderError("server_error", f"HTTP {exc.status_code}: {_brief(exc)}") from None
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise ProviderError("bad_response", f"unreadable response: {exc}") from None
+        try:
+            data = sorted(response.data, key=lambda item: item.index)
+            vectors = np.asarray([item.embedding for item in data], dtype=np.float32)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ProviderError("bad_response", f"unreadable embeddings: {exc}") from None
+        vectors = check_vectors(vectors, len(texts), self.dimensions)
+        usage = getattr(response, "usage", None)
+        tokens = getattr(usage, "prompt_tokens", None) or sum(self.count_tokens(texts))
+        return Embeddings(vectors, int(tokens))
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _brief(exc: openai.APIStatusError) -> str:
+    # The message only: response headers and the request (which carry the key) stay out of errors.
+    return str(getattr(exc, "message", "") or exc)[:300]

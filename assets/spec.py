@@ -1,0 +1,256 @@
+"""The declaration of one embedding table, loaded from YAML and validated before any DDL runs.
+
+A declaration says which source table to embed, how a row becomes text, how text is chunked and
+which model embeds it. Errors name the file and the field they are about.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import string
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NAME_PATTERN = r"^[a-z][a-z0-9_]{0,39}$"
+
+# Models whose output size is fixed: a declaration that says otherwise is refused on load.
+KNOWN_MODEL_DIMENSIONS: dict[tuple[str, str], tuple[int, ...]] = {
+    ("sentence-transformers", "all-MiniLM-L6-v2"): (384,),
+    ("openai", "text-embedding-ada-002"): (1536,),
+}
+# OpenAI's v3 models accept a `dimensions` parameter up to their native size.
+SHORTENABLE_MODEL_DIMENSIONS: dict[tuple[str, str], int] = {
+    ("openai", "text-embedding-3-small"): 1536,
+    ("openai", "text-embedding-3-large"): 3072,
+}
+# pgvector's limits for an HNSW index on each vector type.
+MAX_INDEXED_DIMENSIONS = {"vector": 2000, "halfvec": 4000}
+
+
+class SpecError(ValueError):
+    """A declaration that cannot be used, with the file and field it is about."""
+
+    def __init__(self, source: str, field: str, message: str) -> None:
+        self.source = source
+        self.field = field
+        self.message = message
+        super().__init__(f"{source}: {field}: {message}" if field else f"{source}: {message}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Chunking(_Strict):
+    """Split text into overlapping pieces of at most `size` characters, at whitespace when possible."""
+
+    size: int = Field(800, ge=50, le=100_000)
+    overlap: int = Field(100, ge=0)
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> Chunking:
+        if self.overlap >= self.size:
+            raise ValueError(f"overlap ({self.overlap}) must be smaller than size ({self.size})")
+        return self
+
+
+class ProviderSpec(_Strict):
+    kind: Literal["sentence-transformers", "openai"] = "sentence-transformers"
+    model: str = "all-MiniLM-L6-v2"
+    dimensions: int = Field(384, ge=1, le=16_000)
+    # For any OpenAI-compatible server (Ollama, vLLM, LiteLLM, TEI). None means api.openai.com.
+    base_url: str | None = None
+    # The NAME of the environment variable that holds the key; the key itself never appears here.
+    api_key_env: str = "OPENAI_API_KEY"
+    max_concurrency: int = Field(4, ge=1, le=64)
+    batch_size: int = Field(256, ge=1, le=2048)
+    timeout_seconds: float = Field(60.0, gt=0)
+    max_retries: int = Field(5, ge=0, le=20)
+    # Sends `dimensions=` to the API (only OpenAI's v3 models and some compatible servers accept it).
+    send_dimensions: bool = False
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str) -> str:
+        if not value.replace("_", "").isalnum():
+            raise ValueError("must be the name of an environment variable, not a key")
+        return value
+
+    @model_validator(mode="after")
+    def _dimensions_match_model(self) -> ProviderSpec:
+        fixed = KNOWN_MODEL_DIMENSIONS.get((self.kind, self.model))
+        if fixed and self.dimensions not in fixed:
+            raise ValueError(
+                f"dimensions: {self.model} gives {fixed[0]} dimensions, not {self.dimensions}"
+            )
+        native = SHORTENABLE_MODEL_DIMENSIONS.get((self.kind, self.model))
+        if native and self.dimensions > native:
+            raise ValueError(f"dimensions: {self.model} gives at most {native} dimensions")
+        return self
+
+
+class SourceRef(_Strict):
+    schema_: str = Field("public", alias="schema", min_length=1, max_length=63)
+    table: str = Field(min_length=1, max_length=63)
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema_}.{self.table}"
+
+
+class TableSpec(_Strict):
+    """One embedding table. See docs/declaring-a-table.md for every field and its default."""
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    source: SourceRef
+    primary_key: list[str] | None = None
+    columns: list[str] | None = None
+    template: str | None = None
+    chunking: Chunking | None = Chunking()
+    provider: ProviderSpec = ProviderSpec()
+    buckets: int = Field(16, ge=1, le=1024)
+    destination: str | None = Field(None, min_length=1, max_length=50)
+    destination_schema: str | None = Field(None, min_length=1, max_length=63)
+    vector_type: Literal["vector", "halfvec"] = "vector"
+    distance: Literal["cosine", "l2", "inner_product"] = "cosine"
+    # Rows per page when a run streams a bucket: bounds memory and the size of each write.
+    page_size: int = Field(500, ge=1, le=50_000)
+    description: str | None = None
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _parse_source(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            schema, dot, table = value.partition(".")
+            return {"schema": schema, "table": table} if dot else {"table": value}
+        return value
+
+    @field_validator("primary_key", "columns")
+    @classmethod
+    def _non_empty_unique(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("must name at least one column")
+            if len(set(value)) != len(value):
+                raise ValueError("names a column twice")
+        return value
+
+    @model_validator(mode="after")
+    def _template_and_columns_agree(self) -> TableSpec:
+        if self.template is None and self.columns is None:
+            raise ValueError("give `columns`, `template`, or both")
+        if self.template is not None:
+            fields = template_fields(self.template)
+            if not fields:
+                raise ValueError("template: names no column; use {column} placeholders")
+            if self.columns is not None:
+                unknown = [f for f in fields if f not in self.columns]
+                if unknown:
+                    raise ValueError(f"template: uses {unknown} which are not in `columns`")
+        limit = MAX_INDEXED_DIMENSIONS[self.vector_type]
+        if self.provider.dimensions > limit:
+            raise ValueError(
+                f"provider.dimensions: {self.vector_type} indexes at most {limit} dimensions"
+            )
+        return self
+
+    # Derived names -------------------------------------------------------------------------------
+
+    @property
+    def text_columns(self) -> list[str]:
+        return list(self.columns) if self.columns is not None else template_fields(self.template or "")
+
+    @property
+    def text_template(self) -> str:
+        if self.template is not None:
+            return self.template
+        return "\n\n".join("{" + c + "}" for c in self.text_columns)
+
+    @property
+    def store_schema(self) -> str:
+        return self.destination_schema or self.source.schema_
+
+    @property
+    def view_name(self) -> str:
+        return self.destination or f"{self.name}_embeddings"
+
+    @property
+    def store_name(self) -> str:
+        return f"{self.view_name}_store"
+
+    @property
+    def queue_name(self) -> str:
+        return f"changes_{self.name}"
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies everything that shapes a stored vector: a stored chunk under another
+        fingerprint is stale and is re-embedded by the next full run of its bucket."""
+        shape = json.dumps(
+            {
+                "template": self.text_template,
+                "chunking": self.chunking.model_dump() if self.chunking else None,
+            },
+            sort_keys=True,
+        )
+        digest = hashlib.sha256(shape.encode()).hexdigest()[:12]
+        p = self.provider
+        return f"{p.kind}/{p.model}/{p.dimensions}/{digest}"
+
+
+def template_fields(template: str) -> list[str]:
+    """The column names a template refers to, in order of first use."""
+    seen: list[str] = []
+    for _, field, _, _ in string.Formatter().parse(template):
+        if field is not None and field not in seen:
+            if field == "":
+                raise ValueError("template: empty {} placeholder; name a column")
+            seen.append(field)
+    return seen
+
+
+def parse_spec(data: Any, source: str) -> TableSpec:
+    """Validate one declaration; `source` names where it came from, for error messages."""
+    if not isinstance(data, dict):
+        raise SpecError(source, "", "a table declaration must be a mapping of fields")
+    try:
+        return TableSpec.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or _field_from_message(first["msg"])
+        message = first["msg"].removeprefix("Value error, ")
+        if ": " in message and field == _field_from_message(message):
+            message = message.split(": ", 1)[1]
+        raise SpecError(source, field, message) from None
+
+
+def _field_from_message(message: str) -> str:
+    head = message.removeprefix("Value error, ").split(":", 1)[0]
+    return head if head.replace(".", "").replace("_", "").isalnum() else ""
+
+
+def load_spec_file(path: Path) -> TableSpec:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SpecError(str(path), "", f"not valid YAML: {exc}") from None
+    return parse_spec(data, str(path))
+
+
+def load_spec_dir(directory: Path) -> list[TableSpec]:
+    """Every `*.yaml` declaration in a directory; names must be unique."""
+    if not directory.is_dir():
+        raise SpecError(str(directory), "", "the table declarations directory does not exist")
+    specs: list[TableSpec] = []
+    seen: dict[str, Path] = {}
+    for path in sorted(directory.glob("*.y*ml")):
+        spec = load_spec_file(path)
+        if spec.name in seen:
+            raise SpecError(str(path), "name", f"{spec.name!r} is already declared in {seen[spec.name]}")
+        seen[spec.name] = path
+        specs.append(spec)
+    return specs

