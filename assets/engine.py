@@ -51,7 +51,7 @@ class SyncStats:
     changes_cleared: int = 0
     seconds: float = 0.0
 
-    def merge(self, other: SyncStats) -> None:
+    def merge(self, other: "SyncStats") -> None:
         for f in fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
@@ -226,6 +226,11 @@ class EmbeddingEngine:
             row.hashes = [text_hash(p) for p in row.pieces]
             candidates.append(row)
 
+        if skipped:
+            # A row already recorded as skipped, with nothing stored, needs no new decision.
+            recorded = self._recorded_skips([r.key_json for r, _ in skipped])
+            stats.rows_unchanged += sum(1 for r, _ in skipped if r.key in recorded)
+            skipped = [(r, reason) for r, reason in skipped if r.key not in recorded]
         stored = self._stored_hashes([r.key_json for r in candidates])
         changed: list[_Row] = []
         unchanged: list[_Row] = []
@@ -265,11 +270,19 @@ class EmbeddingEngine:
             stored.setdefault(tuple(key), []).append((bytes(digest), model))
         return stored
 
+    def _recorded_skips(self, key_jsons: list[str]) -> set[Key]:
+        stored = self._stored_hashes(key_jsons)
+        return {
+            tuple(k)
+            for (k,) in self.conn.execute(self._queries.recorded_skips, (self.spec.name, key_jsons))
+            if tuple(k) not in stored
+        }
+
     def _cached_vectors(self, hashes: list[bytes]) -> dict[bytes, np.ndarray]:
         if not hashes:
             return {}
         cur = self.conn.execute(self._queries.cached_vectors, (hashes, self.fingerprint))
-        return {bytes(h): np.asarray(v, dtype=np.float32) for h, v in cur}
+        return {bytes(h): _as_array(v) for h, v in cur}
 
     def _embed(self, texts: dict[bytes, str], vectors: dict[bytes, np.ndarray], stats: SyncStats) -> dict[bytes, ProviderError]:
         """Embed `texts` into `vectors`; returns the error of every hash that could not be embedded."""
@@ -402,6 +415,12 @@ class _AdvisoryLock:
             )
 
 
+def _as_array(vector: Any) -> np.ndarray:
+    # pgvector's loader gives numpy arrays in some versions and Vector objects in others.
+    as_numpy = getattr(vector, "to_numpy", None)
+    return np.asarray(as_numpy() if as_numpy else vector, dtype=np.float32)
+
+
 def plan_batches(
     items: Sequence[tuple[Any, int]], max_inputs: int, max_tokens: int
 ) -> list[list[Any]]:
@@ -466,6 +485,10 @@ class _Queries:
         self.delete_orphans = sql.SQL(
             "DELETE FROM {} e WHERE e.bucket = %s AND NOT EXISTS (SELECT 1 FROM {} s WHERE {})"
         ).format(t.store, t.source, t.key_equal("s", "e"))
+        self.recorded_skips = sql.SQL(
+            "SELECT row_key FROM vectorsync.failures WHERE table_name = %s AND error_kind = 'skipped' "
+            "AND row_key = ANY(%s::text[]::jsonb[])"
+        )
         self.forget_failures = sql.SQL(
             "DELETE FROM vectorsync.failures WHERE table_name = %s AND row_key = ANY(%s::text[]::jsonb[])"
         )

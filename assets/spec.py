@@ -241,16 +241,16 @@ def load_spec_file(path: Path) -> TableSpec:
     return parse_spec(data, str(path))
 
 
-def load_spec_dir(directory: Path) -> list[TableSpec]:
-    """Every `*.yaml` declaration in a directory; names must be unique."""
+def load_spec_dir(directory: Path) -> list[tuple[TableSpec, str]]:
+    """Every `*.yaml` declaration in a directory, with the file it came from; names must be unique."""
     if not directory.is_dir():
         raise SpecError(str(directory), "", "the table declarations directory does not exist")
-    specs: list[TableSpec] = []
+    specs: list[tuple[TableSpec, str]] = []
     seen: dict[str, Path] = {}
     for path in sorted(directory.glob("*.y*ml")):
         spec = load_spec_file(path)
         if spec.name in seen:
             raise SpecError(str(path), "name", f"{spec.name!r} is already declared in {seen[spec.name]}")
         seen[spec.name] = path
-        specs.append(spec)
+        specs.append((spec, str(path)))
     return specs

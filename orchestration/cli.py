@@ -1,0 +1,151 @@
+"""`vectorsync`: install, status, search, sync and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from assets.catalog import resolve
+from assets.install import install
+from assets.spec import SpecError, TableSpec, load_spec_dir
+from assets.status import installed_tables, table_status
+
+from .database import connect, database_url
+from .definitions import tables_dir
+
+DEMO_QUERIES = (
+    "how do I open a file",
+    "sort a list in place",
+    "run a shell command and capture its output",
+    "parse JSON text into Python objects",
+)
+
+
+def _specs(args: argparse.Namespace) -> list[tuple[TableSpec, str]]:
+    return load_spec_dir(Path(args.tables) if args.tables else tables_dir())
+
+
+def _find(args: argparse.Namespace, name: str) -> tuple[TableSpec, str]:
+    for spec, origin in _specs(args):
+        if spec.name == name:
+            return spec, origin
+    raise SpecError(str(args.tables or tables_dir()), "name", f"no table named {name!r} is declared")
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    with connect() as conn:
+        report = install(conn, _specs(args))
+    print(f"migrations applied: {', '.join(report.migrations_applied) or 'none (up to date)'}")
+    print(f"tables installed: {', '.join(report.tables) or 'none declared'}")
+    if report.sweeps_requested:
+        print(f"full sweeps queued (new table, model or template): {', '.join(report.sweeps_requested)}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with connect() as conn:
+        names = installed_tables(conn)
+        if not names:
+            print("nothing installed yet: run `vectorsync install`")
+            return 0
+        header = ("table", "source", "source rows", "embedded", "current", "chunks", "pending",
+                  "failed", "dead", "skipped")
+        rows = []
+        for name in names:
+            s = table_status(conn, name)
+            rows.append((s.name, s.source, s.source_rows, s.rows_embedded, s.rows_current, s.chunks,
+                         s.pending_changes, s.failed_rows, s.dead_rows, s.skipped_rows))
+    _print_table(header, rows)
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from assets.factory import provider_for
+    from assets.search import search
+
+    spec, origin = _find(args, args.name)
+    with connect() as conn:
+        table = resolve(conn, spec, origin)
+        hits = search(conn, table, provider_for(spec.provider), args.query, k=args.k)
+    for rank, hit in enumerate(hits, start=1):
+        key = ", ".join(str(v) for v in hit.key)
+        snippet = " ".join(hit.chunk.split())[:100]
+        print(f"{rank:2d}. {hit.score:.3f}  [{key}]  {snippet}")
+    if not hits:
+        print("no results: is the table embedded? see `vectorsync status`")
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    """Run the engine directly, without Dagster (for scripts and debugging)."""
+    from assets.engine import EmbeddingEngine, SyncStats
+    from assets.factory import provider_for
+
+    spec, origin = _find(args, args.name)
+    buckets = [args.bucket] if args.bucket is not None else list(range(spec.buckets))
+    total = SyncStats()
+    with connect() as conn:
+        engine = EmbeddingEngine(conn, resolve(conn, spec, origin), provider_for(spec.provider))
+        try:
+            for bucket in buckets:
+                total.merge(engine.sync_bucket(bucket, full=args.full))
+        finally:
+            engine.close()
+    print(", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in total.as_dict().items()))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(queries=DEMO_QUERIES, serve=not args.no_serve, port=args.port, limit=args.limit)
+
+
+def _print_table(header: tuple, rows: list[tuple]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for line in (header, *rows):
+        print("  ".join(str(v).ljust(w) for v, w in zip(line, widths)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vectorsync", description=__doc__)
+    parser.add_argument("--tables", help="directory of table declarations (default: $VECTORSYNC_TABLES "
+                        "or assets/tables)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("install", help="create or update the control schema and every declared table")
+    sub.add_parser("status", help="per table: source rows, embedded, current, pending, failed")
+    p = sub.add_parser("search", help="nearest source rows to a query")
+    p.add_argument("name")
+    p.add_argument("query")
+    p.add_argument("-k", type=int, default=5)
+    p = sub.add_parser("sync", help="make a table current without Dagster")
+    p.add_argument("name")
+    p.add_argument("--bucket", type=int)
+    p.add_argument("--full", action="store_true", help="compare every row, not just the change log")
+    p = sub.add_parser("demo", help="embed Python's documentation, search it, then serve Dagster's UI")
+    p.add_argument("--no-serve", action="store_true", help="stop after the searches")
+    p.add_argument("--port", type=int, default=3000)
+    p.add_argument("--limit", type=int, help="load only this many documents")
+    sub.add_parser("database-url", help="print the database URL (starting the embedded server)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {
+        "install": cmd_install, "status": cmd_status, "search": cmd_search, "sync": cmd_sync,
+        "demo": cmd_demo, "database-url": lambda a: print(database_url()) or 0,
+    }
+    try:
+        return commands[args.command](args)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except LookupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
