@@ -100,10 +100,12 @@ def embeddings_asset(spec: TableSpec, origin: str) -> dg.AssetsDefinition:
                 for done, bucket in enumerate(buckets, start=1):
                     stats = engine.sync_bucket(bucket, full=config.full_sweep)
                     total.merge(stats)
+                    left = total.seconds / done * (len(buckets) - done)
                     context.log.info(
-                        f"{spec.name} bucket {bucket}: {stats.rows_written} rows written, "
-                        f"{stats.rows_unchanged} unchanged, {stats.rows_deleted} deleted, "
-                        f"{stats.rows_failed} failed in {stats.seconds:.1f}s ({done}/{len(buckets)} buckets)"
+                        f"{spec.name} bucket {bucket} ({done}/{len(buckets)}): {stats.rows_written} rows "
+                        f"written, {stats.rows_unchanged} unchanged, {stats.rows_deleted} deleted, "
+                        f"{stats.rows_failed} failed in {stats.seconds:.1f}s; so far "
+                        f"{total.rows_written / max(total.seconds, 1e-9):.1f} rows/s, about {left:.0f}s left"
                     )
             finally:
                 engine.close()

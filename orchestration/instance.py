@@ -38,13 +38,12 @@ def instance_config(url: str, max_concurrent_runs: int = 4, pool_limit: int = 2)
         db["params"] = params
     return {
         "storage": {"postgres": {"postgres_db": db}},
-        "run_coordinator": {
-            "module": "dagster.core.run_coordinator",
-            "class": "QueuedRunCoordinator",
-            "config": {"max_concurrent_runs": max_concurrent_runs},
+        "run_coordinator": {"module": "dagster.core.run_coordinator", "class": "QueuedRunCoordinator"},
+        "concurrency": {
+            "runs": {"max_concurrent_runs": max_concurrent_runs},
+            # Each provider is a pool (see the asset's `pool`): parallel runs share one rate limit.
+            "pools": {"default_limit": pool_limit},
         },
-        # Each provider is a pool (see the asset's `pool`): parallel runs share one rate limit.
-        "concurrency": {"pools": {"default_limit": pool_limit}},
         "telemetry": {"enabled": False},
     }
 

@@ -33,7 +33,7 @@ class OpenAICompatibleProvider(EmbeddingProvider):
                 )
             key = "unused"  # local compatible servers usually take no key, but the client wants one
         # The client retries 408/409/429/5xx, timeouts and refused connections with exponential
-        # backoff and honours Retry-After; we only map what is left after those retries.
+        # backoff and honours Retry-After up to 120 s (a longer one is raised at once); we only map what is left after those retries.
         self.client = openai.OpenAI(
             api_key=key,
             base_url=spec.base_url,
@@ -47,6 +47,16 @@ class OpenAICompatibleProvider(EmbeddingProvider):
         return [len(t.encode("utf-8")) for t in texts]
 
     def embed(self, texts: Sequence[str]) -> Embeddings:
+        try:
+            return self._embed(texts)
+        except ProviderError as exc:
+            # A proxy may echo the key back in its error text: never let it reach the ledger or logs.
+            key = self.client.api_key
+            if key and key != "unused" and key in str(exc):
+                raise ProviderError(exc.kind, str(exc).replace(key, "***")) from None
+            raise
+
+    def _embed(self, texts: Sequence[str]) -> Embeddings:
         extra = {"dimensions": self.dimensions} if self.spec.send_dimensions else {}
         try:
             response = self.client.embeddings.create(
@@ -62,14 +72,22 @@ class OpenAICompatibleProvider(EmbeddingProvider):
             raise ProviderError("connection", f"cannot reach the provider: {exc}") from None
         except openai.InternalServerError as exc:
             raise ProviderError("server_error", f"HTTP {exc.status_code}: {_brief(exc)}") from None
+        except (openai.PermissionDeniedError, openai.NotFoundError) as exc:
+            raise ProviderError("config", f"HTTP {exc.status_code} (model or endpoint): {_brief(exc)}") from None
+        except openai.UnprocessableEntityError as exc:
+            raise ProviderError("bad_request", f"HTTP {exc.status_code}: {_brief(exc)}") from None
         except openai.BadRequestError as exc:
             raise ProviderError("bad_request", f"HTTP {exc.status_code}: {_brief(exc)}") from None
         except openai.APIStatusError as exc:
+            if exc.status_code == 413:  # servers such as TEI answer 413 for an input over their limit
+                raise ProviderError("bad_request", f"HTTP 413: {_brief(exc)}") from None
             raise ProviderError("server_error", f"HTTP {exc.status_code}: {_brief(exc)}") from None
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise ProviderError("bad_response", f"unreadable response: {exc}") from None
         try:
             data = sorted(response.data, key=lambda item: item.index)
+            if [item.index for item in data] != list(range(len(data))):
+                raise ProviderError("bad_response", "response indices are not 0..n-1 exactly once")
             vectors = np.asarray([item.embedding for item in data], dtype=np.float32)
         except (TypeError, ValueError, AttributeError) as exc:
             raise ProviderError("bad_response", f"unreadable embeddings: {exc}") from None

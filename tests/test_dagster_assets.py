@@ -1,0 +1,155 @@
+"""The Dagster side: the embeddings asset materialized on a Postgres-backed instance, its metadata,
+lineage and checks, the change sensor's requests, and the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import psycopg
+import pytest
+from psycopg import sql
+
+from assets.factory import (
+    embeddings_asset,
+    embeddings_asset_key,
+    embeddings_checks,
+    source_asset_key,
+    source_asset_spec,
+)
+from assets.install import install
+from assets.spec import parse_spec
+from orchestration.instance import prepare_instance
+from orchestration.resources import VectorsyncDatabase
+from orchestration.sensors import changes_sensor
+
+from conftest import unique
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def instance(db_url: str, tmp_path_factory: pytest.TempPathFactory):
+    home = prepare_instance(db_url, tmp_path_factory.mktemp("dagster_home"))
+    with dg.DagsterInstance.from_config(str(home)) as inst:
+        yield inst
+
+
+@pytest.fixture
+def declared(conn: psycopg.Connection):
+    schema = unique("dg")
+    conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    conn.execute(sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, title text, body text)").format(
+        sql.Identifier(schema, "articles")))
+    spec = parse_spec({"name": unique("art"), "source": f"{schema}.articles", "template": "{title}\n{body}",
+                       "buckets": 4}, "test.yaml")
+    install(conn, [(spec, "test.yaml")])
+    conn.execute(sql.SQL("INSERT INTO {} SELECT i, 'title ' || i, 'body ' || i FROM generate_series(1, 40) i")
+                 .format(sql.Identifier(schema, "articles")))
+    return spec
+
+
+def test_materializing_a_partition_embeds_its_bucket(instance, declared, db_url: str, conn) -> None:
+    spec = declared
+    asset = embeddings_asset(spec, "test.yaml")
+    resources = {"database": VectorsyncDatabase(url=db_url)}
+    result = dg.materialize([asset], instance=instance, partition_key="001", resources=resources)
+    assert result.success
+    materialization = result.asset_materializations_for_node(asset.op.name)[0]
+    meta = {k: v.value for k, v in materialization.metadata.items()}
+    bucket_rows = conn.execute(
+        sql.SQL("SELECT count(*) FROM {} WHERE vectorsync.bucket_of(jsonb_build_array(id), 4) = 1").format(
+            sql.Identifier(spec.source.schema_, "articles"))).fetchone()[0]
+    assert meta["rows_written"] == bucket_rows > 0
+    assert meta["dagster/row_count"] == bucket_rows
+    assert meta["dagster/table_name"] == f"{spec.source.schema_}.{spec.store_name}"
+    for name in ("chunks_embedded", "chunks_reused", "tokens", "provider_seconds", "rows_unchanged"):
+        assert name in meta
+    assert meta["tokens"] > 0
+    lineage = materialization.metadata["dagster/column_lineage"].value
+    assert {d.column_name for d in lineage.deps_by_column["embedding"]} == {"title", "body"}
+    assert lineage.deps_by_column["embedding"][0].asset_key == source_asset_key(spec)
+
+    # the run and its materialization are in the Postgres-backed instance, for the UI
+    records = instance.fetch_materializations(embeddings_asset_key(spec), limit=10).records
+    assert [r.partition_key for r in records] == ["001"]
+
+    # a second run of the same partition finds nothing to do
+    again = dg.materialize([asset], instance=instance, partition_key="001", resources=resources)
+    meta2 = {k: v.value for k, v in again.asset_materializations_for_node(asset.op.name)[0].metadata.items()}
+    assert meta2["rows_written"] == 0 and meta2["rows_unchanged"] == bucket_rows and meta2["chunks_embedded"] == 0
+
+
+def test_checks_report_coverage(instance, declared, db_url: str) -> None:
+    spec = declared
+    resources = {"database": VectorsyncDatabase(url=db_url)}
+    asset = embeddings_asset(spec, "test.yaml")
+    checks = embeddings_checks(spec)
+    result = dg.materialize([asset, *checks], instance=instance, resources=resources,
+                            selection=dg.AssetSelection.checks(*checks))
+    evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert evaluations["coverage"].passed  # unembedded rows are pending, so covered
+    assert evaluations["dead_letters"].passed
+
+
+def test_change_sensor_requests_only_buckets_with_new_changes(instance, declared, db_url: str, conn) -> None:
+    spec = declared
+    sensor = changes_sensor(spec)
+    defs = dg.Definitions(
+        assets=[source_asset_spec(spec), embeddings_asset(spec, "test.yaml")], sensors=[sensor],
+        resources={"database": VectorsyncDatabase(url=db_url)},
+    )
+    resources = {"database": VectorsyncDatabase(url=db_url)}
+
+    def tick(cursor=None):
+        return sensor(dg.build_sensor_context(instance=instance, definitions=defs, cursor=cursor,
+                                              resources=resources))
+
+    first = tick()
+    pending = {b for (b,) in conn.execute(sql.SQL("SELECT DISTINCT bucket FROM {}").format(
+        sql.Identifier("vectorsync", spec.queue_name)))}
+    assert {int(r.partition_key) for r in first.run_requests} == pending
+    assert all(r.run_config["ops"] for r in first.run_requests)
+    # nothing new: no request
+    second = tick(first.cursor)
+    assert second.run_requests == []
+    # one new change: exactly its bucket
+    conn.execute(sql.SQL("UPDATE {} SET body = 'changed' WHERE id = 7").format(
+        sql.Identifier(spec.source.schema_, "articles")))
+    bucket = conn.execute("SELECT vectorsync.bucket_of('[7]'::jsonb, 4)").fetchone()[0]
+    third = tick(first.cursor)
+    assert [int(r.partition_key) for r in third.run_requests] == [bucket]
+
+
+def test_cli_install_status_search(tmp_path: Path, db_url: str, conn) -> None:
+    schema = unique("cli")
+    conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    conn.execute(sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, body text)").format(sql.Identifier(schema, "notes")))
+    conn.execute(sql.SQL("INSERT INTO {} VALUES (1, 'How to open and read a file'), (2, 'Baking bread at home')")
+                 .format(sql.Identifier(schema, "notes")))
+    name = unique("notes")
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    (tables / "notes.yaml").write_text(f"name: {name}\nsource: {schema}.notes\ncolumns: [body]\nbuckets: 2\n")
+    env = {**os.environ, "DATABASE_URL": db_url}
+    cli = [sys.executable, "-m", "orchestration.cli", "--tables", str(tables)]
+
+    def run(*args: str) -> str:
+        done = subprocess.run([*cli, *args], env=env, cwd=PROJECT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert name in run("install")
+    run("sync", name)
+    status = run("status")
+    line = next(row for row in status.splitlines() if row.startswith(name))
+    assert line.split()[2:6] == ["2", "2", "2", "2"]  # source rows, embedded, current, chunks
+    out = run("search", name, "reading files", "-k", "1")
+    assert "[1]" in out and "open and read" in out
+
+    (tables / "notes.yaml").write_text(f"name: {name}\nsource: {schema}.notes\ncolumns: [nope]\n")
+    bad = subprocess.run([*cli, "install"], env=env, cwd=PROJECT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "notes.yaml" in bad.stderr and "nope" in bad.stderr
