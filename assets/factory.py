@@ -128,10 +128,9 @@ def embeddings_asset(spec: TableSpec, origin: str) -> dg.AssetsDefinition:
                     **{c.name: [dg.TableColumnDep(source, c.name)] for c in table.key},
                 }
             )
-        metadata = {k: v for k, v in total.as_dict().items()}
         return dg.MaterializeResult(
             metadata={
-                **metadata,
+                **total.as_dict(),
                 "buckets": len(buckets),
                 "rows_per_second": round(total.rows_written / total.seconds, 1) if total.seconds else 0.0,
                 "dagster/row_count": store_rows,
