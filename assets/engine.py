@@ -226,12 +226,13 @@ class EmbeddingEngine:
             row.hashes = [text_hash(p) for p in row.pieces]
             candidates.append(row)
 
+        # One lookup of what is stored serves both the candidates and the skipped rows.
+        stored = self._stored_hashes([r.key_json for r in candidates] + [r.key_json for r, _ in skipped])
         if skipped:
             # A row already recorded as skipped, with nothing stored, needs no new decision.
-            recorded = self._recorded_skips([r.key_json for r, _ in skipped])
+            recorded = self._recorded_skips([r.key_json for r, _ in skipped], stored)
             stats.rows_unchanged += sum(1 for r, _ in skipped if r.key in recorded)
             skipped = [(r, reason) for r, reason in skipped if r.key not in recorded]
-        stored = self._stored_hashes([r.key_json for r in candidates])
         changed: list[_Row] = []
         unchanged: list[_Row] = []
         for row in candidates:
@@ -270,8 +271,7 @@ class EmbeddingEngine:
             stored.setdefault(tuple(key), []).append((bytes(digest), model))
         return stored
 
-    def _recorded_skips(self, key_jsons: list[str]) -> set[Key]:
-        stored = self._stored_hashes(key_jsons)
+    def _recorded_skips(self, key_jsons: list[str], stored: dict[Key, list[tuple[bytes, str]]]) -> set[Key]:
         return {
             tuple(k)
             for (k,) in self.conn.execute(self._queries.recorded_skips, (self.spec.name, key_jsons))
