@@ -15,20 +15,12 @@ import psycopg
 from psycopg import sql
 
 from .catalog import ResolvedTable, resolve
+from .index import index_definition
 from .spec import TableSpec
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 # Serialises concurrent installs (an arbitrary constant of ours).
 INSTALL_LOCK = 7_311_004_221
-
-OPERATOR_CLASSES = {
-    ("vector", "cosine"): "vector_cosine_ops",
-    ("vector", "l2"): "vector_l2_ops",
-    ("vector", "inner_product"): "vector_ip_ops",
-    ("halfvec", "cosine"): "halfvec_cosine_ops",
-    ("halfvec", "l2"): "halfvec_l2_ops",
-    ("halfvec", "inner_product"): "halfvec_ip_ops",
-}
 
 
 @dataclass(frozen=True)
@@ -120,20 +112,16 @@ def table_objects(table: ResolvedTable) -> dict[str, sql.Composable]:
 
 
 def install_table(conn: psycopg.Connection, table: ResolvedTable) -> bool:
-    """Create or refresh one table's store, change log, view, triggers and index. Returns whether
+    """Create or refresh one table's store, change log, view and triggers. Returns whether
     a sweep of every bucket was requested (first install, or a new model, template or bucket count,
     so rows that predate the triggers or carry an old fingerprint get embedded)."""
     spec = table.spec
     objects = table_objects(table)
     for name in ("store.sql", "capture.sql"):
         conn.execute(sql.SQL((SQL_DIR / "table" / name).read_text()).format(**objects))
-    conn.execute(
-        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} USING hnsw (embedding {})").format(
-            sql.Identifier(f"{spec.store_name}_hnsw"),
-            table.store,
-            sql.SQL(OPERATOR_CLASSES[(spec.vector_type, spec.distance)]),
-        )
-    )
+    if spec.index.min_rows == 0:
+        # Asked for from the start: the store is empty, so building it here costs nothing.
+        conn.execute(index_definition(table, concurrently=False))
     previous = conn.execute(
         "SELECT fingerprint, buckets FROM vectorsync.embedding_tables WHERE name = %s", (spec.name,)
     ).fetchone()

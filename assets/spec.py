@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import string
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -93,6 +94,39 @@ class ProviderSpec(_Strict):
         return self
 
 
+CRON_FIELD = re.compile(r"^[0-9*/,\-]+$")
+
+
+class Schedules(_Strict):
+    """When Dagster's schedules look after the table (cron, UTC). Schedules tick at most once a
+    minute; anything that needs to be faster is the change sensor's or continuous mode's job."""
+
+    # A full hash comparison of source and store: repairs what the triggers could not see.
+    reconcile: str = "17 * * * *"
+    # Rows in the failure ledger whose next attempt is due go back into the change log.
+    retry_failures: str = "*/5 * * * *"
+    # Builds the vector index once the store is large enough, and rebuilds an invalid one.
+    index_upkeep: str = "*/10 * * * *"
+
+    @field_validator("reconcile", "retry_failures", "index_upkeep")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        parts = value.split()
+        if len(parts) != 5 or not all(CRON_FIELD.match(p) for p in parts):
+            raise ValueError(f"{value!r} is not a five-field cron expression such as '*/5 * * * *'")
+        return value
+
+
+class VectorIndex(_Strict):
+    """The HNSW index on the store. Below `min_rows` chunks an exact scan is fast and a bulk
+    backfill is cheaper without an index to update, so the index is built (CONCURRENTLY, by the
+    index upkeep schedule) once the store passes that size."""
+
+    min_rows: int = Field(10_000, ge=0)
+    m: int = Field(16, ge=2, le=100)
+    ef_construction: int = Field(64, ge=4, le=1000)
+
+
 class SourceRef(_Strict):
     schema_: str = Field("public", alias="schema", min_length=1, max_length=63)
     table: str = Field(min_length=1, max_length=63)
@@ -120,6 +154,12 @@ class TableSpec(_Strict):
     # Rows per page when a run streams a bucket: bounds memory and the size of each write.
     page_size: int = Field(500, ge=1, le=50_000)
     description: str | None = None
+    schedules: Schedules = Schedules()
+    index: VectorIndex = VectorIndex()
+    # The backlog_age check fails when the oldest pending change is older than this.
+    max_backlog_seconds: int = Field(300, ge=1)
+    # One long-lived Dagster run per table, woken by LISTEN/NOTIFY, instead of a run per change.
+    continuous: bool = False
 
     @field_validator("source", mode="before")
     @classmethod
