@@ -1,4 +1,5 @@
--- Idempotent. The auditor's view: which rows failed, why, since when, and what is retried.
+-- Idempotent. The auditor's view: which rows failed, why, since when, and what is retried; and
+-- which runs failed as a whole (row_key NULL, run_id set).
 CREATE OR REPLACE VIEW vectorsync.failure_report AS
 SELECT table_name,
        row_key,
@@ -11,5 +12,19 @@ SELECT table_name,
        next_attempt_at,
        CASE WHEN dead THEN 'dead'
             WHEN error_kind = 'skipped' THEN 'skipped'
-            ELSE 'retrying' END AS state
-FROM vectorsync.failures;
+            ELSE 'retrying' END AS state,
+       NULL::text AS run_id
+FROM vectorsync.failures
+UNION ALL
+SELECT table_name,
+       NULL,
+       NULL,
+       'run_failed',
+       error,
+       1,
+       failed_at,
+       failed_at,
+       NULL,
+       'run failed',
+       run_id
+FROM vectorsync.run_failures;
