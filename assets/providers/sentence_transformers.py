@@ -40,6 +40,8 @@ def _load_model(model: str) -> Any:
 
 class SentenceTransformerProvider(EmbeddingProvider):
     max_concurrency = 1  # torch already uses every core; parallel calls would only contend
+    # Texts per forward pass inside one request: larger batches pad more and gain nothing on CPU.
+    encode_batch_size = 64
 
     def __init__(self, spec: ProviderSpec) -> None:
         self.spec = spec
@@ -63,7 +65,7 @@ class SentenceTransformerProvider(EmbeddingProvider):
         with self._lock:
             vectors = self.model.encode(
                 list(texts),
-                batch_size=min(len(texts), 64),
+                batch_size=min(len(texts), self.encode_batch_size),
                 convert_to_numpy=True,
                 normalize_embeddings=True,
                 show_progress_bar=False,

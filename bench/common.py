@@ -1,0 +1,265 @@
+"""What every benchmark shares: the registry entry, the embedded database, table set-up, timing
+rounds and the shape of a result."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import psycopg
+from psycopg import sql
+
+from assets.catalog import ResolvedTable, resolve
+from assets.install import install
+from assets.providers.base import EmbeddingProvider, Embeddings
+from assets.spec import TableSpec, parse_spec
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One benchmark, found by bench/__main__.py in any module of this package that defines
+    `BENCHMARK`. `defaults` are the issue's sizes; `quick` overrides them for a smoke check."""
+
+    name: str
+    title: str
+    target: str
+    run: Callable[["Context"], "Result"]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    quick: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Context:
+    url: str
+    rounds: int
+    params: dict[str, Any]
+    quick: bool
+
+    def connect(self) -> psycopg.Connection:
+        conn = psycopg.connect(self.url, autocommit=True)
+        conn.execute("SET application_name = 'vectorsync-bench'")
+        return conn
+
+    def log(self, message: str) -> None:
+        print(f"  {time.strftime('%H:%M:%S')} {message}", flush=True)
+
+
+@dataclass
+class Measure:
+    """One compared figure: the subject's samples, its baseline's, and whether the target holds."""
+
+    label: str
+    unit: str
+    subject: list[float]
+    baseline: list[float] | None = None
+    target: str = ""
+    met: bool | None = None
+    # "subject/baseline" or "baseline/subject": written so the target reads naturally.
+    ratio_of: str = "subject/baseline"
+
+    @property
+    def subject_median(self) -> float:
+        return statistics.median(self.subject)
+
+    @property
+    def baseline_median(self) -> float | None:
+        return statistics.median(self.baseline) if self.baseline else None
+
+    @property
+    def ratio(self) -> float | None:
+        base = self.baseline_median
+        if base is None:
+            return None
+        if self.ratio_of == "subject/baseline":
+            return self.subject_median / base if base else None
+        return base / self.subject_median if self.subject_median else None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "label": self.label, "unit": self.unit, "subject_median": self.subject_median,
+            "baseline_median": self.baseline_median, "ratio": self.ratio, "ratio_of": self.ratio_of,
+            "target": self.target, "met": self.met, "subject_samples": self.subject,
+            "baseline_samples": self.baseline,
+        }
+
+
+@dataclass
+class Result:
+    measures: list[Measure]
+    params: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def check(self, predicate: Callable[[Measure], bool]) -> Result:
+        """Judge every measure that has a target."""
+        for m in self.measures:
+            if m.target:
+                m.met = bool(predicate(m))
+        return self
+
+    @property
+    def met(self) -> bool | None:
+        verdicts = [m.met for m in self.measures if m.met is not None]
+        return all(verdicts) if verdicts else None
+
+
+def timed(action: Callable[[], Any]) -> tuple[float, Any]:
+    started = time.perf_counter()
+    value = action()
+    return time.perf_counter() - started, value
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+# Tables ---------------------------------------------------------------------------------------
+
+def create_source(conn: psycopg.Connection, schema: str, columns_sql: str, table: str = "docs") -> None:
+    conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+    conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    conn.execute(sql.SQL("CREATE TABLE {} (" + columns_sql + ")").format(sql.Identifier(schema, table)))
+
+
+def declare(conn: psycopg.Connection, schema: str, table: str = "docs", **fields: Any) -> tuple[TableSpec, ResolvedTable]:
+    """Declare and install an embedding table over schema.table, as `vectorsync install` does."""
+    fields.setdefault("name", schema)
+    spec = parse_spec({"source": {"schema": schema, "table": table}, **fields}, "bench")
+    install(conn, [(spec, "bench")])
+    return spec, resolve(conn, spec, "bench")
+
+
+def drop_hnsw(conn: psycopg.Connection, spec: TableSpec) -> None:
+    conn.execute(
+        sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(spec.store_schema, f"{spec.store_name}_hnsw"))
+    )
+
+
+def reset_store(conn: psycopg.Connection, table: ResolvedTable) -> None:
+    """Forget every embedding and pending change of a table, so the next full run embeds all rows."""
+    conn.execute(sql.SQL("TRUNCATE {}, {}").format(table.store, table.queue))
+    conn.execute("DELETE FROM vectorsync.failures WHERE table_name = %s", (table.spec.name,))
+    conn.execute("CHECKPOINT")
+
+
+def count(conn: psycopg.Connection, relation: sql.Composable) -> int:
+    return conn.execute(sql.SQL("SELECT count(*) FROM {}").format(relation)).fetchone()[0]
+
+
+def body_text(i: int, chars: int) -> str:
+    """Distinct prose-like text of about `chars` characters: words vary with i, so no two rows
+    share a chunk and the embedding cache never short-cuts a benchmark."""
+    rng = np.random.default_rng(i)
+    words = WORDS[rng.integers(0, len(WORDS), size=chars // 5 + 8)]
+    text = f"Document {i}. " + " ".join(words)
+    return text[:chars]
+
+
+WORDS = np.array(
+    "the of and to in is was for on that with as by at from his an were are which this be or has "
+    "had not but first one their its new after who they two her she been other when there all "
+    "during into school time may years more most only over city some world would where later up "
+    "such used many can state about national out known university united then made also under "
+    "embedding vector database table row column index query search model text change update "
+    "insert delete commit partition bucket sensor schedule backfill worker provider latency".split()
+)
+
+
+# A provider that costs nothing ---------------------------------------------------------------
+
+class FreeProvider(EmbeddingProvider):
+    """Returns valid unit vectors at no cost, so what is measured is the engine alone."""
+
+    def __init__(self, dimensions: int = 384, batch_size: int = 256) -> None:
+        self.dimensions = dimensions
+        self.max_inputs_per_request = batch_size
+        self.max_tokens_per_request = 10**9
+        self.max_tokens_per_input = 10**9
+        self.max_concurrency = 1
+        rng = np.random.default_rng(0)
+        pool = rng.standard_normal((4096, dimensions)).astype(np.float32)
+        self.pool = pool / np.linalg.norm(pool, axis=1, keepdims=True)
+        self.calls = 0
+        self.inputs = 0
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return [len(t) // 4 + 1 for t in texts]
+
+    def embed(self, texts: Sequence[str]) -> Embeddings:
+        self.calls += 1
+        self.inputs += len(texts)
+        n = len(texts)
+        reps = -(-n // len(self.pool))
+        vectors = np.tile(self.pool, (reps, 1))[:n] if reps > 1 else self.pool[:n]
+        return Embeddings(vectors, n)
+
+
+def machine_info(url: str) -> dict[str, Any]:
+    import platform
+
+    model = ""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory_gb = None
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        memory_gb = round(pages * size / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    with psycopg.connect(url, autocommit=True) as conn:
+        server = conn.execute("SHOW server_version").fetchone()[0]
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        pgvector = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()[0]
+        settings = dict(conn.execute(
+            "SELECT name, setting || coalesce(unit, '') FROM pg_settings WHERE name = ANY(%s)",
+            (["shared_buffers", "synchronous_commit", "fsync", "max_wal_size", "work_mem"],),
+        ).fetchall())
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gb": memory_gb,
+        "load_average_at_start": os.getloadavg(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "postgres": server,
+        "pgvector": pgvector,
+        "postgres_settings": settings,
+    }
+
+
+def sync_all(engine: Any, buckets: int, full: bool = True) -> Any:
+    """Make every bucket of a table current in this process, the way one run over all partitions
+    does: one pass over many buckets when the engine offers it, else bucket by bucket."""
+    from assets.engine import SyncStats
+
+    many = getattr(engine, "sync_buckets", None)
+    if many is not None:
+        total = SyncStats()
+        for stats in many(list(range(buckets)), full=full).values():
+            total.merge(stats)
+        return total
+    total = SyncStats()
+    for bucket in range(buckets):
+        total.merge(engine.sync_bucket(bucket, full=full))
+    return total
+
+
+def load_rows(conn: psycopg.Connection, schema: str, rows: Sequence[tuple[Any, ...]], columns: Sequence[str],
+              table: str = "docs") -> None:
+    with conn.cursor().copy(
+        sql.SQL("COPY {} ({}) FROM STDIN").format(
+            sql.Identifier(schema, table), sql.SQL(", ").join(map(sql.Identifier, columns))
+        )
+    ) as copy:
+        for row in rows:
+            copy.write_row(row)

@@ -1,0 +1,98 @@
+"""e. A latency-bound remote provider: an OpenAI-compatible server on 127.0.0.1 that answers each
+request after a fixed latency, against the ideal rate for that latency, batch size and concurrency
+(concurrency x batch size / latency)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from psycopg import sql
+
+from bench.common import Benchmark, Context, Measure, Result, create_source, declare, drop_hnsw, reset_store, sync_all, timed
+
+
+@contextmanager
+def openai_server(dimensions: int, latency: float) -> Iterator[str]:
+    process = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve().parent / "_serve_openai.py"), str(dimensions), str(latency)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        url = process.stdout.readline().strip()
+        if not url.startswith("http://127.0.0.1:"):
+            raise RuntimeError(f"the OpenAI-compatible server did not start (said {url!r})")
+        yield url
+    finally:
+        process.stdin.close()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def run(ctx: Context) -> Result:
+    from assets.engine import EmbeddingEngine
+    from assets.providers import build_provider
+
+    p = ctx.params
+    latency, batch, dims = p["latency"], p["batch_size"], p["dimensions"]
+    levels = p["concurrency"]
+    conn = ctx.connect()
+    measures = []
+    samples: dict[int, list[float]] = {c: [] for c in levels}
+    with openai_server(dims, latency) as base_url:
+        setups = {}
+        for c in levels:
+            rows = p["requests_per_worker"] * c * batch
+            schema = f"bench_remote_c{c}"
+            create_source(conn, schema, "id int PRIMARY KEY, body text")
+            conn.execute(
+                sql.SQL("INSERT INTO {} SELECT g, left(repeat(md5(g::text) || ' ', %s), %s) FROM generate_series(1, %s) g")
+                .format(sql.Identifier(schema, "docs")), (p["chars"] // 33 + 1, p["chars"], rows),
+            )
+            spec, table = declare(conn, schema, columns=["body"], provider={
+                "kind": "openai", "model": "bench-latency", "dimensions": dims, "base_url": base_url,
+                "batch_size": batch, "max_concurrency": c, "api_key_env": "VECTORSYNC_BENCH_NO_KEY",
+            })
+            drop_hnsw(conn, spec)
+            provider = build_provider(spec.provider)
+            setups[c] = (rows, spec, table, EmbeddingEngine(conn, table, provider), provider)
+        try:
+            for r in range(ctx.rounds):
+                for c, (rows, spec, table, engine, _) in setups.items():
+                    reset_store(conn, table)
+                    seconds, stats = timed(lambda: sync_all(engine, spec.buckets, full=True))
+                    assert stats.rows_written == rows, stats
+                    samples[c].append(rows / seconds)
+                    ideal = c * batch / latency
+                    ctx.log(f"round {r + 1}, concurrency {c}: {rows} rows in {seconds:.2f}s = "
+                            f"{samples[c][-1]:,.0f} rows/s, ideal {ideal:,.0f} ({samples[c][-1] / ideal:.2f}), "
+                            f"{stats.provider_requests} requests")
+        finally:
+            for _, _, _, engine, provider in setups.values():
+                engine.close()
+                provider.close()
+    conn.close()
+    for c in levels:
+        ideal = c * batch / latency
+        measures.append(Measure(f"concurrency {c}, {p['requests_per_worker'] * c * batch:,} rows", "rows/s",
+                                samples[c], [ideal] * len(samples[c]), "ratio >= 0.8"))
+    return Result(
+        measures=measures, params=p,
+        notes=[f"ideal = concurrency x {batch} inputs / {latency} s; the server (tests/openai_server.py) "
+               "runs in its own process; every round re-embeds an emptied store over all buckets"],
+    ).check(lambda m: m.ratio is not None and m.ratio >= 0.8)
+
+
+BENCHMARK = Benchmark(
+    name="e", title="latency-bound remote provider", target="rate/ideal >= 0.8 at concurrency 1, 4, 16",
+    run=run,
+    defaults={"latency": 0.2, "batch_size": 64, "dimensions": 32, "chars": 200,
+              "concurrency": [1, 4, 16], "requests_per_worker": 10},
+    quick={"requests_per_worker": 4},
+)
