@@ -1,18 +1,21 @@
 """The Dagster side of one declared table: its source asset, its embeddings asset and its checks."""
 
 
+import time
 from functools import lru_cache
 
 import dagster as dg
+import psycopg
 from psycopg import sql
 from pydantic import Field
 
+from orchestration.resources import VectorsyncDatabase
+
 from .catalog import resolve
+from .continuous import CHANNEL, ChangeListener, follow_changes
 from .engine import EmbeddingEngine, SyncStats
 from .providers import EmbeddingProvider, build_provider
-from orchestration.resources import VectorsyncDatabase
 from .spec import ProviderSpec, TableSpec
-from .status import table_status
 
 GROUP = "embeddings"
 SOURCE_GROUP = "sources"
@@ -43,8 +46,23 @@ def provider_for(spec: ProviderSpec) -> EmbeddingProvider:
 class EmbeddingRunConfig(dg.Config):
     full_sweep: bool = Field(
         default=True,
-        description="Compare every row of the bucket with the store (backfills, manual runs). The "
-        "change sensor turns this off: its runs only drain the change log.",
+        description="Compare every row of the bucket with the store (backfills, reconcile, manual "
+        "runs). The change sensor turns this off: its runs only drain the change log.",
+    )
+    retry_due_failures: bool = Field(
+        default=False,
+        description="First put rows of the failure ledger whose next attempt is due back into the "
+        "change log (the retry schedule sets this).",
+    )
+    linger_seconds: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="After the first pass, keep draining changes that arrive in these buckets "
+        "(woken by LISTEN/NOTIFY) until none has come for this long. The change sensor sets it, so "
+        "under a steady stream of writes one run keeps up instead of one run per change.",
+    )
+    linger_max_seconds: float = Field(
+        default=120.0, ge=0.0, description="Stop lingering after this long in all, so the run ends."
     )
 
 
@@ -80,6 +98,10 @@ def embeddings_asset(spec: TableSpec, origin: str) -> dg.AssetsDefinition:
         kinds={"postgres", "pgvector", provider.kind},
         description=description,
         pool=f"vectorsync_{provider.kind}".replace("-", "_"),
+        # A lost connection or a provider outage fails the step; try again before failing the run.
+        retry_policy=dg.RetryPolicy(
+            max_retries=2, delay=15, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
+        ),
         metadata={
             "dagster/table_name": f"{spec.store_schema}.{spec.store_name}",
             "declared_in": origin,
@@ -97,16 +119,13 @@ def embeddings_asset(spec: TableSpec, origin: str) -> dg.AssetsDefinition:
             table = resolve(conn, spec, origin)
             engine = EmbeddingEngine(conn, table, provider_for(spec.provider))
             try:
-                for done, bucket in enumerate(buckets, start=1):
-                    stats = engine.sync_bucket(bucket, full=config.full_sweep)
-                    total.merge(stats)
-                    left = total.seconds / done * (len(buckets) - done)
-                    context.log.info(
-                        f"{spec.name} bucket {bucket} ({done}/{len(buckets)}): {stats.rows_written} rows "
-                        f"written, {stats.rows_unchanged} unchanged, {stats.rows_deleted} deleted, "
-                        f"{stats.rows_failed} failed in {stats.seconds:.1f}s; so far "
-                        f"{total.rows_written / max(total.seconds, 1e-9):.1f} rows/s, about {left:.0f}s left"
-                    )
+                if config.retry_due_failures:
+                    requeued = engine.requeue_due_failures()
+                    context.log.info(f"{spec.name}: {requeued} failed rows due for a retry put back in the change log")
+                if config.full_sweep:
+                    _sweep_buckets(context, spec, engine, buckets, total)
+                else:
+                    _follow_changes(context, spec, engine, database, buckets, config, total)
             finally:
                 engine.close()
             store_rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table.store)).fetchone()[0]
@@ -128,9 +147,16 @@ def embeddings_asset(spec: TableSpec, origin: str) -> dg.AssetsDefinition:
                     **{c.name: [dg.TableColumnDep(source, c.name)] for c in table.key},
                 }
             )
+            pending, oldest = conn.execute(
+                sql.SQL("SELECT count(*), extract(epoch FROM now() - min(queued_at))::float8 FROM {}").format(
+                    table.queue
+                )
+            ).fetchone()
         return dg.MaterializeResult(
             metadata={
                 **total.as_dict(),
+                "pending_changes": pending,
+                "oldest_change_seconds": round(oldest or 0.0, 1),
                 "buckets": len(buckets),
                 "rows_per_second": round(total.rows_written / total.seconds, 1) if total.seconds else 0.0,
                 "dagster/row_count": store_rows,
@@ -143,35 +169,104 @@ def embeddings_asset(spec: TableSpec, origin: str) -> dg.AssetsDefinition:
     return _embeddings
 
 
-def embeddings_checks(spec: TableSpec) -> list[dg.AssetChecksDefinition]:
-    """What an auditor asks of a table: is every row covered, is the backlog fresh, did rows die."""
+def _sweep_buckets(
+    context: dg.AssetExecutionContext, spec: TableSpec, engine: EmbeddingEngine, buckets: list[int],
+    total: SyncStats,
+) -> None:
+    for done, bucket in enumerate(buckets, start=1):
+        stats = engine.sync_bucket(bucket, full=True)
+        total.merge(stats)
+        left = total.seconds / done * (len(buckets) - done)
+        context.log.info(
+            f"{spec.name} bucket {bucket} ({done}/{len(buckets)}): {stats.rows_written} rows "
+            f"written, {stats.rows_unchanged} unchanged, {stats.rows_deleted} deleted, "
+            f"{stats.rows_failed} failed in {stats.seconds:.1f}s; so far "
+            f"{total.rows_written / max(total.seconds, 1e-9):.1f} rows/s, about {left:.0f}s left"
+        )
+
+
+def _follow_changes(
+    context: dg.AssetExecutionContext, spec: TableSpec, engine: EmbeddingEngine,
+    database: VectorsyncDatabase, buckets: list[int], config: EmbeddingRunConfig, total: SyncStats,
+) -> None:
+    # A bucket another run holds is skipped, not waited for: that run drains it, or a later pass.
+    engine.lock_wait_seconds = 0.0
+    listener = ChangeListener(database.resolved_url(), spec.name)
+
+    def merge(worked: dict[int, SyncStats]) -> None:
+        for stats in worked.values():
+            total.merge(stats)
+        context.log.info(
+            f"{spec.name}: drained buckets {sorted(worked)}: "
+            f"{sum(s.rows_written for s in worked.values())} rows written, "
+            f"{sum(s.rows_deleted for s in worked.values())} deleted"
+        )
+
+    try:
+        follow_changes(
+            engine, listener, merge, should_stop=lambda: False, buckets=set(buckets),
+            quiet_seconds=config.linger_seconds, max_seconds=config.linger_max_seconds,
+            poll_seconds=max(config.linger_seconds / 4, 0.5),
+        )
+    finally:
+        listener.close()
+
+
+def continuous_job(spec: TableSpec, origin: str) -> dg.JobDefinition:
+    """Continuous mode: one long-lived run that drains the table's changes as they commit and
+    records each micro-batch as a materialization of the partitions it touched."""
     key = embeddings_asset_key(spec)
 
-    @dg.asset_check(asset=key, name="coverage", description="Every source row with content has a "
-                    "current embedding, or a pending change, or a recorded failure.")
-    def coverage(database: VectorsyncDatabase) -> dg.AssetCheckResult:
+    @dg.op(
+        name=f"follow_{spec.name}",
+        description=f"Waits on LISTEN/NOTIFY for changes to {spec.source.qualified} and embeds them "
+        "in micro-batches; stopping the run stops it within about a second.",
+        tags={"vectorsync/table": spec.name},
+    )
+    def follow(context: dg.OpExecutionContext, database: VectorsyncDatabase) -> None:
         with database.connect() as conn:
-            s = table_status(conn, spec.name)
-        uncovered = s.source_rows - s.rows_current - s.pending_changes - s.skipped_rows - s.failed_rows - s.dead_rows
-        return dg.AssetCheckResult(
-            passed=uncovered <= 0,
-            metadata={"source_rows": s.source_rows, "rows_current": s.rows_current,
-                      "pending_changes": s.pending_changes, "uncovered_rows": max(uncovered, 0)},
-        )
+            table = resolve(conn, spec, origin)
+            _hold_continuous_lock(conn, spec.name)
+            engine = EmbeddingEngine(conn, table, provider_for(spec.provider), lock_wait_seconds=0.0)
+            listener = ChangeListener(database.resolved_url(), spec.name)
 
-    @dg.asset_check(asset=key, name="dead_letters", description="No row has exhausted its retries.")
-    def dead_letters(database: VectorsyncDatabase) -> dg.AssetCheckResult:
-        with database.connect() as conn:
-            top = conn.execute(
-                """SELECT error_kind, left(last_error, 200), count(*) FROM vectorsync.failures
-                   WHERE table_name = %s AND dead GROUP BY 1, 2 ORDER BY 3 DESC LIMIT 5""",
-                (spec.name,),
-            ).fetchall()
-        dead = sum(n for _, _, n in top)
-        return dg.AssetCheckResult(
-            passed=dead == 0,
-            metadata={"dead_rows": dead, "top_errors": dg.MetadataValue.md(
-                "\n".join(f"- {n} x {kind}: {err}" for kind, err, n in top) or "none")},
-        )
+            def report(worked: dict[int, SyncStats]) -> None:
+                for bucket, stats in sorted(worked.items()):
+                    context.log_event(
+                        dg.AssetMaterialization(
+                            asset_key=key,
+                            partition=bucket_partition_key(bucket),
+                            description="continuous mode micro-batch",
+                            metadata={**stats.as_dict(), "trigger": "continuous"},
+                        )
+                    )
 
-    return [coverage, dead_letters]
+            context.log.info(f"{spec.name}: following changes (LISTEN {CHANNEL})")
+            try:
+                follow_changes(engine, listener, report, should_stop=lambda: False)
+            finally:
+                listener.close()
+                engine.close()
+
+    @dg.job(
+        name=f"{spec.name}_continuous",
+        description=f"Continuous mode for {spec.name}: kept running by the {spec.name}_continuous_keeper "
+        "sensor; stop that sensor to stop it for good.",
+        tags={"vectorsync/table": spec.name, "vectorsync/trigger": "continuous"},
+        executor_def=dg.in_process_executor,
+    )
+    def _job() -> None:
+        follow()
+
+    return _job
+
+
+def _hold_continuous_lock(conn: psycopg.Connection, name: str, wait_seconds: float = 60.0) -> None:
+    """Never two continuous runs of one table: a replaced run may still be shutting down."""
+    deadline = time.monotonic() + wait_seconds
+    while not conn.execute(
+        "SELECT pg_try_advisory_lock(hashtext('vectorsync-continuous:' || %s))", (name,)
+    ).fetchone()[0]:
+        if time.monotonic() > deadline:
+            raise dg.Failure(f"table {name}: another continuous run is still running")
+        time.sleep(1.0)

@@ -7,7 +7,7 @@ import os
 import dagster as dg
 import psycopg
 
-from .database import connect
+from .database import connect, database_url
 
 
 class VectorsyncDatabase(dg.ConfigurableResource):
@@ -18,6 +18,9 @@ class VectorsyncDatabase(dg.ConfigurableResource):
 
     def connect(self) -> psycopg.Connection:
         return connect(self.url)
+
+    def resolved_url(self) -> str:
+        return self.url or database_url()
 
 
 def database_resource() -> VectorsyncDatabase:

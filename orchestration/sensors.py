@@ -1,10 +1,14 @@
-"""Change sensors: one per table, asking for runs of exactly the buckets with pending changes."""
+"""Sensors: per table, one that turns the change log into runs of the changed buckets and one that
+keeps the continuous-mode run alive; and one that records every failed run in the control schema."""
 
 
 import json
 import time
+import uuid
+from collections.abc import Iterable
 
 import dagster as dg
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 from psycopg import sql
 
 from assets.factory import bucket_partition_key, embeddings_asset_key
@@ -12,9 +16,46 @@ from assets.spec import TableSpec
 
 from .resources import VectorsyncDatabase
 
-# A bucket whose changes are still pending this long after its last request gets a new run:
-# the earlier run failed or was killed before it cleared them.
-REREQUEST_AFTER_SECONDS = 120.0
+# A bucket whose changes are still pending this long after its last request, with no run covering
+# it, is asked for again: the earlier run failed or was killed before it cleared them.
+REREQUEST_AFTER_SECONDS = 60.0
+# A change-triggered run keeps draining new changes in its buckets until they pause this long.
+LINGER_SECONDS = 20.0
+IN_FLIGHT = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+]
+# Identifies this load of the code location: a continuous run started by an earlier load is
+# replaced, so it runs the code and declarations now in effect.
+CODE_LOAD_ID = uuid.uuid4().hex[:12]
+
+
+def _buckets_of_run(run: dg.DagsterRun, spec: TableSpec) -> set[int]:
+    if run.tags.get("vectorsync/trigger") == "continuous":
+        return set(range(spec.buckets))
+    start, end = run.tags.get(ASSET_PARTITION_RANGE_START_TAG), run.tags.get(ASSET_PARTITION_RANGE_END_TAG)
+    if start is not None and end is not None:
+        return set(range(int(start), int(end) + 1))
+    partition = run.tags.get("dagster/partition")
+    return {int(partition)} if partition is not None else set()
+
+
+def _contiguous(buckets: Iterable[int]) -> list[tuple[int, int]]:
+    ranges: list[tuple[int, int]] = []
+    for b in sorted(buckets):
+        if ranges and ranges[-1][1] == b - 1:
+            ranges[-1] = (ranges[-1][0], b)
+        else:
+            ranges.append((b, b))
+    return ranges
+
+
+def _in_flight(instance: dg.DagsterInstance, spec: TableSpec, triggers: set[str]) -> list[dg.DagsterRun]:
+    runs = instance.get_runs(filters=dg.RunsFilter(statuses=IN_FLIGHT, tags={"vectorsync/table": spec.name}))
+    return [r for r in runs if r.tags.get("vectorsync/trigger") in triggers]
 
 
 def changes_sensor(spec: TableSpec, interval_seconds: int = 2) -> dg.SensorDefinition:
@@ -26,8 +67,10 @@ def changes_sensor(spec: TableSpec, interval_seconds: int = 2) -> dg.SensorDefin
         asset_selection=[key],
         minimum_interval_seconds=interval_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description=f"Reads the change log of {spec.source.qualified} and asks for a run of each "
-        "bucket with changes that no earlier run was asked to cover.",
+        description=f"Reads the change log of {spec.source.qualified} and asks for one run per "
+        "contiguous range of buckets with changes that no earlier or running run covers. Each run "
+        f"lingers up to {LINGER_SECONDS:.0f} s for further changes, so a steady stream of writes "
+        "is served by one run instead of a run per change.",
     )
     def _sensor(context: dg.SensorEvaluationContext, database: VectorsyncDatabase) -> dg.SensorResult:
         # cursor: bucket -> [highest change id already requested, when requested]
@@ -38,22 +81,108 @@ def changes_sensor(spec: TableSpec, interval_seconds: int = 2) -> dg.SensorDefin
             pending = conn.execute(
                 sql.SQL("SELECT bucket, max(id) FROM {} GROUP BY bucket ORDER BY bucket").format(queue)
             ).fetchall()
+        covered: set[int] = set()
+        for run in _in_flight(context.instance, spec, {"changes", "continuous"}):
+            covered |= _buckets_of_run(run, spec)
         now = time.time()
-        requests = []
+        wanted: dict[int, int] = {}
         for bucket, max_id in pending:
             requested_id, requested_at = cursor.get(str(bucket), (0, 0.0))
+            if bucket in covered:
+                continue
             if max_id <= requested_id and now - requested_at < REREQUEST_AFTER_SECONDS:
                 continue
-            cursor[str(bucket)] = [max_id, now]
+            wanted[bucket] = max_id
+        requests = []
+        for first, last in _contiguous(wanted):
+            for b in range(first, last + 1):
+                cursor[str(b)] = [wanted[b], now]
+            partition = (
+                {"partition_key": bucket_partition_key(first)}
+                if first == last
+                else {"tags": {ASSET_PARTITION_RANGE_START_TAG: bucket_partition_key(first),
+                               ASSET_PARTITION_RANGE_END_TAG: bucket_partition_key(last)}}
+            )
+            tags = {"vectorsync/table": spec.name, "vectorsync/trigger": "changes", **partition.pop("tags", {})}
             requests.append(
                 dg.RunRequest(
-                    run_key=f"{spec.name}:{bucket}:{max_id}:{int(now)}",
-                    partition_key=bucket_partition_key(bucket),
+                    run_key=f"{spec.name}:{first}-{last}:{max(wanted[b] for b in range(first, last + 1))}:{now:.3f}",
                     asset_selection=[key],
-                    run_config=dg.RunConfig(ops={key.to_python_identifier(): {"config": {"full_sweep": False}}}),
-                    tags={"vectorsync/table": spec.name, "vectorsync/trigger": "changes"},
+                    run_config=dg.RunConfig(
+                        ops={key.to_python_identifier(): {"config": {"full_sweep": False, "linger_seconds": LINGER_SECONDS}}}
+                    ),
+                    tags=tags,
+                    **partition,
                 )
+            )
+        if not requests:
+            return dg.SensorResult(
+                skip_reason="no new changes" if not pending else "every bucket with changes has a run",
+                cursor=json.dumps(cursor),
             )
         return dg.SensorResult(run_requests=requests, cursor=json.dumps(cursor))
 
     return _sensor
+
+
+def continuous_keeper(spec: TableSpec, job: dg.JobDefinition, interval_seconds: int = 5) -> dg.SensorDefinition:
+    """Keeps exactly one continuous run of the table: starts it when missing, replaces it when the
+    code location was reloaded since it started."""
+
+    @dg.sensor(
+        name=f"{spec.name}_continuous_keeper",
+        job=job,
+        minimum_interval_seconds=interval_seconds,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=f"Keeps one continuous-mode run of {spec.name} alive: starts it when none is "
+        "running and replaces a run started by an earlier load of the code. Stop this sensor to "
+        "stop continuous mode.",
+    )
+    def _sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        runs = _in_flight(context.instance, spec, {"continuous"})
+        current = [r for r in runs if r.tags.get("vectorsync/code_load") == CODE_LOAD_ID]
+        for run in runs:
+            if run not in current and run.status != dg.DagsterRunStatus.CANCELING:
+                context.instance.run_coordinator.cancel_run(run.run_id)
+        if current:
+            return dg.SensorResult(
+                skip_reason=f"continuous run {current[0].run_id[:8]} is {current[0].status.value.lower()}"
+            )
+        if runs:
+            return dg.SensorResult(skip_reason="waiting for the earlier continuous run to stop")
+        return dg.SensorResult(
+            run_requests=[
+                dg.RunRequest(
+                    run_key=f"{spec.name}:continuous:{uuid.uuid4().hex}",
+                    tags={"vectorsync/table": spec.name, "vectorsync/trigger": "continuous",
+                          "vectorsync/code_load": CODE_LOAD_ID},
+                )
+            ]
+        )
+
+    return _sensor
+
+
+@dg.run_failure_sensor(
+    name="vectorsync_run_failures",
+    monitor_all_code_locations=False,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Records every failed run in vectorsync.run_failures, so the SQL view "
+    "vectorsync.failure_report shows run-level failures next to the failed rows.",
+)
+def record_run_failures(context: dg.RunFailureSensorContext, database: VectorsyncDatabase) -> None:
+    run = context.dagster_run
+    start, end = run.tags.get(ASSET_PARTITION_RANGE_START_TAG), run.tags.get(ASSET_PARTITION_RANGE_END_TAG)
+    partitions = f"{start}..{end}" if start else run.tags.get("dagster/partition")
+    step_errors = [
+        f"{e.step_key}: {e.event_specific_data.error.message.strip()}"
+        for e in context.get_step_failure_events()
+        if e.event_specific_data is not None and e.event_specific_data.error is not None
+    ]
+    message = "\n".join(step_errors) or context.failure_event.message or "run failed"
+    with database.connect() as conn:
+        conn.execute(
+            """INSERT INTO vectorsync.run_failures (run_id, job_name, table_name, partitions, error)
+               VALUES (%s, %s, %s, %s, %s) ON CONFLICT (run_id) DO NOTHING""",
+            (run.run_id, run.job_name, run.tags.get("vectorsync/table"), partitions, message[:4000]),
+        )

@@ -141,3 +141,11 @@ def make_table(conn: psycopg.Connection, recording: RecordingProvider):
     yield _make
     for fixture in created:
         fixture.engine.close()
+
+
+def requested_buckets(request) -> set[int]:
+    """The buckets a RunRequest asks for: one partition, or a range of them in its tags."""
+    if request.partition_key is not None:
+        return {int(request.partition_key)}
+    rng = request.partition_key_range
+    return set(range(int(rng.start), int(rng.end) + 1))

@@ -13,10 +13,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from assets.checks import embeddings_checks
 from assets.factory import (
     embeddings_asset,
     embeddings_asset_key,
-    embeddings_checks,
     source_asset_key,
     source_asset_spec,
 )
@@ -26,7 +26,7 @@ from orchestration.instance import prepare_instance
 from orchestration.resources import VectorsyncDatabase
 from orchestration.sensors import changes_sensor
 
-from conftest import unique
+from conftest import requested_buckets, unique
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -93,6 +93,9 @@ def test_checks_report_coverage(instance, declared, db_url: str) -> None:
     evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert evaluations["coverage"].passed  # unembedded rows are pending, so covered
     assert evaluations["dead_letters"].passed
+    assert evaluations["vector_validity"].passed
+    assert evaluations["model_consistency"].passed
+    assert evaluations["backlog_age"].passed  # the 40 inserts are seconds old
 
 
 def test_change_sensor_requests_only_buckets_with_new_changes(instance, declared, db_url: str, conn) -> None:
@@ -111,7 +114,7 @@ def test_change_sensor_requests_only_buckets_with_new_changes(instance, declared
     first = tick()
     pending = {b for (b,) in conn.execute(sql.SQL("SELECT DISTINCT bucket FROM {}").format(
         sql.Identifier("vectorsync", spec.queue_name)))}
-    assert {int(r.partition_key) for r in first.run_requests} == pending
+    assert set().union(*(requested_buckets(r) for r in first.run_requests)) == pending
     assert all(r.run_config["ops"] for r in first.run_requests)
     # nothing new: no request
     second = tick(first.cursor)
@@ -121,7 +124,7 @@ def test_change_sensor_requests_only_buckets_with_new_changes(instance, declared
         sql.Identifier(spec.source.schema_, "articles")))
     bucket = conn.execute("SELECT vectorsync.bucket_of('[7]'::jsonb, 4)").fetchone()[0]
     third = tick(first.cursor)
-    assert [int(r.partition_key) for r in third.run_requests] == [bucket]
+    assert [requested_buckets(r) for r in third.run_requests] == [{bucket}]
 
 
 def test_cli_install_status_search(tmp_path: Path, db_url: str, conn) -> None:

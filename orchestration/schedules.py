@@ -1,0 +1,166 @@
+"""Schedules: what pg_cron jobs and TimescaleDB background actions did, per table, visible in the UI.
+
+reconcile       a full hash comparison of every bucket: repairs rows written with the triggers off
+                or under session_replication_role = replica, rows older than the install, and
+                store rows whose source row is gone
+retry_failures  a run of the buckets whose failed rows are due for another attempt
+index_upkeep    a run of the index job once the store is large enough for its HNSW index
+"""
+
+
+import dagster as dg
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+from pydantic import Field
+
+from assets.catalog import resolve
+from assets.factory import bucket_partition_key, embeddings_asset_key
+from assets.index import build_index, index_state
+from assets.spec import TableSpec
+
+from .resources import VectorsyncDatabase
+
+
+def _all_buckets(spec: TableSpec) -> dict[str, str]:
+    return {
+        ASSET_PARTITION_RANGE_START_TAG: bucket_partition_key(0),
+        ASSET_PARTITION_RANGE_END_TAG: bucket_partition_key(spec.buckets - 1),
+    }
+
+
+def _installed(database: VectorsyncDatabase, spec: TableSpec) -> bool:
+    with database.connect() as conn:
+        if conn.execute("SELECT to_regclass('vectorsync.embedding_tables')").fetchone()[0] is None:
+            return False
+        return conn.execute(
+            "SELECT 1 FROM vectorsync.embedding_tables WHERE name = %s", (spec.name,)
+        ).fetchone() is not None
+
+
+def reconcile_schedule(spec: TableSpec) -> dg.ScheduleDefinition:
+    key = embeddings_asset_key(spec)
+
+    @dg.schedule(
+        name=f"{spec.name}_reconcile",
+        cron_schedule=spec.schedules.reconcile,
+        target=[key],
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+        description=f"Compares every row of {spec.source.qualified} with the store by text hash, "
+        "bucket by bucket, in one run: embeds what the triggers could not see and deletes chunks "
+        "whose row is gone.",
+    )
+    def _schedule(context: dg.ScheduleEvaluationContext, database: VectorsyncDatabase) -> dg.RunRequest | dg.SkipReason:
+        if not _installed(database, spec):
+            return dg.SkipReason(f"{spec.name} is not installed; run `vectorsync install`")
+        return dg.RunRequest(
+            run_key=None,
+            asset_selection=[key],
+            run_config=dg.RunConfig(ops={key.to_python_identifier(): {"config": {"full_sweep": True}}}),
+            tags={**_all_buckets(spec), "vectorsync/table": spec.name, "vectorsync/trigger": "reconcile"},
+        )
+
+    return _schedule
+
+
+def retry_schedule(spec: TableSpec) -> dg.ScheduleDefinition:
+    key = embeddings_asset_key(spec)
+
+    @dg.schedule(
+        name=f"{spec.name}_retry_failures",
+        cron_schedule=spec.schedules.retry_failures,
+        target=[key],
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+        description=f"Asks for a run of the buckets of {spec.name} whose failed rows are due for "
+        "another attempt (exponential backoff with jitter, recorded in vectorsync.failures).",
+    )
+    def _schedule(context: dg.ScheduleEvaluationContext, database: VectorsyncDatabase) -> dg.RunRequest | dg.SkipReason:
+        if not _installed(database, spec):
+            return dg.SkipReason(f"{spec.name} is not installed; run `vectorsync install`")
+        with database.connect() as conn:
+            due = [
+                b for (b,) in conn.execute(
+                    """SELECT DISTINCT bucket FROM vectorsync.failures
+                       WHERE table_name = %s AND NOT dead AND next_attempt_at <= now() ORDER BY 1""",
+                    (spec.name,),
+                )
+            ]
+        if not due:
+            return dg.SkipReason(f"no failed row of {spec.name} is due for a retry")
+        # One run from the first to the last due bucket: a bucket with nothing due costs a query.
+        first, last = due[0], due[-1]
+        partition = (
+            {"partition_key": bucket_partition_key(first)}
+            if first == last
+            else {"tags": {ASSET_PARTITION_RANGE_START_TAG: bucket_partition_key(first),
+                           ASSET_PARTITION_RANGE_END_TAG: bucket_partition_key(last)}}
+        )
+        return dg.RunRequest(
+            asset_selection=[key],
+            run_config=dg.RunConfig(
+                ops={key.to_python_identifier(): {"config": {"full_sweep": False, "retry_due_failures": True}}}
+            ),
+            tags={"vectorsync/table": spec.name, "vectorsync/trigger": "retry", **partition.pop("tags", {})},
+            **partition,
+        )
+
+    return _schedule
+
+
+class IndexUpkeepConfig(dg.Config):
+    table: str = Field(description="The declared table whose vector index to build.")
+
+
+def index_upkeep_job(specs: list[tuple[TableSpec, str]]) -> dg.JobDefinition:
+    by_name = dict((s.name, (s, o)) for s, o in specs)
+
+    @dg.op(
+        name="build_vector_index",
+        description="Builds the table's HNSW index with CREATE INDEX CONCURRENTLY (runs keep writing "
+        "meanwhile), replacing an invalid index left by an interrupted build.",
+    )
+    def build(context: dg.OpExecutionContext, config: IndexUpkeepConfig, database: VectorsyncDatabase) -> None:
+        if config.table not in by_name:
+            raise dg.Failure(f"table {config.table!r} is not declared")
+        spec, origin = by_name[config.table]
+        with database.connect() as conn:
+            state = build_index(conn, resolve(conn, spec, origin))
+        context.log.info(f"{spec.name}: index {state.index} exists={state.exists} valid={state.valid}")
+        if not (state.exists and state.valid):
+            raise dg.Failure(f"table {spec.name}: index {state.index} is still missing or invalid")
+
+    @dg.job(
+        name="vectorsync_index_upkeep",
+        description="Builds a table's vector index once its store is large enough.",
+        executor_def=dg.in_process_executor,
+    )
+    def _job() -> None:
+        build()
+
+    return _job
+
+
+def index_upkeep_schedule(spec: TableSpec, origin: str, job: dg.JobDefinition) -> dg.ScheduleDefinition:
+    @dg.schedule(
+        name=f"{spec.name}_index_upkeep",
+        cron_schedule=spec.schedules.index_upkeep,
+        job=job,
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+        description=f"Asks for the HNSW index of {spec.name} once its store holds "
+        f"{spec.index.min_rows} chunks, and again if a build was interrupted.",
+    )
+    def _schedule(context: dg.ScheduleEvaluationContext, database: VectorsyncDatabase) -> dg.RunRequest | dg.SkipReason:
+        if not _installed(database, spec):
+            return dg.SkipReason(f"{spec.name} is not installed; run `vectorsync install`")
+        with database.connect() as conn:
+            state = index_state(conn, resolve(conn, spec, origin))
+        if not state.needs_build:
+            return dg.SkipReason(
+                f"index {state.index}: exists={state.exists}, valid={state.valid}, "
+                f"store has {'at least ' if state.store_rows_at_least >= state.min_rows else ''}"
+                f"{state.store_rows_at_least} of the {state.min_rows} chunks needed"
+            )
+        return dg.RunRequest(
+            run_config=dg.RunConfig(ops={"build_vector_index": IndexUpkeepConfig(table=spec.name)}),
+            tags={"vectorsync/table": spec.name, "vectorsync/trigger": "index_upkeep"},
+        )
+
+    return _schedule
