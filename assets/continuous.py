@@ -109,17 +109,17 @@ def follow_changes(
     Waits on NOTIFY in slices of `wait_slice_seconds`, so a stop request is seen within about that
     long, and drains at least every `poll_seconds` in case a notification was missed."""
     started = last_change = time.monotonic()
-    next_poll = last_change  # drain at once: changes may have come before we listened
+    next_poll = started  # drain at once: changes may have come before we listened
     while not should_stop():
         now = time.monotonic()
-        if quiet_seconds is not None and now - last_change > quiet_seconds:
+        if now >= next_poll or listener.wait(min(wait_slice_seconds, next_poll - now)):
+            next_poll = time.monotonic() + poll_seconds
+            worked = drain_pending(engine, buckets, should_stop)
+            if worked:
+                last_change = time.monotonic()
+                on_batch(worked)
+        now = time.monotonic()
+        if quiet_seconds is not None and now - last_change >= quiet_seconds:
             return
-        if max_seconds is not None and now - started > max_seconds:
+        if max_seconds is not None and now - started >= max_seconds:
             return
-        if now < next_poll and not listener.wait(min(wait_slice_seconds, next_poll - now)):
-            continue  # a quiet slice: look at should_stop and the clock again
-        next_poll = time.monotonic() + poll_seconds
-        worked = drain_pending(engine, buckets, should_stop)
-        if worked:
-            last_change = time.monotonic()
-            on_batch(worked)

@@ -1,6 +1,7 @@
 """The Dagster side of one declared table: its source asset, its embeddings asset and its checks."""
 
 
+import random
 import time
 from functools import lru_cache
 
@@ -13,11 +14,14 @@ from orchestration.resources import VectorsyncDatabase
 
 from .catalog import resolve
 from .continuous import CHANNEL, ChangeListener, follow_changes
-from .engine import EmbeddingEngine, SyncStats
+from .engine import BucketBusy, EmbeddingEngine, SyncStats
 from .providers import EmbeddingProvider, build_provider
 from .spec import ProviderSpec, TableSpec
 
 GROUP = "embeddings"
+# A run's step is tried again this many times after a transient failure, about this long apart.
+STEP_RETRIES = 2
+STEP_RETRY_SECONDS = 10.0
 SOURCE_GROUP = "sources"
 
 
@@ -98,10 +102,6 @@ def embeddings_asset(spec: TableSpec, origin: str) -> dg.AssetsDefinition:
         kinds={"postgres", "pgvector", provider.kind},
         description=description,
         pool=f"vectorsync_{provider.kind}".replace("-", "_"),
-        # A lost connection or a provider outage fails the step; try again before failing the run.
-        retry_policy=dg.RetryPolicy(
-            max_retries=2, delay=15, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
-        ),
         metadata={
             "dagster/table_name": f"{spec.store_schema}.{spec.store_name}",
             "declared_in": origin,
@@ -111,6 +111,18 @@ def embeddings_asset(spec: TableSpec, origin: str) -> dg.AssetsDefinition:
         tags={"vectorsync/table": spec.name},
     )
     def _embeddings(
+        context: dg.AssetExecutionContext, config: EmbeddingRunConfig, database: VectorsyncDatabase
+    ) -> dg.MaterializeResult:
+        try:
+            return _materialize(context, config, database)
+        except (psycopg.OperationalError, BucketBusy) as exc:
+            # Transient: a lost connection (the database restarted) or a bucket held too long by
+            # another run. A wrong declaration or a rejected key is not retried: it fails at once.
+            raise dg.RetryRequested(
+                max_retries=STEP_RETRIES, seconds_to_wait=STEP_RETRY_SECONDS * (0.8 + 0.4 * random.random())
+            ) from exc
+
+    def _materialize(
         context: dg.AssetExecutionContext, config: EmbeddingRunConfig, database: VectorsyncDatabase
     ) -> dg.MaterializeResult:
         buckets = [int(k) for k in context.partition_keys]

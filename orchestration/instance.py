@@ -38,7 +38,12 @@ def instance_config(url: str, max_concurrent_runs: int = 4, pool_limit: int = 2)
         db["params"] = params
     return {
         "storage": {"postgres": {"postgres_db": db}},
-        "run_coordinator": {"module": "dagster.core.run_coordinator", "class": "QueuedRunCoordinator"},
+        # Runs wait in the queue for at most a second: freshness is measured in seconds.
+        "run_coordinator": {
+            "module": "dagster.core.run_coordinator",
+            "class": "QueuedRunCoordinator",
+            "config": {"dequeue_interval_seconds": 1},
+        },
         "concurrency": {
             "runs": {"max_concurrent_runs": max_concurrent_runs},
             # Each provider is a pool (see the asset's `pool`): parallel runs share one rate limit.

@@ -163,6 +163,16 @@ def continuous_keeper(spec: TableSpec, job: dg.JobDefinition, interval_seconds: 
     return _sensor
 
 
+def _error_chain(error) -> str:
+    """The message of an error and of every error that caused it (a retried step's last failure
+    reads "Exceeded max_retries"; the cause says why)."""
+    messages = []
+    while error is not None:
+        messages.append(error.message.strip())
+        error = error.cause
+    return " <- ".join(messages)
+
+
 @dg.run_failure_sensor(
     name="vectorsync_run_failures",
     monitor_all_code_locations=False,
@@ -175,7 +185,7 @@ def record_run_failures(context: dg.RunFailureSensorContext, database: Vectorsyn
     start, end = run.tags.get(ASSET_PARTITION_RANGE_START_TAG), run.tags.get(ASSET_PARTITION_RANGE_END_TAG)
     partitions = f"{start}..{end}" if start else run.tags.get("dagster/partition")
     step_errors = [
-        f"{e.step_key}: {e.event_specific_data.error.message.strip()}"
+        f"{e.step_key}: {_error_chain(e.event_specific_data.error)}"
         for e in context.get_step_failure_events()
         if e.event_specific_data is not None and e.event_specific_data.error is not None
     ]

@@ -1,0 +1,194 @@
+"""Schedules and the run-failure sensor, ticked for real against a Postgres-backed instance, and the
+reconcile sweep repairing writes the triggers never saw."""
+
+from __future__ import annotations
+
+import dagster as dg
+import psycopg
+import pytest
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+from psycopg import sql
+
+from assets.catalog import resolve
+from assets.factory import embeddings_asset, embeddings_asset_key, source_asset_spec
+from assets.index import index_state
+from assets.install import install
+from assets.spec import parse_spec
+from assets.text import chunk, render, text_hash
+from orchestration.instance import prepare_instance
+from orchestration.resources import VectorsyncDatabase
+from orchestration.schedules import index_upkeep_job, index_upkeep_schedule, reconcile_schedule, retry_schedule
+from orchestration.sensors import record_run_failures
+
+from conftest import requested_buckets, unique
+
+
+@pytest.fixture(scope="module")
+def instance(db_url: str, tmp_path_factory: pytest.TempPathFactory):
+    home = prepare_instance(db_url, tmp_path_factory.mktemp("dagster_home"))
+    with dg.DagsterInstance.from_config(str(home)) as inst:
+        yield inst
+
+
+def declare(conn: psycopg.Connection, rows: int = 40, **fields) -> tuple:
+    schema = unique("orc")
+    conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    source = sql.Identifier(schema, "notes")
+    conn.execute(sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, body text, views int DEFAULT 0)").format(source))
+    spec = parse_spec({"name": unique("orc"), "source": f"{schema}.notes", "columns": ["body"], "buckets": 4,
+                       **fields}, "test.yaml")
+    install(conn, [(spec, "test.yaml")])
+    conn.execute(sql.SQL("INSERT INTO {} SELECT i, 'note number ' || i FROM generate_series(1, %s) i").format(source),
+                 (rows,))
+    return spec, source
+
+
+def materialize_all(instance, spec, db_url: str, full_sweep: bool = True) -> dg.ExecuteInProcessResult:
+    key = embeddings_asset_key(spec)
+    return dg.materialize(
+        [embeddings_asset(spec, "test.yaml")],
+        instance=instance,
+        resources={"database": VectorsyncDatabase(url=db_url)},
+        run_config={"ops": {key.to_python_identifier(): {"config": {"full_sweep": full_sweep}}}},
+        tags={ASSET_PARTITION_RANGE_START_TAG: "000", ASSET_PARTITION_RANGE_END_TAG: f"{spec.buckets - 1:03d}"},
+    )
+
+
+def store_matches_source(conn: psycopg.Connection, spec, source: sql.Identifier) -> None:
+    """Every source row's stored hashes are the hashes of its current text; no other row is stored."""
+    store = sql.Identifier(spec.store_schema, spec.store_name)
+    expected = {}
+    for key, body in conn.execute(sql.SQL("SELECT id, body FROM {}").format(source)):
+        text = render(spec.text_template, {"body": body})
+        expected[key] = [text_hash(p) for p in chunk(text, spec.chunking)]
+    stored: dict[int, list[bytes]] = {}
+    for key, digest in conn.execute(sql.SQL("SELECT id, text_hash FROM {} ORDER BY id, chunk_seq").format(store)):
+        stored.setdefault(key, []).append(bytes(digest))
+    assert stored == expected
+
+
+def schedule_context(instance, resources_url: str) -> dg.ScheduleEvaluationContext:
+    return dg.build_schedule_context(instance=instance, resources={"database": VectorsyncDatabase(url=resources_url)})
+
+
+def test_reconcile_schedule_requests_a_full_sweep_of_every_bucket(instance, conn, db_url: str) -> None:
+    spec, _ = declare(conn)
+    request = reconcile_schedule(spec)(schedule_context(instance, db_url))
+    assert isinstance(request, dg.RunRequest)
+    assert requested_buckets(request) == set(range(spec.buckets))
+    config = request.run_config["ops"][embeddings_asset_key(spec).to_python_identifier()]["config"]
+    assert config == {"full_sweep": True}
+    assert request.tags["vectorsync/trigger"] == "reconcile"
+
+
+def test_reconcile_repairs_writes_the_triggers_did_not_see(instance, conn, db_url: str) -> None:
+    spec, source = declare(conn)
+    assert materialize_all(instance, spec, db_url, full_sweep=False).success
+    store_matches_source(conn, spec, source)
+    # Writes with the triggers disabled, and under the replica role (logical replication's
+    # apply workers run so): none of them reaches the change log.
+    conn.execute(sql.SQL("ALTER TABLE {} DISABLE TRIGGER USER").format(source))
+    conn.execute(sql.SQL("UPDATE {} SET body = 'rewritten ' || id WHERE id <= 5").format(source))
+    conn.execute(sql.SQL("DELETE FROM {} WHERE id BETWEEN 6 AND 9").format(source))
+    conn.execute(sql.SQL("ALTER TABLE {} ENABLE TRIGGER USER").format(source))
+    with conn.transaction():
+        conn.execute("SET LOCAL session_replication_role = replica")
+        conn.execute(sql.SQL("INSERT INTO {} SELECT i, 'unseen ' || i FROM generate_series(100, 104) i").format(source))
+    queue = sql.Identifier("vectorsync", spec.queue_name)
+    assert conn.execute(sql.SQL("SELECT count(*) FROM {}").format(queue)).fetchone()[0] == 0
+    # A change-log-only run sees nothing to do; the reconcile sweep repairs all of it.
+    assert materialize_all(instance, spec, db_url, full_sweep=False).success
+    with pytest.raises(AssertionError):
+        store_matches_source(conn, spec, source)
+    result = materialize_all(instance, spec, db_url, full_sweep=True)
+    assert result.success
+    store_matches_source(conn, spec, source)
+    meta = result.asset_materializations_for_node(embeddings_asset_key(spec).to_python_identifier())[0].metadata
+    assert meta["rows_written"].value == 10 and meta["rows_deleted"].value == 4
+
+
+def test_retry_schedule_asks_only_for_buckets_with_due_failures(instance, conn, db_url: str) -> None:
+    spec, _ = declare(conn, rows=4)
+    tick = retry_schedule(spec)
+    assert isinstance(tick(schedule_context(instance, db_url)), dg.SkipReason)
+    # Two failed rows, one due and one not yet: only the due row's bucket is asked for.
+    due_key, later_key = "[1]", "[2]"
+    due_bucket = conn.execute("SELECT vectorsync.bucket_of(%s::jsonb, %s)", (due_key, spec.buckets)).fetchone()[0]
+    for key, when in ((due_key, "now() - interval '1 minute'"), (later_key, "now() + interval '1 hour'")):
+        conn.execute(
+            sql.SQL("""INSERT INTO vectorsync.failures (table_name, row_key, bucket, error_kind, last_error,
+                                                        next_attempt_at)
+                       VALUES (%s, %s::jsonb, vectorsync.bucket_of(%s::jsonb, %s), 'server', 'HTTP 503', {})""")
+            .format(sql.SQL(when)),
+            (spec.name, key, key, spec.buckets),
+        )
+    request = tick(schedule_context(instance, db_url))
+    assert isinstance(request, dg.RunRequest)
+    assert requested_buckets(request) == {due_bucket}
+    config = request.run_config["ops"][embeddings_asset_key(spec).to_python_identifier()]["config"]
+    assert config == {"full_sweep": False, "retry_due_failures": True}
+    # Running what it asks for retries the due row (it succeeds now) and leaves the other alone.
+    result = dg.materialize(
+        [embeddings_asset(spec, "test.yaml")], instance=instance, partition_key=request.partition_key,
+        resources={"database": VectorsyncDatabase(url=db_url)}, run_config=request.run_config,
+    )
+    assert result.success
+    left = [k for (k,) in conn.execute("SELECT row_key::text FROM vectorsync.failures WHERE table_name = %s",
+                                       (spec.name,))]
+    assert left == [later_key]
+
+
+def test_index_upkeep_builds_the_index_once_the_store_is_large_enough(instance, conn, db_url: str) -> None:
+    spec, _ = declare(conn, rows=30, index={"min_rows": 25})
+    job = index_upkeep_job([(spec, "test.yaml")])
+    schedule = index_upkeep_schedule(spec, "test.yaml", job)
+    table = resolve(conn, spec, "test.yaml")
+    assert not index_state(conn, table).exists  # install no longer builds it
+    skip = schedule(schedule_context(instance, db_url))
+    assert isinstance(skip, dg.SkipReason) and "0 of the 25" in skip.skip_message
+    assert materialize_all(instance, spec, db_url, full_sweep=False).success
+    request = schedule(schedule_context(instance, db_url))
+    assert isinstance(request, dg.RunRequest)
+    result = job.execute_in_process(
+        instance=instance, run_config=request.run_config, resources={"database": VectorsyncDatabase(url=db_url)}
+    )
+    assert result.success
+    state = index_state(conn, table)
+    assert state.exists and state.valid
+    assert isinstance(schedule(schedule_context(instance, db_url)), dg.SkipReason)
+    conn.execute("SET enable_seqscan = off")
+    try:
+        plan = " ".join(r[0] for r in conn.execute(
+            sql.SQL("EXPLAIN SELECT id FROM {s} ORDER BY embedding <=> (SELECT embedding FROM {s} LIMIT 1) LIMIT 3")
+            .format(s=sql.Identifier(spec.store_schema, spec.store_name))
+        ))
+    finally:
+        conn.execute("RESET enable_seqscan")
+    assert state.index in plan
+
+
+def test_run_failure_sensor_records_the_failed_run(instance, conn, db_url: str) -> None:
+    spec, source = declare(conn, rows=3)
+    conn.execute(sql.SQL("DROP TABLE {} CASCADE").format(source))  # the run cannot resolve its source
+    key = embeddings_asset_key(spec)
+    result = dg.materialize(
+        [source_asset_spec(spec), embeddings_asset(spec, "test.yaml")], instance=instance, partition_key="000",
+        resources={"database": VectorsyncDatabase(url=db_url)}, raise_on_error=False,
+        selection=[key], tags={"vectorsync/table": spec.name},
+    )
+    assert not result.success
+    run = instance.get_run_by_id(result.run_id)
+    failure = next(e for e in instance.all_logs(run.run_id) if e.dagster_event and e.dagster_event.is_run_failure)
+    context = dg.build_run_status_sensor_context(
+        sensor_name="vectorsync_run_failures", dagster_instance=instance, dagster_run=run,
+        dagster_event=failure.dagster_event, resources={"database": VectorsyncDatabase(url=db_url)},
+    ).for_run_failure()
+    record_run_failures(context)
+    row = conn.execute(
+        """SELECT table_name, error_kind, last_error, state, run_id FROM vectorsync.failure_report
+           WHERE run_id = %s""", (run.run_id,)
+    ).fetchone()
+    assert row is not None
+    table_name, kind, error, state, run_id = row
+    assert (table_name, kind, state) == (spec.name, "run_failed", "run failed")
+    assert spec.source.table in error and "does not exist" in error
