@@ -126,6 +126,15 @@ def resolve(conn: psycopg.Connection, spec: TableSpec, origin: str = "<python>")
     if clash:
         raise SpecError(origin, "source", f"column {clash[0]!r} of {src.qualified} clashes with a "
                         "column the embeddings view adds")
+    # Checked here rather than left to the index DDL, whose error would name neither file nor field.
+    ts_schema, _, ts_name = spec.text_search_config.rpartition(".")
+    if not conn.execute(
+        """SELECT 1 FROM pg_ts_config c JOIN pg_namespace n ON n.oid = c.cfgnamespace
+           WHERE c.cfgname = %s AND (n.nspname = %s OR (%s = '' AND pg_ts_config_is_visible(c.oid)))""",
+        (ts_name, ts_schema, ts_schema),
+    ).fetchone():
+        raise SpecError(origin, "text_search_config", f"no text search configuration "
+                        f"{spec.text_search_config!r} in the database (see \\dF in psql)")
     return ResolvedTable(
         spec=spec,
         origin=origin,

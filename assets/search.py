@@ -1,33 +1,65 @@
-"""Nearest-neighbour search over one embedding table: the query is embedded with the table's model."""
+"""Search over one embedding table: vector search, and hybrid search (full-text plus vector, merged
+by reciprocal rank fusion), both optionally filtered on source columns.
+
+The query itself lives in one place, the SQL function vectorsync.hybrid_search (sql/functions/
+hybrid_search.sql), so Python, the CLI and plain SQL clients rank and filter alike. Python adds what
+SQL cannot do: embedding the query with the table's model, and returning the source rows with their
+own column types rather than as jsonb.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import psycopg
 from pgvector.psycopg import register_vector
 from psycopg import sql
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
 from .catalog import ResolvedTable
 from .providers.base import EmbeddingProvider
 
-# Distance operator, and how a distance becomes a score where higher is closer.
-DISTANCE = {
-    "cosine": ("<=>", lambda d: 1.0 - d),
-    "l2": ("<->", lambda d: -d),
-    "inner_product": ("<#>", lambda d: -d),
+# How a distance becomes a score where higher is closer.
+DISTANCE_TO_SCORE = {
+    "cosine": lambda d: 1.0 - d,
+    "l2": lambda d: -d,
+    "inner_product": lambda d: -d,
 }
+# The usual constant of reciprocal rank fusion (Cormack et al., 2009): large enough that a first
+# place in one list does not drown second places in both.
+DEFAULT_RRF_K = 60
 
 
 @dataclass(frozen=True)
 class SearchHit:
+    """One source row. `score` is 1 - cosine distance (or -distance) for vector search, the RRF score
+    for hybrid search. The per-method fields say how each list ranked the row (1 is best) and its
+    raw figure there; None where the row was not in that list."""
+
     key: tuple[Any, ...]
     score: float
     chunk: str
     row: dict[str, Any]
+    vector_rank: int | None = None
+    text_rank: int | None = None
+    vector_distance: float | None = None
+    text_score: float | None = None
+
+
+class SearchError(ValueError):
+    """A search that cannot run as asked (an unknown filter column, a value its type refuses),
+    naming the table and the field."""
+
+    def __init__(self, table: str, field: str, message: str) -> None:
+        self.table = table
+        self.field = field
+        self.message = message
+        super().__init__(f"table {table}: {field}: {message}" if field else f"table {table}: {message}")
 
 
 def search(
@@ -36,39 +68,112 @@ def search(
     provider: EmbeddingProvider,
     query: str,
     k: int = 5,
+    where: Mapping[str, Any] | None = None,
 ) -> list[SearchHit]:
-    """The `k` source rows nearest to `query`, best first, each with its best-matching chunk."""
+    """The `k` source rows nearest to `query`, best first, each with its best-matching chunk.
+    `where` keeps only rows whose columns equal the given values (see `hybrid_search`)."""
+    hits = _run(conn, table, _embed(provider, query), None, k, where, DEFAULT_RRF_K, None)
+    to_score = DISTANCE_TO_SCORE[table.spec.distance]
+    return [
+        SearchHit(h.key, to_score(h.vector_distance), h.chunk, h.row, h.vector_rank, None, h.vector_distance)
+        for h in hits
+    ]
+
+
+def hybrid_search(
+    conn: psycopg.Connection,
+    table: ResolvedTable,
+    provider: EmbeddingProvider,
+    query: str,
+    k: int = 5,
+    where: Mapping[str, Any] | None = None,
+    rrf_k: int = DEFAULT_RRF_K,
+    candidates: int | None = None,
+    text_match: Literal["any", "all"] = "any",
+) -> list[SearchHit]:
+    """The `k` best source rows for `query` by vector distance and full-text match together.
+
+    Each method ranks its `candidates` best chunks (default max(8k, 40)), one hit per source row;
+    the lists are merged by reciprocal rank fusion, score = sum of 1 / (rrf_k + rank) over the lists
+    the row is in. The full-text side uses the table's `text_search_config`; with text_match "any"
+    a chunk matches when it has any of the query's words (more words rank higher, by ts_rank_cd);
+    with "all" the query is in web-search syntax (websearch_to_tsquery: every word, "a phrase",
+    `or`, -exclude).
+
+    `where` maps source columns to values, all of which must hold: a value is compared with the
+    column after a cast to its type ({"id": 7} and {"id": "7"} agree), a list means any of its
+    values, None means IS NULL. An unknown column or a value the type refuses raises SearchError.
+    """
+    return _run(conn, table, _embed(provider, query), query, k, where, rrf_k, candidates, text_match)
+
+
+def _embed(provider: EmbeddingProvider, query: str) -> np.ndarray:
+    return provider.embed([query]).vectors[0].astype(np.float32)
+
+
+def _run(
+    conn: psycopg.Connection,
+    table: ResolvedTable,
+    vector: np.ndarray | None,
+    text: str | None,
+    k: int,
+    where: Mapping[str, Any] | None,
+    rrf_k: int,
+    candidates: int | None,
+    text_match: str = "any",
+) -> list[SearchHit]:
+    name = table.spec.name
     if k < 1:
-        raise ValueError("k must be at least 1")
+        raise SearchError(name, "k", f"must be at least 1, not {k}")
+    if rrf_k < 0:
+        raise SearchError(name, "rrf_k", f"must be 0 or more, not {rrf_k}")
+    if candidates is not None and candidates < 1:
+        raise SearchError(name, "candidates", f"must be at least 1, not {candidates}")
+    if text_match not in ("any", "all"):
+        raise SearchError(name, "text_match", f"must be 'any' or 'all', not {text_match!r}")
     register_vector(conn)
-    spec = table.spec
-    vector = provider.embed([query]).vectors[0].astype(np.float32)
-    operator, to_score = DISTANCE[spec.distance]
-    # Rows have several chunks: take enough nearest chunks to find k distinct rows, keep the best.
+    # Dates, decimals and UUIDs go as their text, which the function casts to the column's type.
+    filter_json = Jsonb(dict(where or {}), dumps=lambda v: json.dumps(v, default=str))
+    # The function returns the key and the ranks; joining the source here gives the row back with
+    # its own column types (to_jsonb would turn dates into strings and numerics into floats).
     statement = sql.SQL(
-        """WITH nearest AS (
-               SELECT {keys}, chunk, embedding {op} %(q)s::vector::{vtype} AS distance
-               FROM {store} e ORDER BY embedding {op} %(q)s::vector::{vtype} LIMIT %(chunks)s),
-           best AS (
-               SELECT DISTINCT ON ({keys}) * FROM nearest ORDER BY {keys}, distance)
-           SELECT {key_json} AS vs_key, b.chunk AS vs_chunk, b.distance AS vs_distance, s.*
-           FROM best b JOIN {source} s ON {join}
-           ORDER BY b.distance LIMIT %(k)s"""
+        """SELECT h.row_key AS vs_key, h.score AS vs_score, h.vector_rank AS vs_vector_rank,
+                  h.text_rank AS vs_text_rank, h.vector_distance AS vs_vector_distance,
+                  h.text_score AS vs_text_score, h.chunk AS vs_chunk, s.*
+           FROM vectorsync.hybrid_search(%(name)s, %(vector)s, %(text)s, %(k)s, %(filter)s, %(rrf_k)s,
+                                         %(candidates)s, %(text_match)s) WITH ORDINALITY h
+           JOIN {source} s ON ({keys}) = ({typed_key})
+           ORDER BY h.ordinality"""
     ).format(
-        keys=table.key_list(),
-        op=sql.SQL(operator),
-        vtype=sql.SQL(f"{spec.vector_type}({spec.provider.dimensions})"),
-        store=table.store,
-        key_json=table.key_json("b"),
         source=table.source,
-        join=table.key_equal("b", "s"),
+        keys=table.key_list("s"),
+        typed_key=table.key_from_json(sql.Identifier("h", "row_key")),
     )
+    params = {"name": name, "vector": vector, "text": text, "k": k, "filter": filter_json,
+              "rrf_k": rrf_k, "candidates": candidates, "text_match": text_match}
     hits = []
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(statement, {"q": vector, "chunks": k * 8, "k": k})
-        for record in cur:
-            key = tuple(record.pop("vs_key"))
-            chunk = record.pop("vs_chunk")
-            distance = float(record.pop("vs_distance"))
-            hits.append(SearchHit(key, to_score(distance), chunk, record))
+    try:
+        with conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(statement, params)
+            for record in cur:
+                hits.append(SearchHit(
+                    key=tuple(record.pop("vs_key")),
+                    score=float(record.pop("vs_score")),
+                    chunk=record.pop("vs_chunk"),
+                    vector_rank=record.pop("vs_vector_rank"),
+                    text_rank=record.pop("vs_text_rank"),
+                    vector_distance=_float(record.pop("vs_vector_distance")),
+                    text_score=_float(record.pop("vs_text_score")),
+                    row=record,
+                ))
+    except psycopg.Error as exc:
+        # The function names the offending filter column in the error's COLUMN field.
+        column = exc.diag.column_name
+        if column is not None and exc.diag.table_name == name:
+            raise SearchError(name, f"where.{column}", exc.diag.message_detail or str(exc)) from None
+        raise
     return hits
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)

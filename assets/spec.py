@@ -17,6 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 NAME_PATTERN = r"^[a-z][a-z0-9_]{0,39}$"
+# A text search configuration's name, optionally schema-qualified ("english", "public.my_config").
+TEXT_SEARCH_CONFIG_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$"
 
 # Models whose output size is fixed: a declaration that says otherwise is refused on load.
 KNOWN_MODEL_DIMENSIONS: dict[tuple[str, str], tuple[int, ...]] = {
@@ -153,6 +155,10 @@ class TableSpec(_Strict):
     distance: Literal["cosine", "l2", "inner_product"] = "cosine"
     # Rows per page when a run streams a bucket: bounds memory and the size of each write.
     page_size: int = Field(500, ge=1, le=50_000)
+    # The text search configuration of the full-text side of hybrid search ('english' stems and
+    # drops stop words; 'simple' keeps every word as written). It shapes an index, not the vectors,
+    # so it is not part of the fingerprint: changing it rebuilds that index and re-embeds nothing.
+    text_search_config: str = Field("english", pattern=TEXT_SEARCH_CONFIG_PATTERN)
     description: str | None = None
     schedules: Schedules = Schedules()
     index: VectorIndex = VectorIndex()

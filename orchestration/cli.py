@@ -62,18 +62,41 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from assets.factory import provider_for
-    from assets.search import search
+    from assets.search import SearchError, hybrid_search, search
 
+    # --where values stay text: the search casts each to its column's type, so `id=7` compares as
+    # an integer and `added=2024-01-31` as a date. A column given twice matches any of its values.
+    values: dict[str, list[str]] = {}
+    for item in args.where:
+        column, equals, value = item.partition("=")
+        if not equals or not column:
+            print(f"error: --where {item!r}: give COLUMN=VALUE", file=sys.stderr)
+            return 2
+        values.setdefault(column, []).append(value)
+    where = {column: v[0] if len(v) == 1 else v for column, v in values.items()}
     spec, origin = _find(args, args.name)
-    with connect() as conn:
-        table = resolve(conn, spec, origin)
-        hits = search(conn, table, provider_for(spec.provider), args.query, k=args.k)
+    try:
+        with connect() as conn:
+            table = resolve(conn, spec, origin)
+            provider = provider_for(spec.provider)
+            if args.hybrid:
+                hits = hybrid_search(conn, table, provider, args.query, k=args.k, where=where,
+                                     rrf_k=args.rrf_k, text_match=args.match)
+            else:
+                hits = search(conn, table, provider, args.query, k=args.k, where=where)
+    except SearchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     for rank, hit in enumerate(hits, start=1):
         key = ", ".join(str(v) for v in hit.key)
         snippet = " ".join(hit.chunk.split())[:100]
-        print(f"{rank:2d}. {hit.score:.3f}  [{key}]  {snippet}")
+        if args.hybrid:  # which list put the row here: its rank by vector (v) and by full text (t)
+            ranks = f"v{hit.vector_rank or '-'} t{hit.text_rank or '-'}"
+            print(f"{rank:2d}. {hit.score:.4f} {ranks:>7}  [{key}]  {snippet}")
+        else:
+            print(f"{rank:2d}. {hit.score:.3f}  [{key}]  {snippet}")
     if not hits:
-        print("no results: is the table embedded? see `vectorsync status`")
+        print("no results: is the table embedded (see `vectorsync status`), or is the filter too narrow?")
     return 0
 
 
@@ -115,10 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("install", help="create or update the control schema and every declared table")
     sub.add_parser("status", help="per table: source rows, embedded, current, pending, failed")
-    p = sub.add_parser("search", help="nearest source rows to a query")
+    p = sub.add_parser("search", help="nearest source rows to a query (--hybrid: full text as well)")
     p.add_argument("name")
     p.add_argument("query")
     p.add_argument("-k", type=int, default=5)
+    p.add_argument("--hybrid", action="store_true", help="merge vector and full-text search by reciprocal "
+                   "rank fusion")
+    p.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE",
+                   help="keep rows whose source column equals VALUE, cast to the column's type; "
+                   "repeatable: all must hold, and a column given twice matches either value")
+    p.add_argument("--rrf-k", type=int, default=60, help="the RRF constant: score = sum of 1/(k + rank)")
+    p.add_argument("--match", choices=("any", "all"), default="any", help="full-text side: rows with any "
+                   "of the words, or all of them in web-search syntax (\"phrase\", or, -word)")
     p = sub.add_parser("sync", help="make a table current without Dagster")
     p.add_argument("name")
     p.add_argument("--bucket", type=int)

@@ -38,3 +38,17 @@ SELECT s.*,
        e.embedded_at
 FROM {store} e
 JOIN {source} s ON {store_source_join};
+
+-- The full-text side of hybrid search: an expression index over the chunk text, in the declared
+-- text search configuration (search queries repeat this exact expression, so the index applies).
+-- A changed configuration replaces the index, since its expression no longer matches the queries.
+DO $fts$
+BEGIN
+    IF position(quote_literal({text_search_config}::regconfig::text) || '::regconfig'
+                IN coalesce(pg_get_indexdef(to_regclass({fts_index_qualified})), '')) = 0 THEN
+        DROP INDEX IF EXISTS {store_schema}.{fts_index};
+    END IF;
+END
+$fts$;
+CREATE INDEX IF NOT EXISTS {fts_index} ON {store}
+    USING gin (to_tsvector({text_search_config}::regconfig, chunk));
