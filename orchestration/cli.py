@@ -34,8 +34,19 @@ def _find(args: argparse.Namespace, name: str) -> tuple[TableSpec, str]:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
+    from assets.grants import GrantError, grant_run_role
+
+    specs = _specs(args)
     with connect() as conn:
-        report = install(conn, _specs(args))
+        report = install(conn, specs)
+        for role in args.grant or []:
+            try:
+                granted = grant_run_role(conn, [resolve(conn, s, o) for s, o in specs], role)
+            except GrantError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            print(f"granted role {granted.role}: read on the sources, write on the stores, change logs "
+                  f"and failure ledger of {', '.join(granted.tables) or 'no table'}")
     print(f"migrations applied: {', '.join(report.migrations_applied) or 'none (up to date)'}")
     print(f"tables installed: {', '.join(report.tables) or 'none declared'}")
     if report.sweeps_requested:
@@ -136,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tables", help="directory of table declarations (default: $VECTORSYNC_TABLES "
                         "or assets/tables)")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("install", help="create or update the control schema and every declared table")
+    p = sub.add_parser("install", help="create or update the control schema and every declared table")
+    p.add_argument("--grant", action="append", metavar="ROLE", help="also grant this existing role what runs "
+                   "need (read on the sources, write on the stores and control tables, no DDL); repeatable")
     sub.add_parser("status", help="per table: source rows, embedded, current, pending, failed")
     p = sub.add_parser("search", help="nearest source rows to a query (--hybrid: full text as well)")
     p.add_argument("name")

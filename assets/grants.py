@@ -1,0 +1,76 @@
+"""A least-privilege role for runs: read the sources, write the store and the control tables.
+
+`vectorsync install --grant ROLE` calls `grant_run_role` after the install. What a run needs, and
+nothing more:
+  - the source schemas: USAGE; the source tables: SELECT (the role can never change the user's data);
+  - the store schemas: USAGE; each store table and change log: SELECT, INSERT, UPDATE, DELETE; the
+    change log's id sequence: USAGE (re-queued retries insert into the log); each view: SELECT;
+  - the vectorsync schema: USAGE; the failure ledger: SELECT, INSERT, UPDATE, DELETE; the registry,
+    the migrations table and the failure report: SELECT; every vectorsync function: EXECUTE.
+No CREATE on any schema and no ownership, so the role can run no DDL: it cannot drop or truncate a
+store, alter a trigger or add a table. Advisory locks, LISTEN and pg_notify need no grant.
+
+Grants are per table, so a table declared later needs `install --grant ROLE` again; GRANT is
+idempotent, so re-running it changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from .catalog import ResolvedTable
+
+RUN_WRITE = sql.SQL("SELECT, INSERT, UPDATE, DELETE")
+
+
+class GrantError(ValueError):
+    """A grant that cannot be made, naming the role."""
+
+
+@dataclass(frozen=True)
+class GrantReport:
+    role: str
+    tables: list[str]
+    statements: int
+
+
+def grant_run_role(conn: psycopg.Connection, tables: list[ResolvedTable], role: str) -> GrantReport:
+    """Grant `role` what runs of `tables` need, in one transaction. The role must exist already:
+    creating roles (and their passwords) is the database administrator's business, not ours."""
+    statements: list[sql.Composable] = []
+    who = sql.Identifier(role)
+    with conn.transaction():
+        exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+        if exists is None:
+            raise GrantError(f"role {role!r} does not exist; create it first (CREATE ROLE {role} LOGIN)")
+        statements += [
+            sql.SQL("GRANT USAGE ON SCHEMA vectorsync TO {}").format(who),
+            sql.SQL("GRANT SELECT ON vectorsync.embedding_tables, vectorsync.migrations, "
+                    "vectorsync.failure_report TO {}").format(who),
+            sql.SQL("GRANT {} ON vectorsync.failures TO {}").format(RUN_WRITE, who),
+            # Functions are executable by PUBLIC by default, but a hardened database revokes that.
+            sql.SQL("GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA vectorsync TO {}").format(who),
+        ]
+        schemas = sorted({t.spec.source.schema_ for t in tables} | {t.spec.store_schema for t in tables})
+        statements += [sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(s), who) for s in schemas]
+        for table in tables:
+            statements += [
+                sql.SQL("GRANT SELECT ON {} TO {}").format(table.source, who),
+                sql.SQL("GRANT {} ON {}, {} TO {}").format(RUN_WRITE, table.store, table.queue, who),
+                sql.SQL("GRANT SELECT ON {} TO {}").format(table.view, who),
+            ]
+            sequence = conn.execute(
+                "SELECT pg_get_serial_sequence(%s, 'id')", (f"vectorsync.{table.spec.queue_name}",)
+            ).fetchone()[0]
+            if sequence is None:
+                raise GrantError(
+                    f"role {role!r}: table {table.spec.name}: change log vectorsync.{table.spec.queue_name} "
+                    "has no id sequence; run `vectorsync install` first"
+                )
+            statements.append(sql.SQL("GRANT USAGE ON SEQUENCE {} TO {}").format(sql.SQL(sequence), who))
+        for statement in statements:
+            conn.execute(statement)
+    return GrantReport(role, [t.spec.name for t in tables], len(statements))

@@ -1,0 +1,260 @@
+"""Security (issue 4, item 5): API keys never land anywhere, and runs work under a least-privilege
+role that `vectorsync install --grant ROLE` sets up."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+import psycopg
+import pytest
+import yaml
+from openai_server import Fault, OpenAIServer
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from reliability_support import audit, create_source, openai_spec
+
+from assets.catalog import resolve
+from assets.engine import EmbeddingEngine
+from assets.factory import embeddings_asset
+from assets.install import install
+from assets.providers import build_provider
+from assets.spec import SpecError, parse_spec
+from assets.status import table_status
+from orchestration.instance import DAGSTER_DATABASE, prepare_instance
+from orchestration.resources import VectorsyncDatabase
+
+from conftest import unique
+
+PROJECT = Path(__file__).resolve().parent.parent
+KEY_ENV = "VECTORSYNC_LEAKCHECK_KEY"
+
+
+def database_url_for(url: str, **changes: str) -> str:
+    """The same server as `url`, another database or user (pgserver trusts local sockets)."""
+    return make_conninfo(url, **changes)
+
+
+def tables_containing(conn: psycopg.Connection, needle: str, schemas: list[str]) -> dict[str, int]:
+    """Every table of `schemas` with a row whose text form contains `needle`: each row is cast to
+    text whole, so every column of every type is searched, whatever the table's shape."""
+    found = {}
+    tables = conn.execute(
+        "SELECT table_schema, table_name FROM information_schema.tables "
+        "WHERE table_schema = ANY(%s) AND table_type = 'BASE TABLE'", (schemas,)
+    ).fetchall()
+    for schema, name in tables:
+        hits = conn.execute(
+            sql.SQL("SELECT count(*) FROM {} t WHERE strpos(t::text, %s) > 0").format(sql.Identifier(schema, name)),
+            (needle,),
+        ).fetchone()[0]
+        if hits:
+            found[f"{schema}.{name}"] = hits
+    return found
+
+
+def files_containing(directory: Path, needle: str) -> list[str]:
+    return [str(p) for p in directory.rglob("*") if p.is_file() and needle.encode() in p.read_bytes()]
+
+
+# 1. The API key appears nowhere ------------------------------------------------------------------
+
+
+@pytest.fixture
+def leak_key(monkeypatch: pytest.MonkeyPatch) -> str:
+    key = f"sk-vectorsync-leakcheck-{secrets.token_hex(16)}"
+    monkeypatch.setenv(KEY_ENV, key)
+    return key
+
+
+def test_the_api_key_never_reaches_dagster_or_the_database(
+    leak_key: str, conn: psycopg.Connection, db_url: str, tmp_path: Path
+) -> None:
+    (tmp_path / "dagster_home").mkdir()
+    home = prepare_instance(db_url, tmp_path / "dagster_home")
+    echo = f"Incorrect API key provided: {leak_key}. You can find your API key at the dashboard."
+    with OpenAIServer(dimensions=8) as server, dg.DagsterInstance.from_config(str(home)) as instance:
+        source = create_source(conn, rows=40, seed=7)
+        spec = openai_spec(source, server.base_url, buckets=2,
+                           provider={"api_key_env": KEY_ENV, "max_concurrency": 1, "batch_size": 64})
+        install(conn, [(spec, "leak-test")])
+        asset = embeddings_asset(spec, "leak-test")
+        resources = {"database": VectorsyncDatabase(url=db_url)}
+        op_config = {"ops": {asset.op.name: {"config": {"full_sweep": True}}}}
+
+        # Partition 000: the provider fails its request and echoes the key in its error body;
+        # the rows go to the ledger (the key masked) and the run succeeds.
+        server.fail_next(Fault(status=500, message=echo))
+        first = dg.materialize([asset], instance=instance, partition_key="000", resources=resources,
+                               run_config=op_config)
+        assert first.success
+        ledger = conn.execute("SELECT error_kind, last_error FROM vectorsync.failures WHERE table_name = %s",
+                              (spec.name,)).fetchall()
+        assert ledger and all(kind == "server_error" and "Incorrect API key provided: ***" in err
+                              for kind, err in ledger)
+        ours = ["vectorsync", spec.source.schema_, spec.store_schema]
+        assert tables_containing(conn, "Incorrect API key provided", ours)  # the search finds the echo
+        assert tables_containing(conn, leak_key, ours) == {}  # but not the key
+        # Partition 001: a 400 echoing the key (the batch is split, then stored).
+        server.fail_next(Fault(status=400, message=echo))
+        second = dg.materialize([asset], instance=instance, partition_key="001", resources=resources,
+                                run_config=op_config)
+        assert second.success
+        # 000 again: a 404 echoing the key is a run-level error, so the step fails with it (and,
+        # if the asset has a retry policy, is tried again and succeeds): its error is in the log.
+        server.fail_next(Fault(status=404, message=echo))
+        third = dg.materialize([asset], instance=instance, partition_key="000", resources=resources,
+                               run_config=op_config, raise_on_error=False)
+        assert {"STEP_FAILURE", "STEP_UP_FOR_RETRY"} & {e.event_type_value for e in third.all_events}
+        # The key was really in play: the provider sent it with every request.
+        assert {r.headers["authorization"] for r in server.requests} == {f"Bearer {leak_key}"}
+
+        with psycopg.connect(database_url_for(db_url, dbname=DAGSTER_DATABASE), autocommit=True) as dagster_db:
+            dagster_schemas = [s for (s,) in dagster_db.execute(
+                "SELECT nspname FROM pg_namespace WHERE nspname NOT LIKE 'pg\\_%' AND nspname <> 'information_schema'")]
+            # The search works: what the runs did is in there, the 404's redacted message included.
+            assert tables_containing(dagster_db, spec.name, dagster_schemas)
+            assert tables_containing(dagster_db, "model or endpoint", dagster_schemas).get("public.event_logs")
+            assert tables_containing(dagster_db, leak_key, dagster_schemas) == {}
+        assert tables_containing(conn, leak_key, ours) == {}
+        # Nor in the compute logs and anything else Dagster wrote to its home.
+        assert files_containing(home, leak_key) == []
+        for run in (first, second, third):
+            assert leak_key not in json.dumps(run.dagster_run.run_config)
+        # The declaration names the variable, never the key.
+        registered = conn.execute("SELECT spec FROM vectorsync.embedding_tables WHERE name = %s",
+                                  (spec.name,)).fetchone()[0]
+        assert registered["provider"]["api_key_env"] == KEY_ENV
+
+
+def test_a_declaration_cannot_carry_a_key(leak_key: str) -> None:
+    base = {"name": "k", "source": "public.docs", "columns": ["body"]}
+    with pytest.raises(SpecError) as err:
+        parse_spec({**base, "provider": {"kind": "openai", "api_key_env": leak_key}}, "t.yaml")
+    assert err.value.field == "provider.api_key_env"
+    assert leak_key not in str(err.value)  # the error about a misplaced key does not repeat it
+    with pytest.raises(SpecError) as err:
+        parse_spec({**base, "provider": {"kind": "openai", "api_key": leak_key}}, "t.yaml")
+    assert err.value.field == "provider.api_key"
+    assert leak_key not in str(err.value)
+
+
+# 2. A least-privilege role -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def run_role(conn: psycopg.Connection) -> Iterator[str]:
+    role = unique("vs_runner")
+    conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    try:
+        yield role
+    finally:
+        # DROP OWNED revokes every grant (the role owns nothing), so the role can then be dropped.
+        conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_install_grant_gives_a_role_what_runs_need_and_nothing_more(
+    run_role: str, conn: psycopg.Connection, db_url: str, tmp_path: Path
+) -> None:
+    with OpenAIServer(dimensions=8, poison=lambda text: "POISON" in text) as server:
+        source_ref = create_source(conn, rows=60, seed=8)
+        source = sql.Identifier(*source_ref)
+        conn.execute(sql.SQL("UPDATE {} SET body = 'POISON ' || body WHERE id = 7").format(source))
+        spec = openai_spec(source_ref, server.base_url)
+        tables = tmp_path / "tables"
+        tables.mkdir()
+        (tables / f"{spec.name}.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json", by_alias=True)))
+        role_url = database_url_for(db_url, user=run_role)
+        assert conninfo_to_dict(role_url)["user"] == run_role
+
+        def cli(url: str, *args: str) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [sys.executable, "-m", "orchestration.cli", "--tables", str(tables), *args],
+                cwd=PROJECT, env={**os.environ, "DATABASE_URL": url}, capture_output=True, text=True, timeout=300,
+            )
+
+        missing = cli(db_url, "install", "--grant", "no_such_role_here")
+        assert missing.returncode == 2 and "role 'no_such_role_here' does not exist" in missing.stderr
+        done = cli(db_url, "install", "--grant", run_role)
+        assert done.returncode == 0, done.stderr
+        assert f"granted role {run_role}" in done.stdout
+        table = resolve(conn, spec, "grant-test")
+
+        # Exactly these privileges, and no CREATE on any schema: no DDL, no write on the source.
+        grants = set(conn.execute(
+            "SELECT table_schema, table_name, privilege_type FROM information_schema.role_table_grants "
+            "WHERE grantee = %s", (run_role,)).fetchall())
+        schema, store_schema = spec.source.schema_, spec.store_schema
+        write = {"SELECT", "INSERT", "UPDATE", "DELETE"}
+        assert grants == (
+            {(schema, spec.source.table, "SELECT"), (store_schema, spec.view_name, "SELECT")}
+            | {(store_schema, spec.store_name, p) for p in write}
+            | {("vectorsync", spec.queue_name, p) for p in write}
+            | {("vectorsync", "failures", p) for p in write}
+            | {("vectorsync", t, "SELECT") for t in ("embedding_tables", "migrations", "failure_report")}
+        )
+        for s in {schema, store_schema, "vectorsync", "public"}:
+            assert conn.execute("SELECT has_schema_privilege(%s, %s, 'CREATE')", (run_role, s)).fetchone()[0] is False
+
+        with psycopg.connect(role_url, autocommit=True) as as_role:
+            assert as_role.execute("SELECT current_user").fetchone()[0] == run_role
+            # LISTEN (continuous mode) needs no grant: the capture trigger's notify reaches the role.
+            as_role.execute("LISTEN vectorsync_changes")
+
+            # The engine, as the role: advisory locks, reads, binary COPY into the store, the ledger.
+            engine = EmbeddingEngine(as_role, table, build_provider(spec.provider))
+            try:
+                for bucket in range(spec.buckets):
+                    engine.sync_bucket(bucket, full=True)
+                conn.execute(sql.SQL("UPDATE {} SET body = 'rewritten' WHERE id = 1").format(source))
+                conn.execute(sql.SQL("DELETE FROM {} WHERE id = 2").format(source))
+                assert {n.payload for n in as_role.notifies(timeout=5, stop_after=1)} == {spec.name}
+                for bucket in range(spec.buckets):
+                    engine.sync_bucket(bucket)
+                # The retry schedule's work: re-queue due failures (UPDATE ledger, INSERT change log).
+                conn.execute("UPDATE vectorsync.failures SET next_attempt_at = now() WHERE table_name = %s",
+                             (spec.name,))
+                assert engine.requeue_due_failures() == 1
+            finally:
+                engine.close()
+            assert table_status(as_role, spec.name).pending_changes == 1
+
+            # What the role cannot do, each refused by PostgreSQL itself.
+            refused = {
+                "write the source": sql.SQL("UPDATE {} SET body = 'x' WHERE id = 3").format(source),
+                "insert into the source": sql.SQL("INSERT INTO {} (id, body) VALUES (-1, 'x')").format(source),
+                "delete from the source": sql.SQL("DELETE FROM {} WHERE id = 3").format(source),
+                "drop the store": sql.SQL("DROP TABLE {}").format(table.store),
+                "truncate the store": sql.SQL("TRUNCATE {}").format(table.store),
+                "alter the store": sql.SQL("ALTER TABLE {} ADD COLUMN x int").format(table.store),
+                "drop the change log": sql.SQL("DROP TABLE {}").format(table.queue),
+                "drop a trigger": sql.SQL("DROP TRIGGER {} ON {}").format(
+                    sql.Identifier(f"vectorsync_{spec.name}_insert"), source),
+                "create in vectorsync": sql.SQL("CREATE TABLE vectorsync.intruder (x int)"),
+                "create in the source schema": sql.SQL("CREATE TABLE {} (x int)").format(
+                    sql.Identifier(schema, "intruder")),
+                "edit the registry": sql.SQL("UPDATE vectorsync.embedding_tables SET buckets = 1"),
+                "edit the migrations": sql.SQL("DELETE FROM vectorsync.migrations"),
+            }
+            for what, statement in refused.items():
+                with pytest.raises(psycopg.errors.InsufficientPrivilege) as err:
+                    as_role.execute(statement)
+                assert "permission denied" in str(err.value) or "must be owner" in str(err.value), what
+
+        # `vectorsync sync` as the role picks up the re-queued row (still poisoned: back to the ledger).
+        synced = cli(role_url, "sync", spec.name)
+        assert synced.returncode == 0, synced.stderr
+        result = audit(conn, table, build_provider(spec.provider))
+        assert [k for k, kind, _ in result.ledger] == [[7]] and result.ledger[0][1] == "bad_request"
+        result.ledger = []
+        result.missing = [k for k in result.missing if k != "[7]"]
+        assert result.problems() == {}
+        assert conn.execute("SELECT attempts FROM vectorsync.failures WHERE table_name = %s",
+                            (spec.name,)).fetchone()[0] == 2
