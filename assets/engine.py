@@ -1,24 +1,30 @@
-"""The claim / embed / write engine for one bucket of one table. Free of Dagster.
+"""The claim / embed / write engine for the buckets of one table. Free of Dagster.
 
-A run for bucket b:
-  1. takes a session advisory lock on (table, b), so two runs never write the same bucket at once;
+A run over one or more buckets:
+  1. takes a session advisory lock on (table, b) for each bucket, so two runs never write the
+     same bucket at once;
   2. drains the change log page by page: claim entries and read their rows in one short
      transaction, then render, chunk, hash, reuse what is stored, embed the misses with no
      transaction open, then in one short transaction write the chunks, record failures and delete
      exactly the change-log entries it claimed;
   3. in a full run, or when the log asks for it (TRUNCATE, install), sweeps every source row of the
-     bucket the same way and deletes store rows whose source row is gone.
+     buckets the same way, in one pass in key order, and deletes store rows whose source row is gone.
+Pages flow through a pipeline: while the provider embeds one page, the next pages are read and
+prepared and their requests queued (up to the provider's concurrency), and pages are written in
+the order they were read. A key that an unwritten page will write is never judged unchanged from
+the store, and a text an unwritten page is embedding is borrowed from it, never sent twice.
 A change that arrives while its row is being embedded has a new change-log entry that this run did
-not claim, so the next run embeds the new text: nothing is lost and nothing stays stale.
+not claim, so it is embedded again with its new text: nothing is lost and nothing stays stale.
 """
 
 from __future__ import annotations
 
-import json
 import struct
 import time
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -51,7 +57,7 @@ class SyncStats:
     changes_cleared: int = 0
     seconds: float = 0.0
 
-    def merge(self, other: "SyncStats") -> None:
+    def merge(self, other: SyncStats) -> None:
         for f in fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
@@ -70,12 +76,57 @@ class RetryPolicy:
 
 @dataclass
 class _Row:
-    key: Key
-    key_json: str
+    key_json: str  # the key as jsonb prints it: the identity of a row everywhere in the engine
     key_values: tuple[Any, ...]
     values: dict[str, Any]
+    bucket: int = 0
     pieces: list[str] = field(default_factory=list)
     hashes: list[bytes] = field(default_factory=list)
+
+
+class _Batch:
+    """One provider request, filled across pages: a page's last, partial batch is topped up by the
+    next page instead of going out half empty. Sent when full, or when a page that needs it is due."""
+
+    def __init__(self, bucket: int) -> None:
+        self.items: list[tuple[bytes, str]] = []
+        self.tokens = 0
+        self.bucket = bucket  # provider figures are booked to the bucket of its first text
+        self.future: Future | None = None
+        self.waiting = 0  # unwritten pages that need its vectors
+        self.booked = False
+
+    def done(self) -> bool:
+        return self.future is not None and self.future.done()
+
+
+@dataclass
+class _Page:
+    """One page on its way through the pipeline: read, prepared (texts queued), written."""
+
+    rows: list[_Row]
+    absent: list[tuple[str, int]] = field(default_factory=list)  # (key json, bucket) of vanished rows
+    change_ids: list[int] = field(default_factory=list)
+    stats: dict[int, SyncStats] = field(default_factory=dict)
+    skipped: list[tuple[_Row, str]] = field(default_factory=list)
+    changed: list[_Row] = field(default_factory=list)
+    unchanged: list[_Row] = field(default_factory=list)
+    vectors: dict[bytes, np.ndarray] = field(default_factory=dict)
+    # The requests whose vectors this page needs: its own, and those of earlier pages still in
+    # flight that carry the same texts (borrowed, never sent twice).
+    needs: dict[bytes, _Batch] = field(default_factory=dict)
+    keys: list[str] = field(default_factory=list)
+    has_chunks: set[str] = field(default_factory=set)
+    has_failures: set[str] = field(default_factory=set)
+
+    def of(self, bucket: int) -> SyncStats:
+        return self.stats.setdefault(bucket, SyncStats())
+
+    def batches(self) -> list[_Batch]:
+        return list({id(b): b for b in self.needs.values()}.values())
+
+    def ready(self) -> bool:
+        return all(b.done() for b in self.batches())
 
 
 class BucketBusy(RuntimeError):
@@ -105,6 +156,14 @@ class EmbeddingEngine:
         self._queries = _Queries(table)
         self._copy_types = [c.type_oid for c in table.key] + ["int4", "text", "bytea", "text", "int4", "bytea"]
         self._vector_format = ">f2" if self.spec.vector_type == "halfvec" else ">f4"
+        # Pages in flight: enough to keep every concurrent request busy (twice over, so the next
+        # requests are queued while a page is written), and at least two, so the next page is read
+        # and prepared while the provider works on this one. Bounds memory whatever a bucket holds.
+        per_page = max(1, -(-self.spec.page_size // max(1, provider.max_inputs_per_request)))
+        self._max_pages = max(2, -(-2 * provider.max_concurrency // per_page))
+        self._inflight_keys: Counter[str] = Counter()
+        self._inflight_hashes: dict[bytes, _Batch] = {}
+        self._open: _Batch | None = None
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -115,15 +174,39 @@ class EmbeddingEngine:
         self, bucket: int, full: bool = False, should_stop: Callable[[], bool] = lambda: False
     ) -> SyncStats:
         """Make bucket `bucket` current: drain its change log, and sweep it if `full` or asked to."""
-        if not 0 <= bucket < self.spec.buckets:
-            raise ValueError(f"table {self.spec.name}: bucket {bucket} outside 0..{self.spec.buckets - 1}")
+        return self.sync_buckets([bucket], full=full, should_stop=should_stop)[bucket]
+
+    def sync_buckets(
+        self, buckets: Iterable[int], full: bool = False, should_stop: Callable[[], bool] = lambda: False
+    ) -> dict[int, SyncStats]:
+        """Make several buckets current in one pass: one scan of the change log and, for a sweep,
+        one scan of the source for all of them, with the provider kept busy across bucket
+        boundaries. Holds the advisory lock of every bucket for the whole call.
+
+        Row counts are exact per bucket; provider figures (requests, tokens, seconds) go to the
+        bucket of the first row that needed a request, and `seconds` is the call's time shared out
+        evenly, so the per-bucket figures add up to the call's totals."""
+        wanted = sorted(set(buckets))
+        for bucket in wanted:
+            if not 0 <= bucket < self.spec.buckets:
+                raise ValueError(f"table {self.spec.name}: bucket {bucket} outside 0..{self.spec.buckets - 1}")
         started = time.perf_counter()
-        stats = SyncStats()
-        with self._bucket_lock(bucket):
-            sweep_markers = self._drain_changes(bucket, stats, should_stop)
-            if (full or sweep_markers) and not should_stop():
-                self._sweep(bucket, stats, should_stop, sweep_markers)
-        stats.seconds = time.perf_counter() - started
+        stats = {b: SyncStats() for b in wanted}
+        if not wanted:
+            return stats
+        with ExitStack() as locks:
+            # Ascending order: two runs over overlapping sets never wait on each other in a cycle.
+            for bucket in wanted:
+                locks.enter_context(self._bucket_lock(bucket))
+            markers = self._drain_changes(wanted, stats, should_stop)
+            sweep = wanted if full else sorted(markers)
+            if sweep and not should_stop():
+                self._sweep(sweep, stats, should_stop, [i for b in sweep for i in markers.get(b, [])])
+                # Changes that arrived while the sweep ran: picked up now, while the locks are held.
+                markers = self._drain_changes(wanted, stats, should_stop)
+        elapsed = time.perf_counter() - started
+        for s in stats.values():
+            s.seconds = elapsed / len(wanted)
         return stats
 
     def requeue_due_failures(self) -> int:
@@ -143,40 +226,56 @@ class EmbeddingEngine:
 
     # The change log ---------------------------------------------------------------------------
 
-    def _drain_changes(self, bucket: int, stats: SyncStats, should_stop: Callable[[], bool]) -> list[int]:
-        q = self._queries
-        markers: list[int] = []
-        after = 0
-        while not should_stop():
-            with self.conn.transaction():
-                claimed = self.conn.execute(q.claim, (bucket, after, self.spec.page_size)).fetchall()
-                if not claimed:
-                    break
-                ids = [i for i, k in claimed if k is not None]
-                markers += [i for i, k in claimed if k is None]
-                after = claimed[-1][0]
-                keys = list(dict.fromkeys(json.dumps(k) for _, k in claimed if k is not None))
-                rows = self._load_rows(keys) if keys else []
-            found = {r.key_json for r in rows}
-            absent = [k for k in keys if k not in found]
-            stats.merge(self._process(bucket, rows, absent, ids))
+    def _drain_changes(
+        self, buckets: list[int], stats: dict[int, SyncStats], should_stop: Callable[[], bool]
+    ) -> dict[int, list[int]]:
+        """Process every change-log entry of `buckets`; returns the sweep markers (bucket -> ids).
+        Passes repeat until one claims nothing, so changes made while a pass ran are drained too."""
+        markers: dict[int, list[int]] = {}
+        after = [0]
+
+        def pages() -> Iterator[_Page]:
+            while not should_stop():
+                with self.conn.transaction():
+                    claimed = self.conn.execute(
+                        self._queries.claim, (buckets, after[0], self.spec.page_size)
+                    ).fetchall()
+                    if not claimed:
+                        return
+                    after[0] = claimed[-1][0]
+                    bucket_of: dict[str, int] = {}
+                    ids = []
+                    for i, b, k in claimed:
+                        if k is None:
+                            markers.setdefault(b, []).append(i)
+                        else:
+                            ids.append(i)
+                            bucket_of.setdefault(k, b)
+                    rows = self._load_rows(list(bucket_of)) if bucket_of else []
+                for row in rows:
+                    row.bucket = bucket_of[row.key_json]
+                found = {r.key_json for r in rows}
+                yield _Page(rows, [(k, b) for k, b in bucket_of.items() if k not in found], ids)
+
+        while self._run_pages(pages(), stats) and not should_stop():
+            pass
         return markers
 
     def _load_rows(self, key_jsons: list[str]) -> list[_Row]:
-        return self._rows(self.conn.execute(self._queries.load_by_keys, (key_jsons,)))
+        return self._rows(self.conn.execute(self._queries.load_by_keys, (_key_array(key_jsons),)), with_bucket=False)
 
-    def _rows(self, cursor: psycopg.Cursor) -> list[_Row]:
+    def _rows(self, cursor: psycopg.Cursor, with_bucket: bool) -> list[_Row]:
         nkey = len(self.table.key)
+        first_value = 2 + nkey if with_bucket else 1 + nkey
         names = [c.name for c in self.table.text_columns]
         rows = []
         for record in cursor:
-            key = record[0]
             rows.append(
                 _Row(
-                    key=tuple(key),
-                    key_json=json.dumps(key),
-                    key_values=tuple(record[1 : 1 + nkey]),
-                    values=dict(zip(names, record[1 + nkey :])),
+                    key_json=record[0],
+                    key_values=tuple(record[first_value - nkey : first_value]),
+                    values=dict(zip(names, record[first_value:])),
+                    bucket=record[1] if with_bucket else 0,
                 )
             )
         return rows
@@ -184,124 +283,260 @@ class EmbeddingEngine:
     # The sweep --------------------------------------------------------------------------------
 
     def _sweep(
-        self, bucket: int, stats: SyncStats, should_stop: Callable[[], bool], markers: list[int]
+        self, buckets: list[int], stats: dict[int, SyncStats], should_stop: Callable[[], bool], markers: list[int]
     ) -> None:
+        """Compare every source row of `buckets` with the store, in one pass in key order."""
         q = self._queries
-        after: str | None = None
-        while not should_stop():
-            with self.conn.transaction():
-                if after is None:
-                    cur = self.conn.execute(q.sweep_first, {"bucket": bucket, "limit": self.spec.page_size})
-                else:
-                    cur = self.conn.execute(
-                        q.sweep_next, {"bucket": bucket, "after": after, "limit": self.spec.page_size}
-                    )
-                rows = self._rows(cur)
-            if not rows:
-                break
-            after = rows[-1].key_json
-            stats.merge(self._process(bucket, rows, [], []))
-        if should_stop():
-            return  # the markers stay, so the sweep is asked for again
+        finished = [False]
+
+        def pages() -> Iterator[_Page]:
+            after: str | None = None
+            while not should_stop():
+                params = {"buckets": buckets, "after": after, "limit": self.spec.page_size}
+                cur = self.conn.execute(q.sweep_first if after is None else q.sweep_next, params)
+                rows = self._rows(cur, with_bucket=True)
+                if not rows:
+                    finished[0] = True
+                    return
+                after = rows[-1].key_json
+                yield _Page(rows)
+
+        self._run_pages(pages(), stats)
+        if not finished[0]:
+            return  # stopped: the markers stay, so the sweep is asked for again
         with self.conn.transaction():
-            stats.rows_deleted += self.conn.execute(q.delete_orphans, (bucket,)).rowcount
-            self.conn.execute(q.forget_orphan_failures, (self.spec.name, bucket))
+            for bucket, in_bucket in _count_by(self.conn.execute(q.delete_orphans, (buckets,))).items():
+                stats[bucket].rows_deleted += in_bucket
+            self.conn.execute(q.forget_orphan_failures, (self.spec.name, buckets))
             if markers:
-                stats.changes_cleared += self.conn.execute(q.delete_changes, (markers,)).rowcount
+                for bucket, cleared in _count_by(self.conn.execute(q.delete_changes, (markers,))).items():
+                    stats[bucket].changes_cleared += cleared
 
-    # One page: render, chunk, hash, reuse, embed, write ------------------------------------------
+    # The pipeline: read and prepare the next pages while the provider embeds earlier ones --------
 
-    def _process(self, bucket: int, rows: list[_Row], absent: list[str], change_ids: list[int]) -> SyncStats:
-        stats = SyncStats(rows_seen=len(rows) + len(absent))
-        skipped: list[tuple[_Row, str]] = []
+    def _run_pages(self, pages: Iterator[_Page], stats: dict[int, SyncStats]) -> int:
+        """Prepare each page (requests submitted) as it is read, and write pages in the order they
+        were read, as soon as their requests are done; at most self._max_pages are in flight.
+        Returns how many pages were processed."""
+        inflight: deque[_Page] = deque()
+        done = 0
+        try:
+            for page in pages:
+                self._prepare(page)
+                inflight.append(page)
+                while inflight and (len(inflight) >= self._max_pages or inflight[0].ready()):
+                    self._finish(inflight.popleft(), stats)
+                    done += 1
+            while inflight:
+                self._finish(inflight.popleft(), stats)
+                done += 1
+        except BaseException:
+            # Nothing of an unwritten page is cleared: its changes stay in the log for the next run.
+            futures = [b.future for page in inflight for b in page.batches() if b.future is not None]
+            for future in futures:
+                future.cancel()
+            wait(futures)
+            for page in inflight:
+                self._release(page)
+            self._open = None
+            self._inflight_hashes.clear()
+            raise
+        return done
+
+    def _prepare(self, page: _Page) -> None:
+        """Render, chunk and hash the page's rows, decide what is unchanged, reuse stored vectors,
+        and submit the misses to the provider."""
         candidates: list[_Row] = []
-        for row in rows:
+        for row in page.rows:
             text = render(self.spec.text_template, row.values)
             if not text.strip() or all(v is None or not str(v).strip() for v in row.values.values()):
-                skipped.append((row, "no content: every text column is NULL or empty"))
+                page.skipped.append((row, "no content: every text column is NULL or empty"))
                 continue
-            row.pieces = fit_to_token_limit(
-                chunk(text, self.spec.chunking), self.provider.count_tokens, self.provider.max_tokens_per_input
-            )
-            row.hashes = [text_hash(p) for p in row.pieces]
+            row.pieces = chunk(text, self.spec.chunking)
             candidates.append(row)
+        tokens = self._fit_to_token_limit(candidates)
 
-        # One lookup of what is stored serves both the candidates and the skipped rows.
-        stored = self._stored_hashes([r.key_json for r in candidates] + [r.key_json for r, _ in skipped])
-        if skipped:
+        # A key that an earlier, unwritten page is about to write must be written again after it,
+        # whatever the store says now: the store does not show that write yet.
+        pending = self._inflight_keys
+        page.keys = [r.key_json for r in page.rows] + [k for k, _ in page.absent]
+        in_flight = {k for k in page.keys if k in pending}
+        # One lookup of what is stored, and one of the failure ledger, serve every row of the page.
+        stored = self._stored_hashes([r.key_json for r in candidates] + [r.key_json for r, _ in page.skipped])
+        failures = self._failure_kinds(page.keys)
+        # Only these keys can have chunks to delete or ledger entries to clear when the page is
+        # written: a backfill into an empty store then skips both statements.
+        page.has_chunks = set(stored) | in_flight
+        page.has_failures = set(failures) | in_flight
+        unchanged = Counter()
+        if page.skipped:
             # A row already recorded as skipped, with nothing stored, needs no new decision.
-            recorded = self._recorded_skips([r.key_json for r, _ in skipped], stored)
-            stats.rows_unchanged += sum(1 for r, _ in skipped if r.key in recorded)
-            skipped = [(r, reason) for r, reason in skipped if r.key not in recorded]
-        changed: list[_Row] = []
-        unchanged: list[_Row] = []
+            keep = []
+            for row, reason in page.skipped:
+                k = row.key_json
+                if failures.get(k) == "skipped" and k not in stored and k not in in_flight:
+                    unchanged[row.bucket] += 1
+                else:
+                    keep.append((row, reason))
+            page.skipped = keep
+        fingerprint = self.fingerprint
         for row in candidates:
-            current = [(h, self.fingerprint) for h in row.hashes]
-            (unchanged if stored.get(row.key) == current else changed).append(row)
-        stats.rows_unchanged += len(unchanged)
+            k = row.key_json
+            if k not in in_flight and stored.get(k) == [(h, fingerprint) for h in row.hashes]:
+                page.unchanged.append(row)
+                unchanged[row.bucket] += 1
+            else:
+                page.changed.append(row)
+        for bucket, n in unchanged.items():
+            page.of(bucket).rows_unchanged += n
 
         texts: dict[bytes, str] = {}
-        for row in changed:
-            texts.update(zip(row.hashes, row.pieces))
-        vectors = self._cached_vectors(list(texts))
-        stats.chunks_reused += sum(len(r.hashes) for r in changed) - len(texts) + len(vectors)
-        misses = {h: t for h, t in texts.items() if h not in vectors}
-        errors = self._embed(misses, vectors, stats)
+        first_bucket: dict[bytes, int] = {}
+        for row in page.changed:
+            for h, p in zip(row.hashes, row.pieces):
+                if h not in texts:
+                    texts[h] = p
+                    first_bucket[h] = row.bucket
+        for h in texts:
+            if h in self._inflight_hashes:
+                page.needs[h] = self._inflight_hashes[h]
+        page.vectors.update(self._cached_vectors([h for h in texts if h not in page.needs]))
+        misses = [(h, t) for h, t in texts.items() if h not in page.vectors and h not in page.needs]
+        own = {h for h, _ in misses}
+        credited: set[bytes] = set()
+        reused: Counter[int] = Counter()
+        for row in page.changed:
+            for h in row.hashes:
+                if h in own and h not in credited:
+                    credited.add(h)
+                else:
+                    reused[row.bucket] += 1
+        for bucket, n in reused.items():
+            page.of(bucket).chunks_reused += n
+        if misses:
+            limit_inputs = self.provider.max_inputs_per_request
+            limit_tokens = self.provider.max_tokens_per_request
+            for (h, text), n in zip(misses, self._count_missing(misses, tokens)):
+                batch = self._open
+                if batch is not None and (len(batch.items) >= limit_inputs or batch.tokens + n > limit_tokens):
+                    self._send_open()
+                    batch = None
+                if batch is None:
+                    batch = self._open = _Batch(first_bucket[h])
+                batch.items.append((h, text))
+                batch.tokens += n
+                self._inflight_hashes[h] = batch
+                page.needs[h] = batch
+            if self._open is not None and len(self._open.items) >= limit_inputs:
+                self._send_open()
+        for batch in page.batches():
+            batch.waiting += 1
+        self._inflight_keys.update(page.keys)
 
-        written: list[_Row] = []
-        failed: list[tuple[_Row, ProviderError]] = []
-        for row in changed:
-            error = next((errors[h] for h in row.hashes if h in errors), None)
-            if error is None:
-                written.append(row)
-            else:
-                failed.append((row, error))
+    def _send_open(self) -> None:
+        batch, self._open = self._open, None
+        if batch is not None and batch.items:
+            batch.future = self._pool.submit(self._embed_isolating, batch.items)
 
-        self._write(bucket, written, absent, skipped, failed, unchanged, change_ids, vectors, stats)
-        stats.rows_written += len(written)
-        stats.rows_skipped += len(skipped)
-        stats.rows_failed += len(failed)
-        return stats
+    def _fit_to_token_limit(self, rows: list[_Row]) -> dict[bytes, int]:
+        """Split any piece the model would truncate (never cut silently), and hash every piece.
+        Tokens are counted in one call per page rather than one per row; returns them by hash."""
+        pieces = [p for r in rows for p in r.pieces]
+        if not pieces:
+            return {}
+        counts = iter(self.provider.count_tokens(pieces))
+        limit = self.provider.max_tokens_per_input
+        tokens: dict[bytes, int] = {}
+        for row in rows:
+            row_counts = [next(counts) for _ in row.pieces]
+            if max(row_counts) > limit:
+                row.pieces = fit_to_token_limit(row.pieces, self.provider.count_tokens, limit)
+                row.hashes = [text_hash(p) for p in row.pieces]
+                continue  # counted again, if it is embedded, by _count_missing
+            row.hashes = [text_hash(p) for p in row.pieces]
+            tokens.update(zip(row.hashes, row_counts))
+        return tokens
 
-    def _stored_hashes(self, key_jsons: list[str]) -> dict[Key, list[tuple[bytes, str]]]:
-        stored: dict[Key, list[tuple[bytes, str]]] = {}
+    def _count_missing(self, items: list[tuple[bytes, str]], tokens: dict[bytes, int]) -> list[int]:
+        unknown = [t for h, t in items if h not in tokens]
+        counted = iter(self.provider.count_tokens(unknown) if unknown else [])
+        return [tokens[h] if h in tokens else next(counted) for h, _ in items]
+
+    def _finish(self, page: _Page, stats: dict[int, SyncStats]) -> None:
+        """Wait for the requests the page needs, then write it in one short transaction."""
+        try:
+            if self._open is not None and any(b is self._open for b in page.batches()):
+                self._send_open()
+            errors: dict[bytes, ProviderError] = {}
+            for batch in page.batches():
+                outcome = batch.future.result()  # type: ignore[union-attr]
+                for part_stats, part_vectors, part_errors in outcome:
+                    if not batch.booked:
+                        page.of(batch.bucket).merge(part_stats)
+                    for h, v in part_vectors.items():
+                        if h in page.needs:
+                            page.vectors[h] = v
+                    for h, e in part_errors.items():
+                        if h in page.needs:
+                            errors[h] = e
+                batch.booked = True
+            written: list[_Row] = []
+            failed: list[tuple[_Row, ProviderError]] = []
+            for row in page.changed:
+                error = next((errors[h] for h in row.hashes if h in errors), None)
+                if error is None:
+                    written.append(row)
+                else:
+                    failed.append((row, error))
+            self._write(page, written, failed)
+        finally:
+            self._release(page)
+        for name, buckets in (
+            ("rows_written", [r.bucket for r in written]),
+            ("rows_skipped", [r.bucket for r, _ in page.skipped]),
+            ("rows_failed", [r.bucket for r, _ in failed]),
+            ("rows_seen", [r.bucket for r in page.rows] + [b for _, b in page.absent]),
+        ):
+            for bucket, n in Counter(buckets).items():
+                setattr(page.of(bucket), name, getattr(page.of(bucket), name) + n)
+        for bucket, s in page.stats.items():
+            stats[bucket].merge(s)
+
+    def _release(self, page: _Page) -> None:
+        """The page is written (or abandoned): a request no unwritten page needs any more is
+        forgotten, since its vectors are in the store now and the cache lookup finds them."""
+        for batch in page.batches():
+            batch.waiting -= 1
+            if batch.waiting <= 0 and batch.future is not None:
+                for h, _ in batch.items:
+                    if self._inflight_hashes.get(h) is batch:
+                        del self._inflight_hashes[h]
+        page.needs = {}
+        self._inflight_keys.subtract(page.keys)
+        for k in page.keys:
+            if self._inflight_keys[k] <= 0:
+                del self._inflight_keys[k]
+        page.keys = []
+
+    def _stored_hashes(self, key_jsons: list[str]) -> dict[str, list[tuple[bytes, str]]]:
+        stored: dict[str, list[tuple[bytes, str]]] = {}
         if not key_jsons:
             return stored
-        for key, digest, model in self.conn.execute(self._queries.stored_hashes, (key_jsons,)):
-            stored.setdefault(tuple(key), []).append((bytes(digest), model))
+        for key, digest, model in self.conn.execute(self._queries.stored_hashes, (_key_array(key_jsons),)):
+            stored.setdefault(key, []).append((bytes(digest), model))
         return stored
 
-    def _recorded_skips(self, key_jsons: list[str], stored: dict[Key, list[tuple[bytes, str]]]) -> set[Key]:
-        return {
-            tuple(k)
-            for (k,) in self.conn.execute(self._queries.recorded_skips, (self.spec.name, key_jsons))
-            if tuple(k) not in stored
-        }
+    def _failure_kinds(self, key_jsons: list[str]) -> dict[str, str]:
+        """The ledger's entries for these keys: key -> error kind."""
+        if not key_jsons:
+            return {}
+        return dict(self.conn.execute(self._queries.failure_kinds, (self.spec.name, _key_array(key_jsons))))
 
     def _cached_vectors(self, hashes: list[bytes]) -> dict[bytes, np.ndarray]:
         if not hashes:
             return {}
         cur = self.conn.execute(self._queries.cached_vectors, (hashes, self.fingerprint))
         return {bytes(h): _as_array(v) for h, v in cur}
-
-    def _embed(self, texts: dict[bytes, str], vectors: dict[bytes, np.ndarray], stats: SyncStats) -> dict[bytes, ProviderError]:
-        """Embed `texts` into `vectors`; returns the error of every hash that could not be embedded."""
-        if not texts:
-            return {}
-        items = list(texts.items())
-        counts = self.provider.count_tokens([t for _, t in items])
-        batches = plan_batches(
-            list(zip(items, counts)),
-            self.provider.max_inputs_per_request,
-            self.provider.max_tokens_per_request,
-        )
-        errors: dict[bytes, ProviderError] = {}
-        for outcome in self._pool.map(self._embed_isolating, batches):
-            for part_stats, part_vectors, part_errors in outcome:
-                stats.merge(part_stats)
-                vectors.update(part_vectors)
-                errors.update(part_errors)
-        return errors
 
     def _embed_isolating(self, batch: list[tuple[bytes, str]]) -> list[tuple[SyncStats, dict, dict]]:
         """One request; if it fails for a reason one input can cause, halve the batch until the
@@ -323,56 +558,58 @@ class EmbeddingEngine:
         stats.chunks_embedded = len(batch)
         return [(stats, {h: v for (h, _), v in zip(batch, result.vectors)}, {})]
 
-    def _write(
-        self,
-        bucket: int,
-        written: list[_Row],
-        absent: list[str],
-        skipped: list[tuple[_Row, str]],
-        failed: list[tuple[_Row, ProviderError]],
-        unchanged: list[_Row],
-        change_ids: list[int],
-        vectors: dict[bytes, np.ndarray],
-        stats: SyncStats,
-    ) -> None:
+    def _write(self, page: _Page, written: list[_Row], failed: list[tuple[_Row, ProviderError]]) -> None:
         q = self._queries
-        replaced = [r.key_json for r in written] + absent + [r.key_json for r, _ in skipped]
-        succeeded = [r.key_json for r in written] + [r.key_json for r in unchanged] + absent
+        absent = [k for k, _ in page.absent]
+        replaced = absent + [
+            k for k in [r.key_json for r in written] + [r.key_json for r, _ in page.skipped] if k in page.has_chunks
+        ]
+        succeeded = [
+            k for k in [r.key_json for r in written] + [r.key_json for r in page.unchanged] + absent
+            if k in page.has_failures
+        ]
         with self.conn.transaction():
             if replaced:
-                gone = {json.dumps(k) for (k,) in self.conn.execute(q.delete_chunks, (replaced,))}
-                stats.rows_deleted += len(gone.intersection(absent))
+                gone = {k for (k,) in self.conn.execute(q.delete_chunks, (_key_array(replaced),))}
+                for key, bucket in page.absent:
+                    if key in gone:
+                        page.of(bucket).rows_deleted += 1
             if written:
+                vectors = page.vectors
+                chunks: Counter[int] = Counter()
                 with self.conn.cursor().copy(q.copy_chunks) as copy:
                     copy.set_types(self._copy_types)
                     for row in written:
                         for seq, (piece, digest) in enumerate(zip(row.pieces, row.hashes)):
                             copy.write_row(
-                                (*row.key_values, seq, piece, digest, self.fingerprint, bucket,
+                                (*row.key_values, seq, piece, digest, self.fingerprint, row.bucket,
                                  self._vector_bytes(vectors[digest]))
                             )
-                            stats.chunks_written += 1
+                        chunks[row.bucket] += len(row.pieces)
+                for bucket, n in chunks.items():
+                    page.of(bucket).chunks_written += n
             if succeeded:
-                self.conn.execute(q.forget_failures, (self.spec.name, succeeded))
-            if skipped:
-                self._record_failures(bucket, [(r, "skipped", reason) for r, reason in skipped], retry=False)
+                self.conn.execute(q.forget_failures, (self.spec.name, _key_array(succeeded)))
+            if page.skipped:
+                self._record_failures([(r, "skipped", reason) for r, reason in page.skipped], retry=False)
             if failed:
-                self._record_failures(bucket, [(r, e.kind, str(e)) for r, e in failed], retry=True)
-            if change_ids:
-                stats.changes_cleared += self.conn.execute(q.delete_changes, (change_ids,)).rowcount
+                self._record_failures([(r, e.kind, str(e)) for r, e in failed], retry=True)
+            if page.change_ids:
+                for bucket, cleared in _count_by(self.conn.execute(q.delete_changes, (page.change_ids,))).items():
+                    page.of(bucket).changes_cleared += cleared
 
     def _vector_bytes(self, vector: np.ndarray) -> bytes:
         # pgvector's binary input: int16 dimensions, int16 unused, then the big-endian elements.
         return struct.pack(">HH", vector.shape[0], 0) + vector.astype(self._vector_format).tobytes()
 
-    def _record_failures(self, bucket: int, entries: Iterable[tuple[_Row, str, str]], retry: bool) -> None:
+    def _record_failures(self, entries: Iterable[tuple[_Row, str, str]], retry: bool) -> None:
         r = self.retry
         with self.conn.cursor() as cur:
             cur.executemany(
                 self._queries.record_failure,
                 [
                     {
-                        "table": self.spec.name, "key": row.key_json, "bucket": bucket, "kind": kind,
+                        "table": self.spec.name, "key": row.key_json, "bucket": row.bucket, "kind": kind,
                         "error": f"table {self.spec.name}, row {row.key_json}: {message}"[:2000],
                         "retry": retry, "max": r.max_attempts, "base": r.base_seconds, "cap": r.max_seconds,
                     }
@@ -384,6 +621,16 @@ class EmbeddingEngine:
 
     def _bucket_lock(self, bucket: int) -> _AdvisoryLock:
         return _AdvisoryLock(self.conn, self.spec.name, bucket, self.lock_wait_seconds)
+
+
+def _key_array(key_jsons: Iterable[str]) -> str:
+    """Keys (each a jsonb array's text) as one jsonb array, the parameter of every keyed lookup."""
+    return "[" + ",".join(key_jsons) + "]"
+
+
+def _count_by(cursor: psycopg.Cursor) -> Counter[int]:
+    """How many rows a `... RETURNING bucket` statement returned per bucket."""
+    return Counter(b for (b,) in cursor)
 
 
 class _AdvisoryLock:
@@ -421,79 +668,73 @@ def _as_array(vector: Any) -> np.ndarray:
     return np.asarray(as_numpy() if as_numpy else vector, dtype=np.float32)
 
 
-def plan_batches(
-    items: Sequence[tuple[Any, int]], max_inputs: int, max_tokens: int
-) -> list[list[Any]]:
-    """Group (item, tokens) pairs into requests within the provider's input and token limits."""
-    batches: list[list[Any]] = []
-    current: list[Any] = []
-    tokens = 0
-    for item, count in items:
-        if current and (len(current) >= max_inputs or tokens + count > max_tokens):
-            batches.append(current)
-            current, tokens = [], 0
-        current.append(item)
-        tokens += count
-    if current:
-        batches.append(current)
-    return batches
-
-
 class _Queries:
     """Every statement the engine runs for one table, composed once with quoted identifiers."""
 
     def __init__(self, t: ResolvedTable) -> None:
-        keys_param = sql.SQL("SELECT {} FROM unnest(%s::text[]::jsonb[]) AS u(k)").format(
+        # Keys travel as one jsonb array (joined in Python, no per-key quoting) and come back as
+        # jsonb's own text, so a key read from the source, the store or the log compares equal.
+        keys_param = sql.SQL("SELECT {} FROM jsonb_array_elements(%s::jsonb) AS u(k)").format(
             t.key_from_json(sql.SQL("u.k"))
         )
+        key_text = sql.SQL("{}::text").format(t.key_json("s"))
         select_columns = sql.SQL(", ").join(
-            [t.key_json("s"), t.key_list("s")]
+            [key_text, t.key_list("s")]
             + [sql.Identifier("s", c.name) for c in t.text_columns]
         )
-        in_bucket = sql.SQL("vectorsync.bucket_of({}, {}) = %(bucket)s").format(
-            t.key_json("s"), sql.Literal(t.spec.buckets)
+        bucket_expr = sql.SQL("vectorsync.bucket_of({}, {})").format(t.key_json("s"), sql.Literal(t.spec.buckets))
+        swept_columns = sql.SQL(", ").join(
+            [key_text, bucket_expr, t.key_list("s")]
+            + [sql.Identifier("s", c.name) for c in t.text_columns]
         )
+        # One scan in key order serves every requested bucket: a backfill of all buckets reads the
+        # source once, not once per bucket.
+        in_buckets = sql.SQL("{} = ANY(%(buckets)s::int[])").format(bucket_expr)
         self.claim = sql.SQL(
-            "SELECT id, row_key FROM {} WHERE bucket = %s AND id > %s ORDER BY id LIMIT %s"
+            "SELECT id, bucket, row_key::text FROM {} WHERE bucket = ANY(%s::int[]) AND id > %s ORDER BY id LIMIT %s"
         ).format(t.queue)
         self.load_by_keys = sql.SQL("SELECT {} FROM {} s WHERE ({}) IN ({})").format(
             select_columns, t.source, t.key_list("s"), keys_param
         )
         self.sweep_first = sql.SQL("SELECT {} FROM {} s WHERE {} ORDER BY {} LIMIT %(limit)s").format(
-            select_columns, t.source, in_bucket, t.key_list("s")
+            swept_columns, t.source, in_buckets, t.key_list("s")
         )
         self.sweep_next = sql.SQL(
             "SELECT {} FROM {} s WHERE {} AND ({}) > ({}) ORDER BY {} LIMIT %(limit)s"
         ).format(
-            select_columns, t.source, in_bucket, t.key_list("s"),
+            swept_columns, t.source, in_buckets, t.key_list("s"),
             t.key_from_json(sql.SQL("%(after)s::jsonb")), t.key_list("s"),
         )
         self.stored_hashes = sql.SQL(
-            "SELECT {}, text_hash, model FROM {} e WHERE ({}) IN ({}) ORDER BY {}, chunk_seq"
+            "SELECT {}::text, text_hash, model FROM {} e WHERE ({}) IN ({}) ORDER BY {}, chunk_seq"
         ).format(t.key_json("e"), t.store, t.key_list("e"), keys_param, t.key_list("e"))
         self.cached_vectors = sql.SQL(
             "SELECT DISTINCT ON (text_hash) text_hash, embedding::vector FROM {} "
             "WHERE text_hash = ANY(%s) AND model = %s"
         ).format(t.store)
-        self.delete_chunks = sql.SQL("DELETE FROM {} e WHERE ({}) IN ({}) RETURNING {}").format(
+        self.delete_chunks = sql.SQL("DELETE FROM {} e WHERE ({}) IN ({}) RETURNING {}::text").format(
             t.store, t.key_list("e"), keys_param, t.key_json("e")
         )
         self.copy_chunks = sql.SQL(
             "COPY {} ({}, chunk_seq, chunk, text_hash, model, bucket, embedding) FROM STDIN (FORMAT BINARY)"
         ).format(t.store, t.key_list())
-        self.delete_changes = sql.SQL("DELETE FROM {} WHERE id = ANY(%s)").format(t.queue)
+        self.delete_changes = sql.SQL("DELETE FROM {} WHERE id = ANY(%s) RETURNING bucket").format(t.queue)
+        # One result row per deleted source row (not per chunk), with its bucket.
         self.delete_orphans = sql.SQL(
-            "DELETE FROM {} e WHERE e.bucket = %s AND NOT EXISTS (SELECT 1 FROM {} s WHERE {})"
-        ).format(t.store, t.source, t.key_equal("s", "e"))
-        self.recorded_skips = sql.SQL(
-            "SELECT row_key FROM vectorsync.failures WHERE table_name = %s AND error_kind = 'skipped' "
-            "AND row_key = ANY(%s::text[]::jsonb[])"
+            "WITH gone AS (DELETE FROM {} e WHERE e.bucket = ANY(%s::int[]) "
+            "AND NOT EXISTS (SELECT 1 FROM {} s WHERE {}) RETURNING e.bucket, {} AS k) "
+            "SELECT bucket FROM gone GROUP BY bucket, k"
+        ).format(t.store, t.source, t.key_equal("s", "e"), t.key_json("e"))
+        self.failure_kinds = sql.SQL(
+            "SELECT row_key::text, error_kind FROM vectorsync.failures WHERE table_name = %s "
+            "AND row_key IN (SELECT jsonb_array_elements(%s::jsonb))"
         )
         self.forget_failures = sql.SQL(
-            "DELETE FROM vectorsync.failures WHERE table_name = %s AND row_key = ANY(%s::text[]::jsonb[])"
+            "DELETE FROM vectorsync.failures WHERE table_name = %s "
+            "AND row_key IN (SELECT jsonb_array_elements(%s::jsonb))"
         )
         self.forget_orphan_failures = sql.SQL(
-            """DELETE FROM vectorsync.failures f WHERE f.table_name = %s AND f.bucket = %s
+            """DELETE FROM vectorsync.failures f WHERE f.table_name = %s AND f.bucket = ANY(%s::int[])
                AND NOT EXISTS (SELECT 1 FROM {} s WHERE ({}) = ({}))"""
         ).format(t.source, t.key_list("s"), t.key_from_json(sql.SQL("f.row_key")))
         self.record_failure = sql.SQL(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import string
 from collections.abc import Callable, Mapping, Sequence
+from functools import lru_cache
 from typing import Any
 
 from .spec import Chunking
@@ -20,7 +21,7 @@ def render(template: str, row: Mapping[str, Any]) -> str:
     (`{title.__class__}`) and would choke on column names containing `.` or `[`.
     """
     parts: list[str] = []
-    for literal, field, spec, conversion in string.Formatter().parse(template):
+    for literal, field, spec, conversion in _parsed(template):
         parts.append(literal)
         if field is None:
             continue
@@ -31,6 +32,12 @@ def render(template: str, row: Mapping[str, Any]) -> str:
             value = repr(value)
         parts.append(format(value, spec) if spec else str(value))
     return "".join(parts)
+
+
+@lru_cache(maxsize=64)
+def _parsed(template: str) -> tuple[tuple[str, str | None, str | None, str | None], ...]:
+    # Parsing the template is most of render's cost, and a table renders every row with one template.
+    return tuple(string.Formatter().parse(template))
 
 
 def chunk(text: str, chunking: Chunking | None) -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 from collections.abc import Sequence
 
@@ -59,9 +61,13 @@ class OpenAICompatibleProvider(EmbeddingProvider):
     def _embed(self, texts: Sequence[str]) -> Embeddings:
         extra = {"dimensions": self.dimensions} if self.spec.send_dimensions else {}
         try:
-            response = self.client.embeddings.create(
+            # The raw body, parsed by json and numpy: the client's own model construction visits
+            # every float in Python and costs ~0.4 ms per 1,000 floats, which at 256 inputs x 1536
+            # dimensions is a second of CPU per request, serialised by the GIL across requests.
+            raw = self.client.embeddings.with_raw_response.create(
                 model=self.spec.model, input=list(texts), encoding_format="float", **extra
             )
+            payload = json.loads(raw.content)
         except openai.AuthenticationError as exc:
             raise ProviderError("auth", f"provider refused the key: HTTP {exc.status_code}") from None
         except openai.RateLimitError as exc:
@@ -85,19 +91,26 @@ class OpenAICompatibleProvider(EmbeddingProvider):
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise ProviderError("bad_response", f"unreadable response: {exc}") from None
         try:
-            data = sorted(response.data, key=lambda item: item.index)
-            if [item.index for item in data] != list(range(len(data))):
+            data = sorted(payload["data"], key=lambda item: item["index"])
+            if [item["index"] for item in data] != list(range(len(data))):
                 raise ProviderError("bad_response", "response indices are not 0..n-1 exactly once")
-            vectors = np.asarray([item.embedding for item in data], dtype=np.float32)
-        except (TypeError, ValueError, AttributeError) as exc:
+            vectors = np.asarray([_vector(item["embedding"]) for item in data], dtype=np.float32)
+            usage = payload.get("usage") or {}
+            tokens = usage.get("prompt_tokens") or sum(self.count_tokens(texts))
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:
             raise ProviderError("bad_response", f"unreadable embeddings: {exc}") from None
         vectors = check_vectors(vectors, len(texts), self.dimensions)
-        usage = getattr(response, "usage", None)
-        tokens = getattr(usage, "prompt_tokens", None) or sum(self.count_tokens(texts))
         return Embeddings(vectors, int(tokens))
 
     def close(self) -> None:
         self.client.close()
+
+
+def _vector(embedding: object) -> object:
+    # Some compatible servers answer base64 (little-endian float32) whatever was asked for.
+    if isinstance(embedding, str):
+        return np.frombuffer(base64.b64decode(embedding), dtype="<f4")
+    return embedding
 
 
 def _brief(exc: openai.APIStatusError) -> str:
