@@ -132,7 +132,7 @@ def test_runs_killed_at_random_points_lose_nothing_and_leave_no_duplicate_or_orp
             try:
                 assert read_line(proc, 60) == "ready\n", proc.stderr.read() if proc.poll() is not None else "no answer"
                 requests_before = len(server.requests)
-                time.sleep(rng.uniform(0.05, 2.0))
+                time.sleep(rng.uniform(0.05, 1.5))
                 # What the run's backend was doing at the moment of the kill, for the record.
                 state = conn.execute(
                     "SELECT coalesce(max(state), 'gone') FROM pg_stat_activity WHERE application_name = %s",
@@ -190,10 +190,12 @@ def test_runs_killed_at_random_points_lose_nothing_and_leave_no_duplicate_or_orp
 
 
 def write_meanwhile(url: str, source: sql.Identifier, seed: int, stop: threading.Event, counts: Counter,
-                    errors: list[BaseException]) -> None:
+                    errors: list[BaseException], truncate_after: float | None = None) -> None:
     """The application under load: small transactions of rewrites, deletes, re-inserts of deleted
-    keys, key changes and emptied rows, as fast as the database takes them."""
+    keys, key changes and emptied rows, as fast as the database takes them; with `truncate_after`,
+    once, a TRUNCATE and reload of the whole table in one transaction."""
     rng = random.Random(seed)
+    started = time.monotonic()
     try:
         with psycopg.connect(url, autocommit=True) as c:
             while not stop.is_set():
@@ -201,6 +203,8 @@ def write_meanwhile(url: str, source: sql.Identifier, seed: int, stop: threading
                 op = rng.choice(["rewrite", "rewrite", "rewrite", "delete", "insert", "reinsert", "rekey", "empty"])
                 if len(ids) < 3:
                     op = "insert"
+                if truncate_after is not None and time.monotonic() - started > truncate_after:
+                    op, truncate_after = "truncate", None
                 try:
                     with c.transaction():
                         if op == "rewrite":
@@ -209,6 +213,12 @@ def write_meanwhile(url: str, source: sql.Identifier, seed: int, stop: threading
                                           (sentence_text(rng), i))
                         elif op == "delete":
                             c.execute(sql.SQL("DELETE FROM {} WHERE id = ANY(%s)").format(source), (rng.sample(ids, 2),))
+                        elif op == "truncate":
+                            # Rows the runs have read but not yet written are gone after this.
+                            c.execute(sql.SQL("TRUNCATE {}").format(source))
+                            with c.cursor().copy(sql.SQL("COPY {} (id, title, body) FROM STDIN").format(source)) as cp:
+                                for i in range(1, 1501):
+                                    cp.write_row((i, f"reloaded {i}", sentence_text(rng)))
                         elif op == "insert":
                             c.execute(sql.SQL("INSERT INTO {} (id, title, body) SELECT coalesce(max(id), 0) + 1, "
                                               "'inserted', %s FROM {} WHERE id < 1000000").format(source, source),
@@ -244,8 +254,8 @@ def test_writers_racing_a_backfill_leave_every_row_current(conn: psycopg.Connect
         stop = threading.Event()
         counts: Counter = Counter()
         errors: list[BaseException] = []
-        writers = [threading.Thread(target=write_meanwhile, args=(db_url, source, seed, stop, counts, errors))
-                   for seed in (1, 2)]
+        writers = [threading.Thread(target=write_meanwhile, args=(db_url, source, seed, stop, counts, errors, truncate))
+                   for seed, truncate in ((1, 1.5), (2, None))]
         # Two backfill runs side by side on disjoint buckets, as a Dagster backfill would launch them.
         runs = [threading.Thread(target=lambda half=half: run_buckets(db_url, table, half, errors))
                 for half in ((0, 2), (1, 3))]
@@ -261,6 +271,7 @@ def test_writers_racing_a_backfill_leave_every_row_current(conn: psycopg.Connect
         assert not errors, errors
         writes = sum(v for k, v in counts.items() if k != "conflicts")
         assert writes >= 50 and counts["delete"] and counts["rekey"] and counts["rewrite"], counts
+        assert counts["truncate"] == 1, "the backfill ended before the TRUNCATE: make it slower"
         raced = audit(conn, table, build_provider(spec.provider), check_vectors=False)
         assert raced.pending_changes > 0, "the writers' changes during the backfill must be pending"
 
