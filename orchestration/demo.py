@@ -1,61 +1,209 @@
-"""`vectorsync demo`: embed Python's documentation through Dagster, search it, serve the UI."""
+"""`vectorsync demo`: embed Python's documentation through Dagster, search it, serve the UI.
+
+The first run loads ~3,000 documents, installs the `python_docs` table and materializes its 16
+partitions in one Dagster run on the Postgres-backed instance, printing progress while it runs (rows
+done, rows per second, time left, and the run's own per-bucket log lines). A second run finds the
+store current and skips straight to the searches and the UI.
+"""
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import threading
 import time
+import uuid
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
-import dagster as dg
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+# Before the model loads: its weight-loading bar and token-length advisories are noise in a demo.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from assets.catalog import resolve
-from assets.factory import embeddings_asset_key, partitions_for, provider_for
-from assets.install import install
-from assets.search import search
-from assets.spec import load_spec_dir
+import dagster as dg  # noqa: E402
 
-from .corpus import load_python_docs
-from .database import PROJECT_DIR, connect, database_url
-from .definitions import tables_dir
-from .instance import prepare_instance
-from .resources import database_resource
+# Before the definitions are built (on import below): Dagster flags backfill_policy as beta on
+# every build, and platformdirs warns about a missing XDG_RUNTIME_DIR in containers; neither is
+# something a demo user can act on.
+warnings.filterwarnings("ignore", category=dg.BetaWarning)
+warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG  # noqa: E402
+
+from assets.catalog import resolve  # noqa: E402
+from assets.factory import embeddings_asset_key, partitions_for, provider_for  # noqa: E402
+from assets.install import install  # noqa: E402
+from assets.search import search  # noqa: E402
+from assets.spec import TableSpec, load_spec_dir  # noqa: E402
+from assets.status import TableStatus, table_status  # noqa: E402
+
+from .corpus import load_python_docs  # noqa: E402
+from .database import PROJECT_DIR, connect, database_url  # noqa: E402
+from .definitions import tables_dir  # noqa: E402
+from .instance import prepare_instance  # noqa: E402
+from .resources import database_resource  # noqa: E402
 
 DEMO_TABLE = "python_docs"
+DEMO_RUN_TAG = "vectorsync/demo_session"
+PROGRESS_INTERVAL_SECONDS = 2.0
 
 
-def run_demo(queries: Sequence[str], serve: bool = True, port: int = 3000, limit: int | None = None) -> int:
-    started = time.perf_counter()
-    url = database_url()
-    print(f"database: {url}")
-    specs = load_spec_dir(tables_dir())
-    spec, origin = next((s, o) for s, o in specs if s.name == DEMO_TABLE)
-    with connect(url) as conn:
-        changed = load_python_docs(conn, limit=limit)
-        rows = conn.execute("SELECT count(*) FROM public.python_docs").fetchone()[0]
-        print(f"corpus: {rows} documents of Python's own documentation ({changed} new or changed)")
-        install(conn, specs)
-    home = prepare_instance(url)
-    os.environ["DAGSTER_HOME"] = str(home)
-    print(f"dagster instance: {home} (storage on PostgreSQL)")
+def _accounted(s: TableStatus) -> int:
+    """Source rows that need no more work: current, or deliberately skipped, or recorded as failed."""
+    return min(s.source_rows, s.rows_current + s.skipped_rows + s.failed_rows + s.dead_rows)
 
+
+def _is_current(s: TableStatus) -> bool:
+    return s.pending_changes == 0 and _accounted(s) >= s.source_rows
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+@dataclass
+class ProgressLine:
+    """One reading of the store against the source, relative to where the run started."""
+
+    done: int
+    total: int
+    chunks: int
+    rate: float  # rows per second since the run started
+    elapsed: float
+
+    def render(self) -> str:
+        percent = 100.0 * self.done / self.total if self.total else 100.0
+        left = (self.total - self.done) / self.rate if self.rate > 0 else None
+        eta = f"about {_duration(left)} left" if left is not None else "estimating time left"
+        return (
+            f"  progress: {self.done:,}/{self.total:,} rows ({percent:.0f}%), {self.chunks:,} chunks, "
+            f"{self.rate:.1f} rows/s, {eta} [{_duration(self.elapsed)}]"
+        )
+
+
+class RunProgress(threading.Thread):
+    """While dg.materialize blocks the main thread, print what the run is doing: every couple of
+    seconds the store's progress (from the database, so it is exact whatever the run logs), and
+    each log line the run's asset writes (read back from the Dagster instance's event log, the
+    same lines the UI shows for the run)."""
+
+    def __init__(self, url: str, table: str, instance: dg.DagsterInstance, session: str) -> None:
+        super().__init__(name="demo-progress", daemon=True)
+        self.url, self.table, self.instance, self.session = url, table, instance, session
+        self.stopped = threading.Event()
+        self.tty = sys.stdout.isatty()
+        self._run_id: str | None = None
+        self._cursor: str | None = None
+        self._last_line = ""
+        self._last_print = 0.0
+
+    def run(self) -> None:
+        try:
+            with connect(self.url) as conn:
+                start = _accounted(table_status(conn, self.table))
+                started = time.monotonic()
+                # The rate counts from the first row written, so the model's load time and the
+                # run's start-up do not drag the estimate of time left.
+                first: tuple[float, int] | None = None
+                while not self.stopped.wait(PROGRESS_INTERVAL_SECONDS):
+                    self._print_run_logs()
+                    s = table_status(conn, self.table)
+                    now = time.monotonic()
+                    done = _accounted(s)
+                    if first is None and done > start:
+                        first = (now, done)
+                    rate = (done - first[1]) / (now - first[0]) if first and now > first[0] else 0.0
+                    line = ProgressLine(done, s.source_rows, s.chunks, rate, now - started)
+                    self._show(line.render())
+                self._print_run_logs()
+        except Exception as exc:  # progress is a courtesy: never let it take the demo down
+            self._emit(f"  (progress display stopped: {exc})")
+        if self.tty and self._last_line:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
+    def _print_run_logs(self) -> None:
+        if self._run_id is None:
+            records = self.instance.get_run_records(dg.RunsFilter(tags={DEMO_RUN_TAG: self.session}), limit=1)
+            if not records:
+                return
+            self._run_id = records[0].dagster_run.run_id
+            self._emit(f"  dagster run {self._run_id[:8]} started: open it in the UI later under Runs")
+        conn = self.instance.get_records_for_run(self._run_id, cursor=self._cursor)
+        self._cursor = conn.cursor
+        for record in conn.records:
+            entry = record.event_log_entry
+            if entry.is_dagster_event:  # step and engine events: the UI's job, not the console's
+                continue
+            stamp = time.strftime("%H:%M:%S", time.localtime(entry.timestamp))
+            self._emit(f"  {stamp} {entry.user_message}")
+
+    def _show(self, line: str) -> None:
+        """The progress line: redrawn in place on a terminal, a line every 10 s in a log file."""
+        if self.tty:
+            sys.stdout.write("\r\033[K" + line)
+            sys.stdout.flush()
+            self._last_line = line
+        elif time.monotonic() - self._last_print >= 10:
+            print(line, flush=True)
+            self._last_print = time.monotonic()
+
+    def _emit(self, text: str) -> None:
+        if self.tty:
+            sys.stdout.write("\r\033[K" + text + "\n" + self._last_line)
+            sys.stdout.flush()
+        else:
+            print(text, flush=True)
+
+
+def _checks_of(defs: dg.Definitions, key: dg.AssetKey) -> list[dg.AssetChecksDefinition]:
+    """The check definitions that target `key` (one definition may hold several checks)."""
+    check_keys = [ck for ck in defs.resolve_asset_graph().asset_check_keys if ck.asset_key == key]
+    found = {}
+    for check_key in check_keys:
+        definition = defs.get_asset_checks_def(check_key)
+        found[id(definition)] = definition
+    return list(found.values())
+
+
+def _embed_through_dagster(url: str, spec: TableSpec) -> None:
+    """Materialize every partition of the demo table in one Dagster run, showing progress, and
+    evaluate its checks in the same run so the UI shows their results rather than 'not evaluated'."""
     from .definitions import defs
 
     key = embeddings_asset_key(spec)
+    checks = _checks_of(defs, key)
     partition_keys = partitions_for(spec).get_partition_keys()
+    session = uuid.uuid4().hex
     embed_started = time.perf_counter()
     with dg.DagsterInstance.get() as instance:
-        result = dg.materialize(
-            [defs.get_assets_def(key)],
-            instance=instance,
-            resources={"database": database_resource()},
-            tags={
-                ASSET_PARTITION_RANGE_START_TAG: partition_keys[0],
-                ASSET_PARTITION_RANGE_END_TAG: partition_keys[-1],
-                "vectorsync/trigger": "demo",
-            },
-        )
+        progress = RunProgress(url, spec.name, instance, session)
+        progress.start()
+        try:
+            result = dg.materialize(
+                [defs.get_assets_def(key), *checks],
+                instance=instance,
+                resources={"database": database_resource()},
+                # The run's info lines come back through RunProgress; the console keeps warnings.
+                run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+                tags={
+                    ASSET_PARTITION_RANGE_START_TAG: partition_keys[0],
+                    ASSET_PARTITION_RANGE_END_TAG: partition_keys[-1],
+                    "vectorsync/trigger": "demo",
+                    DEMO_RUN_TAG: session,
+                },
+            )
+        finally:
+            progress.stopped.set()
+            progress.join(timeout=30)
     embed_seconds = time.perf_counter() - embed_started
     metadata = {
         k: v.value for k, v in result.asset_materializations_for_node(key.to_python_identifier())[0].metadata.items()
@@ -67,6 +215,66 @@ def run_demo(queries: Sequence[str], serve: bool = True, port: int = 3000, limit
         f"{int(metadata['chunks_reused'])} reused, {int(metadata['tokens'])} tokens, in {embed_seconds:.1f}s "
         f"({written / embed_seconds:.1f} rows/s)"
     )
+    evaluations = sorted(result.get_asset_check_evaluations(), key=lambda e: e.check_name)
+    if evaluations:
+        print("checks: " + ", ".join(f"{e.check_name} {'passed' if e.passed else 'FAILED'}" for e in evaluations))
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def ui_links(port: int, host: str = "127.0.0.1") -> dict[str, str]:
+    """Where a first-time user should look, by what they will find there."""
+    base = f"http://{host}:{port}"
+    asset = f"{base}/assets/embeddings/{DEMO_TABLE}"
+    return {
+        "lineage (postgres source -> embeddings)": f"{base}/asset-groups",
+        "the embeddings asset (description, metadata plots, column schema)": asset,
+        "its 16 partitions (hash buckets) and their status": f"{asset}?view=partitions",
+        "its checks (coverage, dead letters)": f"{asset}?view=checks",
+        "runs, including the demo's": f"{base}/runs",
+        "the change sensor": f"{base}/automation",
+    }
+
+
+def run_demo(queries: Sequence[str], serve: bool = True, port: int = 3000, limit: int | None = None) -> int:
+    """Load, install, embed through Dagster, search; then (serve=True) replace this process with
+    `dagster dev` on 127.0.0.1:port. Returns 0, or 1 when the port is taken."""
+    started = time.perf_counter()
+    if serve and not port_is_free(port):
+        print(f"port {port} on 127.0.0.1 is in use: stop what runs there or pass --port", file=sys.stderr)
+        return 1
+    url = database_url()
+    print(f"database: {url}")
+    specs = load_spec_dir(tables_dir())
+    spec, origin = next((s, o) for s, o in specs if s.name == DEMO_TABLE)
+    with connect(url) as conn:
+        changed = load_python_docs(conn, limit=limit)
+        rows = conn.execute("SELECT count(*) FROM public.python_docs").fetchone()[0]
+        print(f"corpus: {rows} documents of Python's own documentation ({changed} new or changed)")
+        install(conn, specs)
+        before = table_status(conn, DEMO_TABLE)
+    home = prepare_instance(url)
+    os.environ["DAGSTER_HOME"] = str(home)
+    print(f"dagster instance: {home} (storage on PostgreSQL)")
+
+    if _is_current(before):
+        # Nothing is pending and every row is accounted for: a run would only re-hash the corpus.
+        # Edits made from now on reach the store through the change sensor once Dagster serves.
+        print(f"{DEMO_TABLE} is current ({before.rows_current:,} rows, {before.chunks:,} chunks): "
+              "reusing the stored embeddings, no run needed")
+    else:
+        print(f"embedding {before.source_rows - _accounted(before):,} of {before.source_rows:,} rows "
+              "through Dagster (the first run loads the local model and takes a few minutes on a laptop)")
+        _embed_through_dagster(url, spec)
+
     with connect(url) as conn:
         table = resolve(conn, spec, origin)
         provider = provider_for(spec.provider)
@@ -77,9 +285,32 @@ def run_demo(queries: Sequence[str], serve: bool = True, port: int = 3000, limit
     print(f"\ndemo ready in {time.perf_counter() - started:.1f}s")
     if not serve:
         return 0
-    print(f"\nDagster UI: open http://127.0.0.1:{port}  (lineage: Assets > Global asset lineage; "
-          f"partitions and checks: embeddings/{DEMO_TABLE}). Ctrl-C stops it.")
+    print(f"\nstarting Dagster (webserver and daemon) on http://127.0.0.1:{port} ; it is ready when it "
+          "logs 'Serving dagster-webserver'. Then open:")
+    for what, link in ui_links(port).items():
+        print(f"  {link:<70} {what}")
+    print("Edit a row of public.python_docs and the change sensor re-embeds it within seconds. Ctrl-C stops.")
     sys.stdout.flush()
-    dagster = os.path.join(os.path.dirname(sys.executable), "dagster")
+    exec_dagster_dev(port)
+    return 0  # not reached: exec replaces the process
+
+
+def dagster_dev_command(port: int, host: str = "127.0.0.1") -> list[str]:
+    """`dagster dev` for this project's workspace (webserver and daemon), from this interpreter's venv."""
+    dagster = str(Path(sys.executable).parent / "dagster")
+    return [dagster, "dev", "-w", str(PROJECT_DIR / "workspace.yaml"), "-h", host, "-p", str(port)]
+
+
+def exec_dagster_dev(port: int) -> None:
+    """Replace this process with `dagster dev`, so Ctrl-C reaches it directly and nothing of the
+    demo (its model, its connections) stays resident beside the server."""
     os.chdir(PROJECT_DIR)
-    os.execv(dagster, [dagster, "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)])
+    # The code server re-imports the definitions: keep the beta notice out of the server's log too
+    # (a literal message prefix, so Python need not import dagster to parse the filter).
+    os.environ.setdefault("PYTHONWARNINGS", ",".join((
+        "ignore:Parameter `backfill_policy`",
+        "ignore:Function `dev_command` is superseded",
+        "ignore:XDG_RUNTIME_DIR is not set",
+    )))
+    command = dagster_dev_command(port)
+    os.execv(command[0], command)
