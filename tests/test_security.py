@@ -198,6 +198,7 @@ def test_install_grant_gives_a_role_what_runs_need_and_nothing_more(
             | {(store_schema, spec.store_name, p) for p in write}
             | {("vectorsync", spec.queue_name, p) for p in write}
             | {("vectorsync", "failures", p) for p in write}
+            | {("vectorsync", "run_failures", "SELECT"), ("vectorsync", "run_failures", "INSERT")}
             | {("vectorsync", t, "SELECT") for t in ("embedding_tables", "migrations", "failure_report")}
         )
         for s in {schema, store_schema, "vectorsync", "public"}:
@@ -222,6 +223,10 @@ def test_install_grant_gives_a_role_what_runs_need_and_nothing_more(
                 conn.execute("UPDATE vectorsync.failures SET next_attempt_at = now() WHERE table_name = %s",
                              (spec.name,))
                 assert engine.requeue_due_failures() == 1
+                # The run-failure sensor's record of a failed run.
+                as_role.execute("INSERT INTO vectorsync.run_failures (run_id, job_name, table_name, error) "
+                                "VALUES (%s, 'job', %s, 'lost the connection') ON CONFLICT (run_id) DO NOTHING",
+                                (unique("run"), spec.name))
             finally:
                 engine.close()
             assert table_status(as_role, spec.name).pending_changes == 1
