@@ -29,6 +29,7 @@ from assets.spec import SpecError, parse_spec
 from assets.status import table_status
 from orchestration.instance import DAGSTER_DATABASE, prepare_instance
 from orchestration.resources import VectorsyncDatabase
+from orchestration.sensors import record_run_failures
 
 from conftest import unique
 
@@ -106,12 +107,20 @@ def test_the_api_key_never_reaches_dagster_or_the_database(
         second = dg.materialize([asset], instance=instance, partition_key="001", resources=resources,
                                 run_config=op_config)
         assert second.success
-        # 000 again: a 404 echoing the key is a run-level error, so the step fails with it (and,
-        # if the asset has a retry policy, is tried again and succeeds): its error is in the log.
+        # 000 again: a 404 echoing the key is a run-level error (not retried), so the run fails
+        # with it, and the run-failure sensor copies the error into vectorsync.run_failures.
         server.fail_next(Fault(status=404, message=echo))
         third = dg.materialize([asset], instance=instance, partition_key="000", resources=resources,
-                               run_config=op_config, raise_on_error=False)
-        assert {"STEP_FAILURE", "STEP_UP_FOR_RETRY"} & {e.event_type_value for e in third.all_events}
+                               run_config=op_config, raise_on_error=False, tags={"vectorsync/table": spec.name})
+        assert not third.success
+        run = instance.get_run_by_id(third.run_id)
+        failure = next(e for e in instance.all_logs(run.run_id) if e.dagster_event and e.dagster_event.is_run_failure)
+        record_run_failures(dg.build_run_status_sensor_context(
+            sensor_name="vectorsync_run_failures", dagster_instance=instance, dagster_run=run,
+            dagster_event=failure.dagster_event, resources=resources,
+        ).for_run_failure())
+        recorded = conn.execute("SELECT error FROM vectorsync.run_failures WHERE run_id = %s", (run.run_id,)).fetchone()
+        assert recorded and "Incorrect API key provided: ***" in recorded[0]
         # The key was really in play: the provider sent it with every request.
         assert {r.headers["authorization"] for r in server.requests} == {f"Bearer {leak_key}"}
 
