@@ -37,16 +37,14 @@ class ChangeListener:
         """Block until this table is notified (True) or `timeout` seconds pass (False)."""
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
-            for note in self.conn.notifies(timeout=left):
-                if note.payload == self.table_name:
-                    self._drain_backlog()
-                    return True
+            notes = self.conn.notifies(timeout=left)
+            try:
+                for note in notes:
+                    if note.payload == self.table_name:
+                        return True
+            finally:
+                notes.close()  # the generator holds the connection's lock until closed
         return False
-
-    def _drain_backlog(self) -> None:
-        # Notifications that queued up meanwhile describe changes the coming drain will see anyway.
-        for _ in self.conn.notifies(timeout=0):
-            pass
 
     def close(self) -> None:
         self.conn.close()

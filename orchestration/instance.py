@@ -56,6 +56,7 @@ def instance_config(url: str, max_concurrent_runs: int = 4, pool_limit: int = 2)
 def prepare_instance(url: str, home: Path | None = None) -> Path:
     """Create the Dagster database (in UTC) on the server and write dagster.yaml. Idempotent."""
     home = home or dagster_home()
+    home.mkdir(parents=True, exist_ok=True)
     with psycopg.connect(url, autocommit=True) as conn:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DAGSTER_DATABASE,)).fetchone()
         if not exists:

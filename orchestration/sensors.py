@@ -79,14 +79,21 @@ def changes_sensor(spec: TableSpec, interval_seconds: int = 2) -> dg.SensorDefin
             if conn.execute("SELECT to_regclass(%s)", (f"vectorsync.{spec.queue_name}",)).fetchone()[0] is None:
                 return dg.SensorResult(skip_reason=f"{spec.name} is not installed; run `vectorsync install`")
             pending = conn.execute(
-                sql.SQL("SELECT bucket, max(id) FROM {} GROUP BY bucket ORDER BY bucket").format(queue)
+                sql.SQL(
+                    """SELECT bucket, max(id), extract(epoch FROM now() - min(queued_at))::float8
+                       FROM {} GROUP BY bucket ORDER BY bucket"""
+                ).format(queue)
             ).fetchall()
+        if spec.continuous:
+            # The continuous run drains the log; this sensor only stands in when changes wait
+            # longer than it would ever leave them (the run is down, or stopped on purpose).
+            pending = [p for p in pending if p[2] > REREQUEST_AFTER_SECONDS]
         covered: set[int] = set()
         for run in _in_flight(context.instance, spec, {"changes", "continuous"}):
             covered |= _buckets_of_run(run, spec)
         now = time.time()
         wanted: dict[int, int] = {}
-        for bucket, max_id in pending:
+        for bucket, max_id, _ in pending:
             requested_id, requested_at = cursor.get(str(bucket), (0, 0.0))
             if bucket in covered:
                 continue

@@ -1,0 +1,143 @@
+"""End to end through the Dagster daemon, with no manual step: rows are written, the change sensor
+ticks, runs go through the queue and materialize, and the store follows; and continuous mode, whose
+run the keeper sensor starts, follows changes with no sensor tick in between."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import dagster as dg
+import psycopg
+import pytest
+import yaml
+from psycopg import sql
+
+from openai_server import OpenAIServer
+from orchestration.local_dagster import LocalDagster
+
+from conftest import unique
+
+KEY_ENV = "VECTORSYNC_DAEMON_TEST_KEY"
+DIMENSIONS = 16
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[OpenAIServer]:
+    with OpenAIServer(dimensions=DIMENSIONS) as srv:
+        yield srv
+
+
+def declare(conn: psycopg.Connection, tables_dir: Path, server: OpenAIServer, **fields) -> tuple[dict, sql.Identifier]:
+    schema = unique("dmn")
+    conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    source = sql.Identifier(schema, "posts")
+    conn.execute(sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, body text, likes int DEFAULT 0)").format(source))
+    declaration = {
+        "name": unique("dmn"), "source": f"{schema}.posts", "columns": ["body"], "buckets": 4,
+        "provider": {"kind": "openai", "model": "test-embedder", "dimensions": DIMENSIONS,
+                     "base_url": server.base_url, "api_key_env": KEY_ENV, "max_retries": 1},
+        **fields,
+    }
+    tables_dir.mkdir(exist_ok=True)
+    (tables_dir / f"{declaration['name']}.yaml").write_text(yaml.safe_dump(declaration))
+    return declaration, source
+
+
+def install_dir(db_url: str, tables_dir: Path) -> None:
+    from assets.install import install
+    from assets.spec import load_spec_dir
+    from orchestration.database import connect
+
+    with connect(db_url) as c:
+        install(c, load_spec_dir(tables_dir))
+
+
+def stored_bodies(conn: psycopg.Connection, decl: dict, schema: str) -> dict[int, str]:
+    store = sql.Identifier(schema, f"{decl['name']}_embeddings_store")
+    return dict(conn.execute(sql.SQL("SELECT id, chunk FROM {} WHERE chunk_seq = 0").format(store)).fetchall())
+
+
+def source_bodies(conn: psycopg.Connection, source: sql.Identifier) -> dict[int, str]:
+    return dict(conn.execute(sql.SQL("SELECT id, body FROM {}").format(source)).fetchall())
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, dagster: LocalDagster, what: str) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if condition():
+            return time.monotonic() - started
+        time.sleep(0.25)
+    pytest.fail(f"{what} did not happen within {timeout:.0f}s; dagster log:\n{dagster.log_tail()}")
+
+
+def runs_of(home: Path, table: str) -> list[dg.DagsterRun]:
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        return list(instance.get_runs(filters=dg.RunsFilter(tags={"vectorsync/table": table})))
+
+
+def test_changes_reach_the_store_through_sensor_queue_and_runs(
+    db_url: str, conn: psycopg.Connection, tmp_path: Path, server: OpenAIServer
+) -> None:
+    tables = tmp_path / "tables"
+    decl, source = declare(conn, tables, server)
+    schema = decl["source"].split(".")[0]
+    install_dir(db_url, tables)
+    conn.execute(sql.SQL("INSERT INTO {} SELECT i, 'first post ' || i FROM generate_series(1, 30) i").format(source))
+    with LocalDagster(db_url, tmp_path / "home", tables, env={KEY_ENV: "sk-daemon-test"}) as dagster:
+        wait_until(lambda: stored_bodies(conn, decl, schema) == source_bodies(conn, source), 240, dagster,
+                   "the first 30 rows reaching the store")
+        conn.execute(sql.SQL("UPDATE {} SET body = 'edited post ' || id WHERE id <= 5").format(source))
+        conn.execute(sql.SQL("DELETE FROM {} WHERE id BETWEEN 6 AND 8").format(source))
+        conn.execute(sql.SQL("INSERT INTO {} SELECT i, 'new post ' || i FROM generate_series(31, 35) i").format(source))
+        # A column the text does not use: no change is logged, no run is needed for it.
+        conn.execute(sql.SQL("UPDATE {} SET likes = likes + 1").format(source))
+        seconds = wait_until(lambda: stored_bodies(conn, decl, schema) == source_bodies(conn, source), 120, dagster,
+                             "the update, delete and insert reaching the store")
+        queue = sql.Identifier("vectorsync", f"changes_{decl['name']}")
+        wait_until(lambda: conn.execute(sql.SQL("SELECT count(*) FROM {}").format(queue)).fetchone()[0] == 0, 60,
+                   dagster, "the change log emptying")
+        # A change run lingers for further changes, then ends by itself once writes pause.
+        wait_until(lambda: all(r.is_finished for r in runs_of(tmp_path / "home", decl["name"])), 90, dagster,
+                   "the change runs finishing once the writes stopped")
+    runs = runs_of(tmp_path / "home", decl["name"])
+    assert runs and all(r.tags.get("vectorsync/trigger") == "changes" for r in runs)
+    assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs), [(r.run_id, r.status) for r in runs]
+    stored = stored_bodies(conn, decl, schema)
+    assert stored[1] == "edited post 1" and 7 not in stored and stored[33] == "new post 33"
+    print(f"second round reached the store in {seconds:.1f}s through {len(runs)} runs")
+
+
+def test_continuous_run_follows_changes_without_sensor_ticks(
+    db_url: str, conn: psycopg.Connection, tmp_path: Path, server: OpenAIServer
+) -> None:
+    tables = tmp_path / "tables"
+    decl, source = declare(conn, tables, server, continuous=True)
+    schema = decl["source"].split(".")[0]
+    install_dir(db_url, tables)
+    home = tmp_path / "home"
+    with LocalDagster(db_url, home, tables, env={KEY_ENV: "sk-daemon-test"}) as dagster:
+        def continuous_started() -> bool:
+            return any(r.status == dg.DagsterRunStatus.STARTED and r.tags.get("vectorsync/trigger") == "continuous"
+                       for r in runs_of(home, decl["name"]))
+
+        wait_until(continuous_started, 180, dagster, "the keeper sensor starting the continuous run")
+        latencies = []
+        for statement in (
+            "INSERT INTO {} VALUES (1, 'hello continuous'), (2, 'second row')",
+            "UPDATE {} SET body = 'updated continuous' WHERE id = 1",
+            "DELETE FROM {} WHERE id = 2",
+        ):
+            conn.execute(sql.SQL(statement).format(source))
+            latencies.append(wait_until(lambda: stored_bodies(conn, decl, schema) == source_bodies(conn, source),
+                                        30, dagster, f"continuous mode applying {statement!r}"))
+        runs = runs_of(home, decl["name"])
+        assert [r.tags.get("vectorsync/trigger") for r in runs] == ["continuous"], "only the continuous run ran"
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            materialized = instance.fetch_materializations(
+                dg.AssetKey(["embeddings", decl["name"]]), limit=100
+            ).records
+        assert materialized and all(m.run_id == runs[0].run_id for m in materialized)
+    assert stored_bodies(conn, decl, schema) == {1: "updated continuous"}
+    print(f"continuous mode: insert, update, delete stored after {', '.join(f'{s:.2f}s' for s in latencies)}")
