@@ -708,9 +708,10 @@ class _Queries:
         self.stored_hashes = sql.SQL(
             "SELECT {}::text, text_hash, model FROM {} e WHERE ({}) IN ({}) ORDER BY {}, chunk_seq"
         ).format(t.key_json("e"), t.store, t.key_list("e"), keys_param, t.key_list("e"))
+        # %b: a bytea[] in binary, which psycopg builds without quoting each element in Python.
         self.cached_vectors = sql.SQL(
             "SELECT DISTINCT ON (text_hash) text_hash, embedding::vector FROM {} "
-            "WHERE text_hash = ANY(%s) AND model = %s"
+            "WHERE text_hash = ANY(%b) AND model = %s"
         ).format(t.store)
         self.delete_chunks = sql.SQL("DELETE FROM {} e WHERE ({}) IN ({}) RETURNING {}::text").format(
             t.store, t.key_list("e"), keys_param, t.key_json("e")

@@ -4,19 +4,23 @@ request after a fixed latency, against the ideal rate for that latency, batch si
 
 from __future__ import annotations
 
+import os
+import resource
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 from psycopg import sql
 
 from bench.common import Benchmark, Context, Measure, Result, create_source, declare, drop_hnsw, reset_store, sync_all, timed
 
 
 @contextmanager
-def openai_server(dimensions: int, latency: float) -> Iterator[str]:
+def openai_server(dimensions: int, latency: float) -> Iterator[tuple[str, int]]:
     process = subprocess.Popen(
         [sys.executable, str(Path(__file__).resolve().parent / "_serve_openai.py"), str(dimensions), str(latency)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -25,7 +29,7 @@ def openai_server(dimensions: int, latency: float) -> Iterator[str]:
         url = process.stdout.readline().strip()
         if not url.startswith("http://127.0.0.1:"):
             raise RuntimeError(f"the OpenAI-compatible server did not start (said {url!r})")
-        yield url
+        yield url, process.pid
     finally:
         process.stdin.close()
         try:
@@ -33,6 +37,12 @@ def openai_server(dimensions: int, latency: float) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def _cpu(server: psutil.Process, backend: psutil.Process) -> dict[str, float]:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    s, b = server.cpu_times(), backend.cpu_times()
+    return {"engine": usage.ru_utime + usage.ru_stime, "server": s.user + s.system, "postgres": b.user + b.system}
 
 
 def run(ctx: Context) -> Result:
@@ -45,7 +55,9 @@ def run(ctx: Context) -> Result:
     conn = ctx.connect()
     measures = []
     samples: dict[int, list[float]] = {c: [] for c in levels}
-    with openai_server(dims, latency) as base_url:
+    alone: dict[int, list[float]] = {c: [] for c in levels}
+    cpu: dict[int, list[dict[str, float]]] = {c: [] for c in levels}
+    with openai_server(dims, latency) as (base_url, server_pid):
         setups = {}
         for c in levels:
             rows = p["requests_per_worker"] * c * batch
@@ -62,17 +74,30 @@ def run(ctx: Context) -> Result:
             drop_hnsw(conn, spec)
             provider = build_provider(spec.provider)
             setups[c] = (rows, spec, table, EmbeddingEngine(conn, table, provider), provider)
+        backend = psutil.Process(conn.execute("SELECT pg_backend_pid()").fetchone()[0])
+        server = psutil.Process(server_pid)
         try:
             for r in range(ctx.rounds):
-                for c, (rows, spec, table, engine, _) in setups.items():
+                for c, (rows, spec, table, engine, provider) in setups.items():
+                    # The provider alone, same requests and concurrency, no database: the ceiling
+                    # this machine allows, which the engine's figure is read against.
+                    texts = [f"{i} " + "x" * (p["chars"] - 8) for i in range(rows)]
+                    requests = [texts[i:i + batch] for i in range(0, rows, batch)]
+                    with ThreadPoolExecutor(c) as pool:
+                        seconds, _ = timed(lambda: list(pool.map(provider.embed, requests)))  # noqa: B023
+                    alone[c].append(rows / seconds)
                     reset_store(conn, table)
-                    seconds, stats = timed(lambda: sync_all(engine, spec.buckets, full=True))
+                    before = _cpu(server, backend)
+                    seconds, stats = timed(lambda: sync_all(engine, spec.buckets, full=True))  # noqa: B023
+                    used = {k: v - before[k] for k, v in _cpu(server, backend).items()}
+                    cpu[c].append({k: round(v / seconds, 2) for k, v in used.items()})
                     assert stats.rows_written == rows, stats
                     samples[c].append(rows / seconds)
                     ideal = c * batch / latency
                     ctx.log(f"round {r + 1}, concurrency {c}: {rows} rows in {seconds:.2f}s = "
                             f"{samples[c][-1]:,.0f} rows/s, ideal {ideal:,.0f} ({samples[c][-1] / ideal:.2f}), "
-                            f"{stats.provider_requests} requests")
+                            f"provider alone {alone[c][-1]:,.0f} rows/s, {stats.provider_requests} requests, "
+                            f"cores used {cpu[c][-1]}, load {os.getloadavg()[0]:.1f}")
         finally:
             for _, _, _, engine, provider in setups.values():
                 engine.close()
@@ -82,10 +107,17 @@ def run(ctx: Context) -> Result:
         ideal = c * batch / latency
         measures.append(Measure(f"concurrency {c}, {p['requests_per_worker'] * c * batch:,} rows", "rows/s",
                                 samples[c], [ideal] * len(samples[c]), "ratio >= 0.8"))
+    for c in levels:
+        measures.append(Measure(f"concurrency {c}: engine vs the provider alone", "rows/s", samples[c], alone[c]))
     return Result(
-        measures=measures, params=p,
+        measures=measures, params=p, extra={"cores_used_per_round": {str(c): v for c, v in cpu.items()}},
         notes=[f"ideal = concurrency x {batch} inputs / {latency} s; the server (tests/openai_server.py) "
-               "runs in its own process; every round re-embeds an emptied store over all buckets"],
+               "runs in its own process; every round re-embeds an emptied store over all buckets",
+               "provider alone: the same number of requests of the same size through the same provider "
+               "object and concurrency with no database, measured in the same round: what the client, "
+               "the server and this machine allow",
+               "cores used: CPU seconds per wall second of the engine process (all threads), the "
+               "server process and the engine's PostgreSQL backend during the engine's run"],
     ).check(lambda m: m.ratio is not None and m.ratio >= 0.8)
 
 

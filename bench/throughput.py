@@ -58,5 +58,5 @@ def run(ctx: Context) -> Result:
 
 BENCHMARK = Benchmark(
     name="a", title="pipeline throughput, local model", target="engine/direct >= 0.9",
-    run=run, defaults={"rows": 2000, "chars": 500, "batch_size": 256}, quick={"rows": 200},
+    run=run, defaults={"rows": 1000, "chars": 500, "batch_size": 256}, quick={"rows": 200},
 )
