@@ -84,9 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         scope, _, key = key.rpartition(".")
         overrides.setdefault(scope or "*", {})[key] = _parse_value(raw)
 
-    from orchestration.database import database_url
-
     from bench.common import Context, machine_info
+    from orchestration.database import database_url
 
     if os.environ["VECTORSYNC_HOME"] == str(home):
         # atexit runs last-registered first: the embedded server (registered when it starts) stops
@@ -119,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             load_before = os.getloadavg()
             try:
                 result = b.run(ctx)
-            except Exception as exc:  # one broken benchmark must not hide the others' figures
+            except Exception as exc:  # noqa: BLE001 - one broken benchmark must not hide the others' figures
                 traceback.print_exc()
                 report["benchmarks"][b.name] = {"title": b.title, "target": b.target, "params": params,
                                                 "error": f"{type(exc).__name__}: {exc}"}
@@ -182,9 +181,9 @@ def _print_table(benchmarks: dict[str, Any]) -> None:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+        out = subprocess.run(["git", "rev-parse", "HEAD"], check=False, capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent.parent)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "assets", "bench"], capture_output=True,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "assets", "bench"], check=False, capture_output=True,
                                text=True, timeout=5, cwd=Path(__file__).resolve().parent.parent)
         return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):

@@ -10,8 +10,18 @@ from psycopg import sql
 
 from assets.text import render, text_hash
 from bench.common import (
-    Benchmark, Context, FreeProvider, Measure, Result, count, create_source, declare, drop_hnsw,
-    reset_store, sync_all, timed,
+    Benchmark,
+    Context,
+    FreeProvider,
+    Measure,
+    Result,
+    count,
+    create_source,
+    declare,
+    drop_hnsw,
+    reset_store,
+    sync_all,
+    timed,
 )
 
 SCHEMA = "bench_backfill"
@@ -80,13 +90,13 @@ def run(ctx: Context) -> Result:
     return Result(
         measures=[Measure(f"backfill {rows:,} rows", "rows/s", subject, baseline, "ratio >= 0.25")],
         params={**ctx.params, "buckets": spec.buckets, "dimensions": spec.provider.dimensions},
-        notes=["subject: a full run over every bucket into an emptied store, with an in-memory provider; "
+        notes=[("subject: a full run over every bucket into an emptied store, with an in-memory provider; "
                "baseline: one COPY (FORMAT BINARY) of the prepared rows into a table LIKE the store "
-               "INCLUDING ALL, in one transaction",
+               "INCLUDING ALL, in one transaction"),
                "the HNSW index is " + ("kept on both sides" if hnsw else
                                        "dropped on both sides (its build cost is the same for both and would hide the engine's own)"),
-               "the end-to-end time of a backfill launched as the UI launches it is measured by the "
-               "Dagster benchmarks (issue 7), not here"],
+               ("the end-to-end time of a backfill launched as the UI launches it is measured by the "
+               "Dagster benchmarks (issue 7), not here")],
     ).check(lambda m: m.ratio is not None and m.ratio >= 0.25)
 
 

@@ -5,7 +5,16 @@ from __future__ import annotations
 
 from psycopg import sql
 
-from bench.common import Benchmark, Context, Measure, Result, count, create_source, declare, timed
+from bench.common import (
+    Benchmark,
+    Context,
+    Measure,
+    Result,
+    count,
+    create_source,
+    declare,
+    timed,
+)
 
 SCHEMA = "bench_capture"
 COLUMNS = "id int PRIMARY KEY, title text, body text, views int NOT NULL DEFAULT 0"
@@ -43,14 +52,14 @@ def run(ctx: Context) -> Result:
                 conn.execute(sql.SQL("TRUNCATE {}").format(table.queue))
                 for label, statement in statements.items():
                     conn.execute("CHECKPOINT")
-                    seconds, _ = timed(lambda: conn.execute(statement))
+                    seconds, _ = timed(lambda: conn.execute(statement))  # noqa: B023 - called at once
                     samples[label][triggers].append(seconds)
                     logged = count(conn, table.queue)
                     expected = logged_per_statement[label] if triggers else 0
                     assert logged == expected, f"{label}: {logged} change-log rows, expected {expected}"
                     conn.execute(sql.SQL("TRUNCATE {}").format(table.queue))
-            ctx.log("round %d: %s" % (r + 1, ", ".join(
-                f"{k} {v[True][-1]:.2f}s vs {v[False][-1]:.2f}s" for k, v in samples.items())))
+            latest = ", ".join(f"{k} {v[True][-1]:.2f}s vs {v[False][-1]:.2f}s" for k, v in samples.items())
+            ctx.log(f"round {r + 1}: {latest}")
     finally:
         conn.execute(sql.SQL("ALTER TABLE {} ENABLE TRIGGER USER").format(source))
         conn.close()
@@ -61,10 +70,10 @@ def run(ctx: Context) -> Result:
     ]
     return Result(
         measures=measures, params=ctx.params,
-        notes=["subject: statement-level capture triggers enabled; baseline: the same table and "
+        notes=[("subject: statement-level capture triggers enabled; baseline: the same table and "
                "statements with `ALTER TABLE ... DISABLE TRIGGER USER`; each statement its own "
                "transaction, after a CHECKPOINT; rows of an int key, a short title, a body of "
-               f"{chars} characters and an int column",
+               f"{chars} characters and an int column"),
                "UPDATE other column: the text does not use it, so nothing is logged (no target of its own)"],
     ).check(lambda m: m.ratio is not None and m.ratio <= 1.3)
 

@@ -28,7 +28,7 @@ class Benchmark:
     name: str
     title: str
     target: str
-    run: Callable[["Context"], "Result"]
+    run: Callable[[Context], Result]
     defaults: dict[str, Any] = field(default_factory=dict)
     quick: dict[str, Any] = field(default_factory=dict)
 
@@ -161,12 +161,7 @@ def body_text(i: int, chars: int) -> str:
 
 
 WORDS = np.array(
-    "the of and to in is was for on that with as by at from his an were are which this be or has "
-    "had not but first one their its new after who they two her she been other when there all "
-    "during into school time may years more most only over city some world would where later up "
-    "such used many can state about national out known university united then made also under "
-    "embedding vector database table row column index query search model text change update "
-    "insert delete commit partition bucket sensor schedule backfill worker provider latency".split()
+    ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from", "his", "an", "were", "are", "which", "this", "be", "or", "has", "had", "not", "but", "first", "one", "their", "its", "new", "after", "who", "they", "two", "her", "she", "been", "other", "when", "there", "all", "during", "into", "school", "time", "may", "years", "more", "most", "only", "over", "city", "some", "world", "would", "where", "later", "up", "such", "used", "many", "can", "state", "about", "national", "out", "known", "university", "united", "then", "made", "also", "under", "embedding", "vector", "database", "table", "row", "column", "index", "query", "search", "model", "text", "change", "update", "insert", "delete", "commit", "partition", "bucket", "sensor", "schedule", "backfill", "worker", "provider", "latency"]
 )
 
 
@@ -204,10 +199,8 @@ def machine_info(url: str) -> dict[str, Any]:
 
     model = ""
     try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")), "")
     except OSError:
         pass
     memory_gb = None

@@ -11,7 +11,16 @@ from pathlib import Path
 
 from psycopg import sql
 
-from bench.common import Benchmark, Context, Measure, Result, create_source, declare, drop_hnsw, reset_store
+from bench.common import (
+    Benchmark,
+    Context,
+    Measure,
+    Result,
+    create_source,
+    declare,
+    drop_hnsw,
+    reset_store,
+)
 
 WORKER = Path(__file__).resolve().parent / "_memory_worker.py"
 
@@ -55,9 +64,9 @@ def run(ctx: Context) -> Result:
     ]
     return Result(
         measures=measures, params=p,
-        notes=[f"one bucket (buckets: 1) of rows of {p['chars']} characters, chunked at the default 800/100, "
+        notes=[(f"one bucket (buckets: 1) of rows of {p['chars']} characters, chunked at the default 800/100, "
                "in-memory provider, HNSW index dropped; peak = VmHWM of a fresh process after "
-               "resetting it just before the run"],
+               "resetting it just before the run")],
     ).check(lambda m: m.ratio is not None and m.ratio <= 1.1)
 
 

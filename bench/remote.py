@@ -16,7 +16,18 @@ from pathlib import Path
 import psutil
 from psycopg import sql
 
-from bench.common import Benchmark, Context, Measure, Result, create_source, declare, drop_hnsw, reset_store, sync_all, timed
+from bench.common import (
+    Benchmark,
+    Context,
+    Measure,
+    Result,
+    create_source,
+    declare,
+    drop_hnsw,
+    reset_store,
+    sync_all,
+    timed,
+)
 
 
 @contextmanager
@@ -111,13 +122,13 @@ def run(ctx: Context) -> Result:
         measures.append(Measure(f"concurrency {c}: engine vs the provider alone", "rows/s", samples[c], alone[c]))
     return Result(
         measures=measures, params=p, extra={"cores_used_per_round": {str(c): v for c, v in cpu.items()}},
-        notes=[f"ideal = concurrency x {batch} inputs / {latency} s; the server (tests/openai_server.py) "
-               "runs in its own process; every round re-embeds an emptied store over all buckets",
-               "provider alone: the same number of requests of the same size through the same provider "
+        notes=[(f"ideal = concurrency x {batch} inputs / {latency} s; the server (tests/openai_server.py) "
+               "runs in its own process; every round re-embeds an emptied store over all buckets"),
+               ("provider alone: the same number of requests of the same size through the same provider "
                "object and concurrency with no database, measured in the same round: what the client, "
-               "the server and this machine allow",
-               "cores used: CPU seconds per wall second of the engine process (all threads), the "
-               "server process and the engine's PostgreSQL backend during the engine's run"],
+               "the server and this machine allow"),
+               ("cores used: CPU seconds per wall second of the engine process (all threads), the "
+               "server process and the engine's PostgreSQL backend during the engine's run")],
     ).check(lambda m: m.ratio is not None and m.ratio >= 0.8)
 
 

@@ -4,8 +4,17 @@ with the same batch size directly (no database, no change log, no hashing)."""
 from __future__ import annotations
 
 from bench.common import (
-    Benchmark, Context, Measure, Result, body_text, create_source, declare, load_rows, reset_store,
-    sync_all, timed,
+    Benchmark,
+    Context,
+    Measure,
+    Result,
+    body_text,
+    create_source,
+    declare,
+    load_rows,
+    reset_store,
+    sync_all,
+    timed,
 )
 
 SCHEMA = "bench_throughput"
@@ -51,8 +60,8 @@ def run(ctx: Context) -> Result:
         measures=[Measure("rows/s, local model", "rows/s", subject, baseline, "ratio >= 0.9")],
         params={**ctx.params, "encode_batch_size": encode_batch, "buckets": spec.buckets,
                 "page_size": spec.page_size, "hnsw_index": True},
-        notes=["subject: a full run over every bucket of a freshly emptied store (HNSW index kept); "
-               "baseline: SentenceTransformer.encode of the same rendered texts at the same batch size"],
+        notes=[("subject: a full run over every bucket of a freshly emptied store (HNSW index kept); "
+               "baseline: SentenceTransformer.encode of the same rendered texts at the same batch size")],
     ).check(lambda m: m.ratio is not None and m.ratio >= 0.9)
 
 

@@ -10,8 +10,18 @@ import psycopg
 from psycopg import sql
 
 from bench.common import (
-    Benchmark, Context, FreeProvider, Measure, Result, body_text, count, create_source, declare,
-    load_rows, sync_all, timed,
+    Benchmark,
+    Context,
+    FreeProvider,
+    Measure,
+    Result,
+    body_text,
+    count,
+    create_source,
+    declare,
+    load_rows,
+    sync_all,
+    timed,
 )
 
 SCHEMA = "bench_unrelated"
@@ -90,8 +100,8 @@ def run(ctx: Context) -> Result:
         m.met = all(v == 0 for v in values) if label in zero else None
         measures.append(m)
     return Result(measures=measures, params=ctx.params, extra=extra,
-                  notes=["each round: UPDATE every row's `views` (not in the template), then a "
-                         "change-driven run and a full-sweep run of every bucket"])
+                  notes=[("each round: UPDATE every row's `views` (not in the template), then a "
+                         "change-driven run and a full-sweep run of every bucket")])
 
 
 BENCHMARK = Benchmark(
