@@ -10,7 +10,8 @@ from psycopg import sql
 from .spec import SpecError, TableSpec
 
 # Columns vectorsync adds to each store row; a source key column may not share these names.
-STORE_COLUMNS = ("chunk_seq", "chunk", "text_hash", "model", "bucket", "embedding", "embedded_at")
+STORE_COLUMNS = ("chunk_seq", "chunk", "text_hash", "model", "bucket", "embedding", "embedded_at",
+                 "chunk_tsv")
 # Columns the view adds next to the source's own.
 VIEW_COLUMNS = ("chunk_seq", "chunk", "embedding", "embedding_model", "embedded_at")
 

@@ -95,6 +95,7 @@ def table_objects(table: ResolvedTable) -> dict[str, sql.Composable]:
         "bucket_index": sql.Identifier(f"{store_name}_bkt"),
         "fts_index": sql.Identifier(f"{store_name}_fts"),
         "fts_index_qualified": sql.Literal(sql.Identifier(spec.store_schema, f"{store_name}_fts").as_string()),
+        "store_qualified": sql.Literal(table.store.as_string()),
         "text_search_config": sql.Literal(spec.text_search_config),
         "queue_bucket_index": sql.Identifier(f"{spec.queue_name}_bkt"),
         "store_source_join": table.key_equal("e", "s"),

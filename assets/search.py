@@ -89,16 +89,16 @@ def hybrid_search(
     where: Mapping[str, Any] | None = None,
     rrf_k: int = DEFAULT_RRF_K,
     candidates: int | None = None,
-    text_match: Literal["any", "all"] = "any",
+    text_match: Literal["all", "any"] = "all",
 ) -> list[SearchHit]:
     """The `k` best source rows for `query` by vector distance and full-text match together.
 
     Each method ranks its `candidates` best chunks (default max(8k, 40)), one hit per source row;
     the lists are merged by reciprocal rank fusion, score = sum of 1 / (rrf_k + rank) over the lists
-    the row is in. The full-text side uses the table's `text_search_config`; with text_match "any"
-    a chunk matches when it has any of the query's words (more words rank higher, by ts_rank_cd);
-    with "all" the query is in web-search syntax (websearch_to_tsquery: every word, "a phrase",
-    `or`, -exclude).
+    the row is in. The full-text side uses the table's `text_search_config`, ranked by ts_rank_cd;
+    with text_match "all" the query is in web-search syntax (websearch_to_tsquery: every word,
+    "a phrase", `or`, -exclude); with "any" a chunk matches when it has any of the query's words
+    (wider, and slower on big tables: every chunk sharing a common word is ranked).
 
     `where` maps source columns to values, all of which must hold: a value is compared with the
     column after a cast to its type ({"id": 7} and {"id": "7"} agree), a list means any of its
@@ -120,7 +120,7 @@ def _run(
     where: Mapping[str, Any] | None,
     rrf_k: int,
     candidates: int | None,
-    text_match: str = "any",
+    text_match: str = "all",
 ) -> list[SearchHit]:
     name = table.spec.name
     if k < 1:

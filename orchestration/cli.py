@@ -161,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep rows whose source column equals VALUE, cast to the column's type; "
                    "repeatable: all must hold, and a column given twice matches either value")
     p.add_argument("--rrf-k", type=int, default=60, help="the RRF constant: score = sum of 1/(k + rank)")
-    p.add_argument("--match", choices=("any", "all"), default="any", help="full-text side: rows with any "
-                   "of the words, or all of them in web-search syntax (\"phrase\", or, -word)")
+    p.add_argument("--match", choices=("all", "any"), default="all", help="full-text side: rows with all "
+                   "the words, in web-search syntax (\"a phrase\", or, -word), or with any of them")
     p = sub.add_parser("sync", help="make a table current without Dagster")
     p.add_argument("name")
     p.add_argument("--bucket", type=int)

@@ -103,20 +103,22 @@ def test_hybrid_finds_an_exact_identifier_the_model_blurs(errors, conn, local_pr
 
 def test_text_match_any_and_all(errors, conn, local_provider) -> None:
     question = "what does error E27041 mean"
-    hits = hybrid_search(conn, errors.table, local_provider, question, k=8)
+    hits = hybrid_search(conn, errors.table, local_provider, question, k=8, text_match="any")
     # any word: every row says "Error", only one says E27041; rows that match equally share a rank
     assert {h.key: h.text_rank for h in hits} == {(i,): 1 if i == 3 else 2 for i in range(1, 9)}
     # all words: "mean" is in no row, so the text side is empty and hybrid is the vector order
-    strict = hybrid_search(conn, errors.table, local_provider, question, k=8, text_match="all")
+    strict = hybrid_search(conn, errors.table, local_provider, question, k=8)  # "all" is the default
     assert all(h.text_rank is None for h in strict)
     assert _keys(strict) == _keys(search(conn, errors.table, local_provider, question, k=8))
     # web-search syntax: every word, minus the excluded one
-    syntax = hybrid_search(conn, errors.table, local_provider, "journal -disk", k=8, text_match="all")
+    syntax = hybrid_search(conn, errors.table, local_provider, "journal -disk", k=8)
     assert {h.key for h in syntax if h.text_rank} == {(6,), (7,)}
-    either = hybrid_search(conn, errors.table, local_provider, "E24017 or E21740", k=8, text_match="all")
+    either = hybrid_search(conn, errors.table, local_provider, "E24017 or E21740", k=8)
     assert {h.key for h in either if h.text_rank} == {(1,), (8,)}
     # a query of stop words only has no full-text side at all
-    assert all(h.text_rank is None for h in hybrid_search(conn, errors.table, local_provider, "what is it", k=8))
+    for match in ("any", "all"):
+        stop_words = hybrid_search(conn, errors.table, local_provider, "what is it", k=8, text_match=match)
+        assert all(h.text_rank is None for h in stop_words)
 
 
 def test_rrf_order_by_hand(make_table, conn: psycopg.Connection) -> None:
@@ -255,21 +257,23 @@ def test_hostile_filter_keys_and_values_are_refused_by_name(api, make_table, con
 
 def test_text_search_config_is_declared_checked_and_indexed(make_table, conn: psycopg.Connection) -> None:
     t = make_table("id int PRIMARY KEY, body text", template="{body}", text_search_config="simple")
-    index = sql.Identifier(t.spec.store_schema, f"{t.spec.store_name}_fts").as_string(conn)
-    definition = "SELECT pg_get_indexdef(%s::regclass)"
-    assert "to_tsvector('simple'::regconfig, chunk)" in conn.execute(definition, (index,)).fetchone()[0]
-    # Another configuration rebuilds the index and re-embeds nothing: it is not in the fingerprint.
+    conn.execute(sql.SQL("INSERT INTO {} VALUES (1, 'Running the files')").format(t.table.source))
+    t.sync()
+    lexemes = sql.SQL("SELECT chunk_tsv::text FROM {}").format(t.table.store)
+    assert conn.execute(lexemes).fetchone()[0] == "'files':3 'running':1 'the':2"
+    # Another configuration rebuilds the column and its index and re-embeds nothing: it is not in
+    # the fingerprint.
     data = t.spec.model_dump(mode="json", by_alias=True)
     english = parse_spec({**data, "text_search_config": "english"}, "test")
     assert english.fingerprint == t.spec.fingerprint
     assert install(conn, [(english, "test")]).sweeps_requested == []
-    assert "to_tsvector('english'::regconfig, chunk)" in conn.execute(definition, (index,)).fetchone()[0]
-    # the search's full-text predicate is the indexed expression
+    assert conn.execute(lexemes).fetchone()[0] == "'file':3 'run':1"
+    assert t.pending() == 0
+    # the full-text predicate the search uses is answered by the index
     with conn.transaction():
         conn.execute("SET LOCAL enable_seqscan = off")
         plan = "\n".join(r[0] for r in conn.execute(sql.SQL(
-            "EXPLAIN SELECT chunk FROM {} e WHERE to_tsvector('english'::regconfig, e.chunk) @@ 'apple'::tsquery"
-        ).format(t.table.store)).fetchall())
+            "EXPLAIN SELECT chunk FROM {} e WHERE e.chunk_tsv @@ 'run'::tsquery").format(t.table.store)).fetchall())
     assert f"{t.spec.store_name}_fts" in plan
     with pytest.raises(SpecError) as err:
         install(conn, [(parse_spec({**data, "text_search_config": "klingon"}, "tables/t.yaml"), "tables/t.yaml")])

@@ -7,10 +7,11 @@
 -- a plain vector search or a plain full-text search. The caller computes the query vector with the
 -- table's model (SQL cannot call it); Python's assets.search does exactly that and calls this.
 --
--- The full-text side uses the table's text_search_config and the store's GIN index. text_match 'any'
--- (the default) matches chunks with any of the query's words, ranked by ts_rank_cd, so a question
--- around a rare identifier still finds it; 'all' takes web-search syntax (websearch_to_tsquery:
--- every word, "a phrase", or, -exclude).
+-- The full-text side uses the table's text_search_config and the store's GIN-indexed tsvector
+-- column, ranked by ts_rank_cd. text_match 'all' (the default) reads the query in web-search syntax
+-- (websearch_to_tsquery: every word, "a phrase", or, -exclude): precise, and only the chunks with
+-- every word are ranked. 'any' matches chunks with any of the query's words, so a question around a
+-- rare identifier still finds it, at the cost of ranking every chunk that shares a common word.
 --
 -- `filter` is a jsonb object of source column -> value, all of which must hold:
 --     "col": "x"          col = 'x', the text cast to the column's type (so {"id": "7"} and {"id": 7} agree)
@@ -29,7 +30,7 @@ CREATE OR REPLACE FUNCTION vectorsync.hybrid_search(
     filter          jsonb DEFAULT '{}',
     rrf_k           int DEFAULT 60,
     candidates      int DEFAULT NULL,
-    text_match      text DEFAULT 'any'
+    text_match      text DEFAULT 'all'
 )
 RETURNS TABLE (
     row_key         jsonb,             -- the source row's primary key, as a jsonb array
@@ -216,14 +217,15 @@ BEGIN
         -- No query text, or only stop words and punctuation: nothing to match on.
         text_sql := 'SELECT NULL::jsonb AS row_key, NULL::text AS chunk, NULL::real AS text_score WHERE false';
     ELSE
-        -- The same expression as the store's GIN index, with the configuration as a constant.
+        -- chunk_tsv is the store's generated tsvector column, GIN-indexed; ranking costs one
+        -- ts_rank_cd per matching chunk, so broad queries over big tables cost the most.
         text_sql := format(
-            'SELECT %1$s AS row_key, e.chunk, ts_rank_cd(to_tsvector(%2$L::regconfig, e.chunk), $2) AS text_score
-               FROM %3$I.%4$I e%5$s
-              WHERE to_tsvector(%2$L::regconfig, e.chunk) @@ $2%6$s
+            'SELECT %1$s AS row_key, e.chunk, ts_rank_cd(e.chunk_tsv, $2) AS text_score
+               FROM %2$I.%3$I e%4$s
+              WHERE e.chunk_tsv @@ $2%5$s
               ORDER BY text_score DESC
               LIMIT $4',
-            key_json, ts_config::text, reg.store_schema, reg.store_table, source_join, filter_sql);
+            key_json, reg.store_schema, reg.store_table, source_join, filter_sql);
     END IF;
 
     RETURN QUERY EXECUTE format(

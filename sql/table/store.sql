@@ -39,16 +39,33 @@ SELECT s.*,
 FROM {store} e
 JOIN {source} s ON {store_source_join};
 
--- The full-text side of hybrid search: an expression index over the chunk text, in the declared
--- text search configuration (search queries repeat this exact expression, so the index applies).
--- A changed configuration replaces the index, since its expression no longer matches the queries.
+-- The full-text side of hybrid search: each chunk's tsvector, in the declared text search
+-- configuration, kept by PostgreSQL as a stored generated column (ranking reads it instead of
+-- parsing every matching chunk again, several times faster) with a GIN index. A changed
+-- configuration replaces the column and its index; an unchanged one takes no lock here.
 DO $fts$
+DECLARE
+    store regclass := to_regclass({store_qualified});
+    config text := {text_search_config}::regconfig::text;
+    current_expression text;
 BEGIN
-    IF position(quote_literal({text_search_config}::regconfig::text) || '::regconfig'
-                IN coalesce(pg_get_indexdef(to_regclass({fts_index_qualified})), '')) = 0 THEN
-        DROP INDEX IF EXISTS {store_schema}.{fts_index};
+    SELECT pg_get_expr(d.adbin, d.adrelid) INTO current_expression
+      FROM pg_attribute a JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+     WHERE a.attrelid = store AND a.attname = 'chunk_tsv' AND NOT a.attisdropped;
+    IF current_expression IS NOT NULL
+       AND position(quote_literal(config) || '::regconfig' IN current_expression) = 0 THEN
+        ALTER TABLE {store} DROP COLUMN chunk_tsv;  -- and its index with it
+        current_expression := NULL;
+    END IF;
+    -- An index over an expression rather than the column (installs of an earlier version).
+    IF EXISTS (SELECT 1 FROM pg_index i WHERE i.indexrelid = to_regclass({fts_index_qualified})
+               AND i.indexprs IS NOT NULL) THEN
+        DROP INDEX {store_schema}.{fts_index};
+    END IF;
+    IF current_expression IS NULL THEN
+        ALTER TABLE {store} ADD COLUMN chunk_tsv tsvector
+            GENERATED ALWAYS AS (to_tsvector({text_search_config}::regconfig, chunk)) STORED;
     END IF;
 END
 $fts$;
-CREATE INDEX IF NOT EXISTS {fts_index} ON {store}
-    USING gin (to_tsvector({text_search_config}::regconfig, chunk));
+CREATE INDEX IF NOT EXISTS {fts_index} ON {store} USING gin (chunk_tsv);
