@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 # Before the model loads: its weight-loading bar and token-length advisories are noise in a demo.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,7 +35,7 @@ warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG  # noqa: E402
 
 from assets.catalog import resolve  # noqa: E402
-from assets.factory import embeddings_asset_key, partitions_for, provider_for  # noqa: E402
+from assets.factory import GROUP, SOURCE_GROUP, embeddings_asset_key, partitions_for, provider_for  # noqa: E402
 from assets.install import install  # noqa: E402
 from assets.search import search  # noqa: E402
 from assets.spec import TableSpec, load_spec_dir  # noqa: E402
@@ -234,8 +235,11 @@ def ui_links(port: int, host: str = "127.0.0.1") -> dict[str, str]:
     """Where a first-time user should look, by what they will find there."""
     base = f"http://{host}:{port}"
     asset = f"{base}/assets/embeddings/{DEMO_TABLE}"
+    # The global graph draws each group as one closed box; naming the groups in `expanded` (the
+    # UI's own query parameter) opens them, so the first view shows the assets and their edge.
+    expanded = ",".join(f"global@global:{group}" for group in (SOURCE_GROUP, GROUP))
     return {
-        "lineage (postgres source -> embeddings)": f"{base}/asset-groups",
+        "lineage (postgres source -> embeddings)": f"{base}/asset-groups?expanded={quote(expanded, safe='')}",
         "the embeddings asset (description, metadata plots, column schema)": asset,
         "its 16 partitions (hash buckets) and their status": f"{asset}?view=partitions",
         "its checks (coverage, dead letters)": f"{asset}?view=checks",
@@ -288,7 +292,7 @@ def run_demo(queries: Sequence[str], serve: bool = True, port: int = 3000, limit
     print(f"\nstarting Dagster (webserver and daemon) on http://127.0.0.1:{port} ; it is ready when it "
           "logs 'Serving dagster-webserver'. Then open:")
     for what, link in ui_links(port).items():
-        print(f"  {link:<70} {what}")
+        print(f"  {what}:\n    {link}")
     print("Edit a row of public.python_docs and the change sensor re-embeds it within seconds. Ctrl-C stops.")
     sys.stdout.flush()
     exec_dagster_dev(port)

@@ -165,21 +165,16 @@ def test_demo_says_what_to_open(demo: tuple[str, Path]) -> None:
 
 
 def test_lineage_shows_the_source_feeding_its_embeddings(browser: Chromium, demo: tuple[str, Path]) -> None:
-    base, _ = demo
+    base, log = demo
     # The global graph opens with each group collapsed to one box: sources -> embeddings.
     _show(browser, f"{base}/asset-groups", ["Global asset lineage", "sources", "embeddings"], "lineage-groups")
-    # Expand each group box, one at a time (the graph re-renders after each), to see the assets.
-    for _ in range(4):
-        if not browser.evaluate(
-            "(() => { const icon = document.querySelector('[aria-label=unfold_more]');"
-            " if (!icon) return false; (icon.closest('button,[role=button]') || icon.parentElement).click();"
-            " return true; })()"
-        ):
-            break
-        time.sleep(2)
-    expanded = browser.wait_for(["16 partitions"], timeout=PAGE_TIMEOUT_SECONDS)
-    browser.screenshot(ARTIFACTS / "lineage-expanded.png")
-    assert not expanded.missing, expanded.text[:3000]
+    # The link the demo prints for lineage opens both groups, showing each asset and the edge.
+    link = re.search(r"(http://\S+/asset-groups\?expanded=\S+)", log.read_text())
+    assert link, "the demo does not print a lineage link"
+    expanded = _show(browser, link.group(1), ["sources", "embeddings", "16 partitions", "Passed"],
+                     "lineage-expanded")
+    assert expanded.text.count("python_docs") >= 2  # the source node and the embeddings node
+    assert re.search(r"\b(\d+) / \1 Passed", expanded.text), "the embeddings node shows failing checks"
 
     # The asset's own lineage tab draws both nodes, each in its group.
     state = _show(browser, f"{base}{ASSET}?view=lineage", ["sources", "embeddings", "16 partitions"], "asset-lineage")
@@ -229,3 +224,10 @@ def test_checks_tab_shows_the_auditors_checks(browser: Chromium, demo: tuple[str
     # The demo evaluates the checks in its run, so none is left unevaluated and none fails.
     for check in ("coverage", "dead_letters"):
         assert _status_of(state.text, check) == "Succeeded", f"{check}: {_status_of(state.text, check)}"
+
+
+def test_automation_page_lists_the_change_sensor(browser: Chromium, demo: tuple[str, Path]) -> None:
+    base, log = demo
+    link = re.search(r"(http://\S+/automation)\b", log.read_text())
+    assert link, "the demo does not print where the sensor is"
+    _show(browser, link.group(1), ["python_docs_changes"], "automation")
