@@ -379,3 +379,36 @@ def test_a_row_skipped_before_counts_its_real_attempts_from_one(make_ledger_tabl
         assert entry["error_kind"] == "bad_request"
         assert (entry["attempts"], entry["state"]) == (1, "retrying"), entry
         assert 0.8 * BASE_SECONDS <= entry["delay"] <= 1.2 * BASE_SECONDS
+
+
+@pytest.mark.xfail(strict=True, reason="bug: a full sweep (manual run, backfill, the hourly reconcile "
+                   "schedule) re-sends every failed row whatever its ledger entry says, so a dead row is "
+                   "sent to the provider again on every sweep and a retrying row before its next attempt")
+def test_a_sweep_does_not_resend_dead_or_not_yet_due_rows(make_ledger_table: MakeTable) -> None:
+    with OpenAIServer(dimensions=DIMENSIONS, poison=lambda text: "POISON" in text) as server:
+        t = make_ledger_table(server.base_url, ["fine", "POISON dead", "POISON waiting"])
+        t.sync()
+        assert set(t.ledger()) == {2, 3}
+        # Row 2 has used up its attempts; row 3 is not due for an hour.
+        t.conn.execute("UPDATE vectorsync.failures SET dead = true, attempts = 6, next_attempt_at = NULL "
+                       "WHERE table_name = %s AND row_key = '[2]'", (t.name,))
+        t.conn.execute("UPDATE vectorsync.failures SET next_attempt_at = now() + interval '1 hour' "
+                       "WHERE table_name = %s AND row_key = '[3]'", (t.name,))
+        sent = len(server.requests)
+
+        t.sync(full=True)
+
+        resent = [text for r in server.requests[sent:] for text in r.inputs]
+        assert resent == [], resent
+
+
+@pytest.mark.xfail(strict=True, reason="bug: record_failure's INSERT branch never sets dead, so with "
+                   "max_attempts=1 a row's first failure is scheduled for a retry instead of dying")
+def test_max_attempts_one_means_the_first_failure_is_dead(make_ledger_table: MakeTable) -> None:
+    with OpenAIServer(dimensions=DIMENSIONS, poison=lambda text: "POISON" in text) as server:
+        t = make_ledger_table(server.base_url, ["POISON"], retry=RetryPolicy(max_attempts=1))
+
+        t.sync()
+
+        entry = t.ledger()[1]
+        assert (entry["attempts"], entry["state"], entry["delay"]) == (1, "dead", None), entry
