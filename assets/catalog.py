@@ -128,14 +128,17 @@ def resolve(conn: psycopg.Connection, spec: TableSpec, origin: str = "<python>")
         raise SpecError(origin, "source", f"column {clash[0]!r} of {src.qualified} clashes with a "
                         "column the embeddings view adds")
     # Checked here rather than left to the index DDL, whose error would name neither file nor field.
+    # An unqualified name must be a built-in one: vectorsync.hybrid_search resolves it with only
+    # pg_catalog on its search_path, so a configuration of another schema needs that schema's name.
     ts_schema, _, ts_name = spec.text_search_config.rpartition(".")
     if not conn.execute(
         """SELECT 1 FROM pg_ts_config c JOIN pg_namespace n ON n.oid = c.cfgnamespace
-           WHERE c.cfgname = %s AND (n.nspname = %s OR (%s = '' AND pg_ts_config_is_visible(c.oid)))""",
-        (ts_name, ts_schema, ts_schema),
+           WHERE c.cfgname = %s AND n.nspname = %s""",
+        (ts_name, ts_schema or "pg_catalog"),
     ).fetchone():
+        hint = "" if ts_schema else "; a configuration outside pg_catalog needs its schema, e.g. public.my_config"
         raise SpecError(origin, "text_search_config", f"no text search configuration "
-                        f"{spec.text_search_config!r} in the database (see \\dF in psql)")
+                        f"{spec.text_search_config!r} in the database (see \\dF in psql){hint}")
     return ResolvedTable(
         spec=spec,
         origin=origin,

@@ -281,6 +281,18 @@ def test_text_search_config_is_declared_checked_and_indexed(make_table, conn: ps
     with pytest.raises(SpecError) as err:
         parse_spec({**data, "text_search_config": "english'; drop"}, "tables/t.yaml")
     assert err.value.field == "text_search_config"
+    # A configuration of the user's own, given with its schema, works end to end.
+    schema = t.spec.source.schema_
+    conn.execute(sql.SQL("CREATE TEXT SEARCH CONFIGURATION {} (COPY = pg_catalog.simple)").format(
+        sql.Identifier(schema, "plain")))
+    with pytest.raises(SpecError, match="needs its schema"):
+        install(conn, [(parse_spec({**data, "text_search_config": "plain"}, "tables/t.yaml"), "tables/t.yaml")])
+    own = parse_spec({**data, "text_search_config": f"{schema}.plain"}, "test")
+    install(conn, [(own, "test")])
+    assert conn.execute(lexemes).fetchone()[0] == "'files':3 'running':1 'the':2"
+    found = conn.execute("SELECT row_key, text_rank FROM vectorsync.hybrid_search(%s, NULL, 'running files', 5)",
+                         (t.spec.name,)).fetchall()
+    assert found == [([1], 1)]
 
 
 def test_cli_hybrid_search_with_where(tmp_path: Path, db_url: str, conn: psycopg.Connection) -> None:
