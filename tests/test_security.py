@@ -4,10 +4,7 @@ role that `vectorsync install --grant ROLE` sets up."""
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,19 +18,20 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from reliability_support import audit, create_source, openai_spec
 
 from assets.catalog import resolve
+from assets.checks import embeddings_checks
 from assets.engine import EmbeddingEngine
-from assets.factory import embeddings_asset
+from assets.factory import bucket_partition_key, embeddings_asset
 from assets.install import install
 from assets.providers import build_provider
 from assets.spec import SpecError, parse_spec
 from assets.status import table_status
+from orchestration.cli import main as cli_main
 from orchestration.instance import DAGSTER_DATABASE, prepare_instance
 from orchestration.resources import VectorsyncDatabase
 from orchestration.sensors import record_run_failures
 
 from conftest import unique
 
-PROJECT = Path(__file__).resolve().parent.parent
 KEY_ENV = "VECTORSYNC_LEAKCHECK_KEY"
 
 
@@ -170,7 +168,8 @@ def run_role(conn: psycopg.Connection) -> Iterator[str]:
 
 
 def test_install_grant_gives_a_role_what_runs_need_and_nothing_more(
-    run_role: str, conn: psycopg.Connection, db_url: str, tmp_path: Path
+    run_role: str, conn: psycopg.Connection, db_url: str, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:
     with OpenAIServer(dimensions=8, poison=lambda text: "POISON" in text) as server:
         source_ref = create_source(conn, rows=60, seed=8)
@@ -183,17 +182,18 @@ def test_install_grant_gives_a_role_what_runs_need_and_nothing_more(
         role_url = database_url_for(db_url, user=run_role)
         assert conninfo_to_dict(role_url)["user"] == run_role
 
-        def cli(url: str, *args: str) -> subprocess.CompletedProcess:
-            return subprocess.run(
-                [sys.executable, "-m", "orchestration.cli", "--tables", str(tables), *args],
-                cwd=PROJECT, env={**os.environ, "DATABASE_URL": url}, capture_output=True, text=True, timeout=300,
-            )
+        def cli(url: str, *args: str) -> tuple[int, str, str]:
+            # The command's own entry point, in this process: Dagster is imported already here.
+            monkeypatch.setenv("DATABASE_URL", url)
+            code = cli_main(["--tables", str(tables), *args])
+            out, err = capsys.readouterr()
+            return code, out, err
 
-        missing = cli(db_url, "install", "--grant", "no_such_role_here")
-        assert missing.returncode == 2 and "role 'no_such_role_here' does not exist" in missing.stderr
-        done = cli(db_url, "install", "--grant", run_role)
-        assert done.returncode == 0, done.stderr
-        assert f"granted role {run_role}" in done.stdout
+        code, _, err = cli(db_url, "install", "--grant", "no_such_role_here")
+        assert code == 2 and "role 'no_such_role_here' does not exist" in err
+        code, out, err = cli(db_url, "install", "--grant", run_role)
+        assert code == 0, err
+        assert f"granted role {run_role}" in out
         table = resolve(conn, spec, "grant-test")
 
         # Exactly these privileges, and no CREATE on any schema: no DDL, no write on the source.
@@ -263,8 +263,8 @@ def test_install_grant_gives_a_role_what_runs_need_and_nothing_more(
                 assert "permission denied" in str(err.value) or "must be owner" in str(err.value), what
 
         # `vectorsync sync` as the role picks up the re-queued row (still poisoned: back to the ledger).
-        synced = cli(role_url, "sync", spec.name)
-        assert synced.returncode == 0, synced.stderr
+        code, _, err = cli(role_url, "sync", spec.name)
+        assert code == 0, err
         result = audit(conn, table, build_provider(spec.provider))
         assert [k for k, kind, _ in result.ledger] == [[7]] and result.ledger[0][1] == "bad_request"
         result.ledger = []
@@ -272,3 +272,17 @@ def test_install_grant_gives_a_role_what_runs_need_and_nothing_more(
         assert result.problems() == {}
         assert conn.execute("SELECT attempts FROM vectorsync.failures WHERE table_name = %s",
                             (spec.name,)).fetchone()[0] == 2
+
+        # A Dagster run and every asset check, connected as the role.
+        conn.execute(sql.SQL("UPDATE {} SET body = 'once more' WHERE id = 3").format(source))
+        bucket = conn.execute("SELECT vectorsync.bucket_of('[3]', %s)", (spec.buckets,)).fetchone()[0]
+        asset, checks = embeddings_asset(spec, "grant-test"), embeddings_checks(spec)
+        with dg.DagsterInstance.ephemeral() as instance:
+            run = dg.materialize([asset, *checks], instance=instance, partition_key=bucket_partition_key(bucket),
+                                 resources={"database": VectorsyncDatabase(url=role_url)})
+        assert run.success
+        evaluations = run.get_asset_check_evaluations()
+        assert len(evaluations) == len(checks) >= 5
+        assert all("permission denied" not in str(e.metadata) for e in evaluations)
+        stored = conn.execute(sql.SQL("SELECT chunk FROM {} WHERE id = 3").format(table.store)).fetchall()
+        assert stored == [("doc 3\nonce more",)]
