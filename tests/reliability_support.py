@@ -22,10 +22,11 @@ from assets.text import chunk, fit_to_token_limit, render, text_hash
 from conftest import unique
 
 WORDS = (
-    "vector postgres trigger bucket embedding chunk model provider retry ledger backfill sensor "
-    "schedule index cosine partition dagster asset lineage failure commit rollback snapshot lock "
-    "advisory notify listen sweep hash token batch window overlap quorum replica vacuum"
-).split()
+    "vector", "postgres", "trigger", "bucket", "embedding", "chunk", "model", "provider", "retry",
+    "ledger", "backfill", "sensor", "schedule", "index", "cosine", "partition", "dagster", "asset",
+    "lineage", "failure", "commit", "rollback", "snapshot", "lock", "advisory", "notify", "listen",
+    "sweep", "hash", "token", "batch", "window", "overlap", "quorum", "replica", "vacuum",
+)
 DIMENSIONS = 8
 
 

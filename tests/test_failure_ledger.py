@@ -9,7 +9,6 @@ is left in the change log, and what happens on the next attempt.
 from __future__ import annotations
 
 import socket
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +29,7 @@ from conftest import unique
 
 DIMENSIONS = 8
 BASE_SECONDS = 60.0
+DEFAULT_RETRY = RetryPolicy(base_seconds=BASE_SECONDS)
 
 
 @dataclass
@@ -79,7 +79,7 @@ MakeTable = Callable[..., LedgerTable]
 def make_ledger_table(conn: psycopg.Connection) -> Iterator[MakeTable]:
     made: list[LedgerTable] = []
 
-    def make(base_url: str, texts: list[str], retry: RetryPolicy = RetryPolicy(base_seconds=BASE_SECONDS),
+    def make(base_url: str, texts: list[str], retry: RetryPolicy = DEFAULT_RETRY,
              **provider: Any) -> LedgerTable:
         schema = unique("led")
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
