@@ -216,6 +216,21 @@ def test_sql_function_returns_the_rows_python_returns(api, conn, local_provider)
     assert [r[3] for r in text_only] == sorted((r[3] for r in text_only), reverse=True)
 
 
+def test_composite_keys(make_table, conn: psycopg.Connection, local_provider) -> None:
+    t = make_table("lang text, id bigint, body text, PRIMARY KEY (lang, id)", template="{body}", chunking=None)
+    rows = [("en", 1, "The river floods the valley every spring."), ("de", 1, "Der Fluss überflutet das Tal."),
+            ("en", 2, "A bank is where the river bends."), ('x"]', 3, "river, quoted key")]
+    with conn.cursor() as cur:
+        cur.executemany(sql.SQL("INSERT INTO {} VALUES (%s, %s, %s)").format(t.table.source), rows)
+    t.sync()
+    hits = hybrid_search(conn, t.table, local_provider, "river", k=10)
+    assert {h.key for h in hits} == {(lang, i) for lang, i, _ in rows}
+    assert {h.key for h in hits if h.text_rank} == {("en", 1), ("en", 2), ('x"]', 3)}
+    assert all(h.row["body"] == dict(((lang, i), b) for lang, i, b in rows)[h.key] for h in hits)
+    english = hybrid_search(conn, t.table, local_provider, "river", k=10, where={"lang": "en", "id": [2, 3]})
+    assert _keys(english) == [("en", 2)]
+
+
 def test_hostile_filter_keys_and_values_are_refused_by_name(api, make_table, conn, local_provider) -> None:
     conn.execute("CREATE TABLE IF NOT EXISTS public.canary (v int)")
     name = api.spec.name

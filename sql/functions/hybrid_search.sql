@@ -210,7 +210,10 @@ BEGIN
             -- more of the words). Compound tokens (a_b, x.y) keep their phrase operator. Replacing
             -- the operator in the text form is safe: lexemes never contain spaces, and a tsquery's
             -- text form reads back as the same tsquery.
-            ts_query := replace(plainto_tsquery(ts_config, query_text)::text, ' & ', ' | ')::tsquery;
+            ts_query := plainto_tsquery(ts_config, query_text);
+            IF numnode(ts_query) > 1 THEN
+                ts_query := replace(ts_query::text, ' & ', ' | ')::tsquery;
+            END IF;
         END IF;
     END IF;
     IF ts_query IS NULL OR numnode(ts_query) = 0 THEN
