@@ -38,6 +38,7 @@ from orchestration.database import connect
 
 PROJECT = Path(__file__).resolve().parent.parent
 KILLS = 10
+FLIP_TEXTS = ("The first of two texts a row flips between.", "The second of two texts a row flips between.")
 KILLED_APP = "vectorsync-kill-test"
 
 # The run a killed process performs: the engine over every bucket, as `vectorsync sync` does, but
@@ -192,15 +193,17 @@ def test_runs_killed_at_random_points_lose_nothing_and_leave_no_duplicate_or_orp
 def write_meanwhile(url: str, source: sql.Identifier, seed: int, stop: threading.Event, counts: Counter,
                     errors: list[BaseException], truncate_after: float | None = None) -> None:
     """The application under load: small transactions of rewrites, deletes, re-inserts of deleted
-    keys, key changes and emptied rows, as fast as the database takes them; with `truncate_after`,
-    once, a TRUNCATE and reload of the whole table in one transaction."""
+    keys, key changes, emptied rows, rows flipped between two texts (A, B, A: the store must not
+    keep B) and rows given another row's text (a text two pages may embed at once), as fast as the
+    database takes them; with `truncate_after`, once, a TRUNCATE and reload of the whole table in
+    one transaction."""
     rng = random.Random(seed)
     started = time.monotonic()
     try:
         with psycopg.connect(url, autocommit=True) as c:
             while not stop.is_set():
                 ids = [i for (i,) in c.execute(sql.SQL("SELECT id FROM {} ORDER BY random() LIMIT 20").format(source))]
-                op = rng.choice(["rewrite", "rewrite", "rewrite", "delete", "insert", "reinsert", "rekey", "empty"])
+                op = rng.choice(["rewrite", "rewrite", "delete", "insert", "reinsert", "rekey", "empty", "flip", "copy"])
                 if len(ids) < 3:
                     op = "insert"
                 if truncate_after is not None and time.monotonic() - started > truncate_after:
@@ -219,6 +222,12 @@ def write_meanwhile(url: str, source: sql.Identifier, seed: int, stop: threading
                             with c.cursor().copy(sql.SQL("COPY {} (id, title, body) FROM STDIN").format(source)) as cp:
                                 for i in range(1, 1501):
                                     cp.write_row((i, f"reloaded {i}", sentence_text(rng)))
+                        elif op == "flip":
+                            c.execute(sql.SQL("UPDATE {} SET body = %s WHERE id = %s").format(source),
+                                      (rng.choice(FLIP_TEXTS), rng.randint(1, 20)))
+                        elif op == "copy":
+                            c.execute(sql.SQL("UPDATE {} SET title = 'copy', body = (SELECT body FROM {} WHERE id = %s) "
+                                              "WHERE id = %s").format(source, source), tuple(rng.sample(ids, 2)))
                         elif op == "insert":
                             c.execute(sql.SQL("INSERT INTO {} (id, title, body) SELECT coalesce(max(id), 0) + 1, "
                                               "'inserted', %s FROM {} WHERE id < 1000000").format(source, source),
