@@ -17,8 +17,9 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 
 install-deps: $(VENV)/.installed
 
+# e.g. make demo DEMO_ARGS="--port 3001" (or --limit 300 for a quicker first run)
 demo: $(VENV)/.installed
-	$(VENV)/bin/vectorsync demo
+	$(VENV)/bin/vectorsync demo $(DEMO_ARGS)
 
 test: $(VENV)/.installed
 	$(VENV)/bin/pytest

@@ -9,7 +9,9 @@ store current and skips straight to the searches and the UI.
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -295,7 +297,7 @@ def run_demo(queries: Sequence[str], serve: bool = True, port: int = 3000, limit
         print(f"  {what}:\n    {link}")
     print("Edit a row of public.python_docs and the change sensor re-embeds it within seconds. Ctrl-C stops.")
     sys.stdout.flush()
-    exec_dagster_dev(port)
+    exec_ui_server(port)
     return 0  # not reached: exec replaces the process
 
 
@@ -305,16 +307,74 @@ def dagster_dev_command(port: int, host: str = "127.0.0.1") -> list[str]:
     return [dagster, "dev", "-w", str(PROJECT_DIR / "workspace.yaml"), "-h", host, "-p", str(port)]
 
 
-def exec_dagster_dev(port: int) -> None:
-    """Replace this process with `dagster dev`, so Ctrl-C reaches it directly and nothing of the
-    demo (its model, its connections) stays resident beside the server."""
-    os.chdir(PROJECT_DIR)
-    # The code server re-imports the definitions: keep the beta notice out of the server's log too
-    # (a literal message prefix, so Python need not import dagster to parse the filter).
-    os.environ.setdefault("PYTHONWARNINGS", ",".join((
+def exec_ui_server(port: int) -> None:
+    """Replace this process (its model, its connections) with a fresh, light interpreter that serves
+    the UI: `python -m orchestration.demo serve PORT`, which runs serve_ui."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "orchestration.demo", "serve", str(port)])
+
+
+def _prepare_child() -> None:
+    """In the child, before exec: default SIGINT/SIGTERM (a shell's background job inherits them
+    ignored, and dagster dev would then ignore its stop signal), and have Linux send SIGTERM if the
+    parent dies, even by SIGKILL, so `dagster dev` (in a session of its own) never outlives its
+    supervisor."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def serve_ui(port: int) -> int:
+    """Run `dagster dev` on 127.0.0.1:port until it stops, and return its exit status.
+
+    This process stays as the supervisor rather than exec'ing dagster dev, because it holds the
+    embedded PostgreSQL's handle: the server stops when this process exits normally, after the
+    UI. (An exec'd dagster dev would leave its pid in the server's handle list, so the server
+    would never stop.) dagster dev runs in a session of its own and gets exactly one SIGINT, like
+    a Ctrl-C in its own terminal, whether this process receives SIGINT (Ctrl-C), SIGTERM or SIGHUP;
+    signal handlers, unlike an inherited SIG_IGN, reset on exec, so dagster dev can always be
+    stopped (see DESIGN.md on `env --default-signal`)."""
+    database_url()  # join the embedded server (no-op with DATABASE_URL): its last handle stops it
+    env = dict(os.environ)
+    # The code server re-imports the definitions: keep notices a user cannot act on out of the
+    # server's log (literal message prefixes, so Python need not import dagster to parse them).
+    env.setdefault("PYTHONWARNINGS", ",".join((
         "ignore:Parameter `backfill_policy`",
         "ignore:Function `dev_command` is superseded",
         "ignore:XDG_RUNTIME_DIR is not set",
     )))
-    command = dagster_dev_command(port)
-    os.execv(command[0], command)
+    child: subprocess.Popen | None = None
+    stop_requested = False
+    signalled = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stop_requested, signalled
+        stop_requested = True
+        if child is None or signalled:
+            return  # not started yet (handled below), or already shutting down: a second
+            # interrupt would cut dagster dev's own shutdown of its webserver and daemon short
+        signalled = True
+        try:
+            os.killpg(child.pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+
+    # Handlers before the child starts, so no stop request falls between the two.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
+    child = subprocess.Popen(dagster_dev_command(port), cwd=PROJECT_DIR, env=env, start_new_session=True,
+                             preexec_fn=_prepare_child)
+    if stop_requested:
+        stop(signal.SIGTERM, None)
+    return child.wait()
+
+
+if __name__ == "__main__":  # `python -m orchestration.demo serve PORT`, exec'd by run_demo
+    if len(sys.argv) != 3 or sys.argv[1] != "serve":
+        sys.exit("usage: python -m orchestration.demo serve PORT")
+    sys.exit(serve_ui(int(sys.argv[2])))

@@ -213,7 +213,7 @@ def stop_process_group(process: subprocess.Popen, grace: float = 60, sig: int = 
     # Children (the daemon, the code server, renderers) can outlive their parent: give them a
     # moment to finish their own shutdown, then sweep the group.
     deadline = time.monotonic() + min(grace, 15)
-    while time.monotonic() < deadline and _group_alive(process.pid):
+    while time.monotonic() < deadline and group_alive(process.pid):
         time.sleep(0.5)
     try:
         os.killpg(process.pid, signal.SIGKILL)
@@ -225,14 +225,18 @@ def stop_process_group(process: subprocess.Popen, grace: float = 60, sig: int = 
         pass
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def group_alive(pgid: int) -> bool:
+    """Whether any live (not zombie) process is in process group pgid. Zombies count as gone:
+    an orphan reparented to a container's init may never be reaped, yet it runs nothing."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited while we looked
+        state, process_group = fields[0], int(fields[2])
+        if process_group == pgid and state != "Z":
+            return True
+    return False
 
 
 def fresh_profile() -> Path:

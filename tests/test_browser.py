@@ -27,6 +27,7 @@ from browser_support import (
     PageState,
     ensure_chromium,
     fresh_profile,
+    group_alive,
     stop_process_group,
 )
 
@@ -60,6 +61,14 @@ def _asset_keys(base: str) -> set[str]:
     with urllib.request.urlopen(request, timeout=30) as response:
         nodes = json.load(response).get("data", {}).get("assetNodes") or []
     return {"/".join(n["assetKey"]["path"]) for n in nodes}
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of pid (Linux /proc)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
 
 
 def _wait_for_ui(process: subprocess.Popen, base: str, log: Path) -> None:
@@ -113,17 +122,21 @@ def demo(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tupl
              "--limit", str(DEMO_LIMIT), "--port", str(port)],
             cwd=PROJECT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
+    servers: list[int] = []
     try:
         _wait_for_ui(process, base, log)
+        # The demo supervises `dagster dev` in a session of its own: note it, to check it stops.
+        servers = _children(process.pid)
+        assert servers, "the demo serves the UI without a dagster dev child"
         yield base, log
     finally:
-        stop_process_group(process, grace=60, sig=signal.SIGTERM)
-        try:
-            os.killpg(process.pid, 0)
-            leftover = True
-        except ProcessLookupError:
-            leftover = False
-        assert not leftover, "dagster dev left processes behind"
+        # SIGTERM to the demo's group, as a process manager would: the demo passes one SIGINT on
+        # to dagster dev's session and waits for its shutdown.
+        stop_process_group(process, grace=90, sig=signal.SIGTERM)
+        leftover = [pgid for pgid in [process.pid, *servers] if group_alive(pgid)]
+        for pgid in leftover:
+            os.killpg(pgid, signal.SIGKILL)
+        assert not leftover, f"process groups {leftover} outlived the demo's shutdown"
 
 
 @pytest.fixture(scope="module")
