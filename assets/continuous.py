@@ -100,17 +100,22 @@ def follow_changes(
     max_seconds: float | None = None,
     poll_seconds: float = 10.0,
     wait_slice_seconds: float = 1.0,
+    on_idle: Callable[[], None] | None = None,
 ) -> None:
     """Drain changes as they are committed until `should_stop()`, or until no change has come for
     `quiet_seconds`, or `max_seconds` have passed (when given). Each drain that wrote something is passed to `on_batch`.
 
     Waits on NOTIFY in slices of `wait_slice_seconds`, so a stop request is seen within about that
-    long, and drains at least every `poll_seconds` in case a notification was missed."""
+    long, and drains at least every `poll_seconds` in case a notification was missed. `on_idle` is
+    called after every quiet slice (to flush what the caller batches)."""
     started = last_change = time.monotonic()
     next_poll = started  # drain at once: changes may have come before we listened
     while not should_stop():
         now = time.monotonic()
-        if now >= next_poll or listener.wait(min(wait_slice_seconds, next_poll - now)):
+        if now < next_poll and not listener.wait(min(wait_slice_seconds, next_poll - now)):
+            if on_idle is not None:
+                on_idle()
+        else:
             next_poll = time.monotonic() + poll_seconds
             worked = drain_pending(engine, buckets, should_stop)
             if worked:

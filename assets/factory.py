@@ -1,7 +1,10 @@
 """The Dagster side of one declared table: its source asset, its embeddings asset and its checks."""
 
 
+import os
+import queue
 import random
+import threading
 import time
 from functools import lru_cache
 
@@ -242,21 +245,15 @@ def continuous_job(spec: TableSpec, origin: str) -> dg.JobDefinition:
             engine = EmbeddingEngine(conn, table, provider_for(spec.provider), lock_wait_seconds=0.0)
             listener = ChangeListener(database.resolved_url(), spec.name)
 
-            def report(worked: dict[int, SyncStats]) -> None:
-                for bucket, stats in sorted(worked.items()):
-                    context.log_event(
-                        dg.AssetMaterialization(
-                            asset_key=key,
-                            partition=bucket_partition_key(bucket),
-                            description="continuous mode micro-batch",
-                            metadata={**stats.as_dict(), "trigger": "continuous"},
-                        )
-                    )
-
+            # The pid lets an operator (or a benchmark) find the process; the lock above is how
+            # the keeper sensor tells a live run from one whose process was killed.
+            context.instance.add_run_tags(context.run_id, {"vectorsync/pid": str(os.getpid())})
+            reporter = _BatchReporter(context, key)
             context.log.info(f"{spec.name}: following changes (LISTEN {CHANNEL})")
             try:
-                follow_changes(engine, listener, report, should_stop=lambda: False)
+                follow_changes(engine, listener, reporter.add, should_stop=lambda: False, on_idle=reporter.flush)
             finally:
+                reporter.close()
                 listener.close()
                 engine.close()
 
@@ -271,6 +268,62 @@ def continuous_job(spec: TableSpec, origin: str) -> dg.JobDefinition:
         follow()
 
     return _job
+
+
+class _BatchReporter:
+    """Records micro-batches as materializations of the partitions they touched, about once a
+    second, from a thread of its own: writing a dozen events to the instance's storage takes
+    longer than embedding a micro-batch, and the loop must not wait for it."""
+
+    def __init__(self, context: dg.OpExecutionContext, key: dg.AssetKey, every_seconds: float = 1.0) -> None:
+        self.context, self.key, self.every_seconds = context, key, every_seconds
+        self.pending: dict[int, SyncStats] = {}
+        self.last = time.monotonic()
+        self.outbox: queue.Queue[dict[int, SyncStats] | None] = queue.Queue()
+        self.writer = threading.Thread(target=self._write, name="vectorsync-reporter", daemon=True)
+        self.writer.start()
+
+    def add(self, worked: dict[int, SyncStats]) -> None:
+        for bucket, stats in worked.items():
+            self.pending.setdefault(bucket, SyncStats()).merge(stats)
+        self.flush()
+
+    def flush(self) -> None:
+        if self.pending and time.monotonic() - self.last >= self.every_seconds:
+            self.outbox.put(self.pending)
+            self.pending = {}
+            self.last = time.monotonic()
+
+    def close(self) -> None:
+        """Record what is left and wait until every event is written."""
+        if self.pending:
+            self.outbox.put(self.pending)
+            self.pending = {}
+        self.outbox.put(None)
+        self.writer.join(timeout=30)
+
+    def _write(self) -> None:
+        while (batch := self.outbox.get()) is not None:
+            for bucket, stats in sorted(batch.items()):
+                self.context.log_event(
+                    dg.AssetMaterialization(
+                        asset_key=self.key,
+                        partition=bucket_partition_key(bucket),
+                        description="continuous mode micro-batches",
+                        metadata={**stats.as_dict(), "trigger": "continuous"},
+                    )
+                )
+
+
+def continuous_lock_held(conn: psycopg.Connection, name: str) -> bool:
+    """Whether a live continuous run holds the table's lock: a killed run's lock goes with its
+    connection. (Taking the lock for a moment to find out is harmless: a starting run retries.)"""
+    got = conn.execute(
+        "SELECT pg_try_advisory_lock(hashtext('vectorsync-continuous:' || %s))", (name,)
+    ).fetchone()[0]
+    if got:
+        conn.execute("SELECT pg_advisory_unlock(hashtext('vectorsync-continuous:' || %s))", (name,))
+    return not got
 
 
 def _hold_continuous_lock(conn: psycopg.Connection, name: str, wait_seconds: float = 60.0) -> None:

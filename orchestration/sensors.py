@@ -11,7 +11,7 @@ import dagster as dg
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 from psycopg import sql
 
-from assets.factory import bucket_partition_key, embeddings_asset_key
+from assets.factory import bucket_partition_key, continuous_lock_held, embeddings_asset_key
 from assets.spec import TableSpec
 
 from .resources import VectorsyncDatabase
@@ -28,6 +28,11 @@ IN_FLIGHT = [
     dg.DagsterRunStatus.STARTED,
     dg.DagsterRunStatus.CANCELING,
 ]
+# A continuous run has this long after it starts to take its lock before it is judged dead.
+CONTINUOUS_START_GRACE_SECONDS = 20.0
+# A change run in flight longer than this no longer counts as covering its buckets: its process
+# may have been killed, which Dagster's default run launcher does not notice.
+CHANGE_RUN_TRUST_SECONDS = 300.0
 # Identifies this load of the code location: a continuous run started by an earlier load is
 # replaced, so it runs the code and declarations now in effect.
 CODE_LOAD_ID = uuid.uuid4().hex[:12]
@@ -90,7 +95,9 @@ def changes_sensor(spec: TableSpec, interval_seconds: int = 2) -> dg.SensorDefin
             pending = [p for p in pending if p[2] > REREQUEST_AFTER_SECONDS]
         covered: set[int] = set()
         for run in _in_flight(context.instance, spec, {"changes", "continuous"}):
-            covered |= _buckets_of_run(run, spec)
+            record = context.instance.get_run_record_by_id(run.run_id)
+            if record is not None and time.time() - record.create_timestamp.timestamp() < CHANGE_RUN_TRUST_SECONDS:
+                covered |= _buckets_of_run(run, spec)
         now = time.time()
         wanted: dict[int, int] = {}
         for bucket, max_id, _ in pending:
@@ -132,6 +139,23 @@ def changes_sensor(spec: TableSpec, interval_seconds: int = 2) -> dg.SensorDefin
     return _sensor
 
 
+def _continuous_run_is_dead(
+    context: dg.SensorEvaluationContext, database: VectorsyncDatabase, spec: TableSpec, run: dg.DagsterRun
+) -> bool:
+    """A run that has been started a while but holds no continuous lock lost its process (killed,
+    or its machine died); Dagster's default launcher cannot tell, so the keeper marks it failed."""
+    if run.status != dg.DagsterRunStatus.STARTED:
+        return False
+    record = context.instance.get_run_record_by_id(run.run_id)
+    if record is None or record.start_time is None or time.time() - record.start_time < CONTINUOUS_START_GRACE_SECONDS:
+        return False
+    with database.connect() as conn:
+        if continuous_lock_held(conn, spec.name):
+            return False
+    context.instance.report_run_failed(run, f"table {spec.name}: the continuous run's process is gone")
+    return True
+
+
 def continuous_keeper(spec: TableSpec, job: dg.JobDefinition, interval_seconds: int = 5) -> dg.SensorDefinition:
     """Keeps exactly one continuous run of the table: starts it when missing, replaces it when the
     code location was reloaded since it started."""
@@ -145,8 +169,9 @@ def continuous_keeper(spec: TableSpec, job: dg.JobDefinition, interval_seconds: 
         "running and replaces a run started by an earlier load of the code. Stop this sensor to "
         "stop continuous mode.",
     )
-    def _sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+    def _sensor(context: dg.SensorEvaluationContext, database: VectorsyncDatabase) -> dg.SensorResult:
         runs = _in_flight(context.instance, spec, {"continuous"})
+        runs = [r for r in runs if not _continuous_run_is_dead(context, database, spec, r)]
         current = [r for r in runs if r.tags.get("vectorsync/code_load") == CODE_LOAD_ID]
         for run in runs:
             if run not in current and run.status != dg.DagsterRunStatus.CANCELING:

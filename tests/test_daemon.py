@@ -4,6 +4,8 @@ run the keeper sensor starts, follows changes with no sensor tick in between."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -134,10 +136,24 @@ def test_continuous_run_follows_changes_without_sensor_ticks(
                                         30, dagster, f"continuous mode applying {statement!r}"))
         runs = runs_of(home, decl["name"])
         assert [r.tags.get("vectorsync/trigger") for r in runs] == ["continuous"], "only the continuous run ran"
-        with dg.DagsterInstance.from_config(str(home)) as instance:
-            materialized = instance.fetch_materializations(
-                dg.AssetKey(["embeddings", decl["name"]]), limit=100
-            ).records
-        assert materialized and all(m.run_id == runs[0].run_id for m in materialized)
-    assert stored_bodies(conn, decl, schema) == {1: "updated continuous"}
-    print(f"continuous mode: insert, update, delete stored after {', '.join(f'{s:.2f}s' for s in latencies)}")
+        def materializations() -> list:
+            with dg.DagsterInstance.from_config(str(home)) as instance:
+                return instance.fetch_materializations(dg.AssetKey(["embeddings", decl["name"]]), limit=100).records
+
+        # Micro-batches are recorded at most about once a second.
+        wait_until(lambda: bool(materializations()), 10, dagster, "the micro-batches' materializations")
+        assert all(m.run_id == runs[0].run_id for m in materializations())
+        assert stored_bodies(conn, decl, schema) == {1: "updated continuous"}
+
+        # SIGKILL the run's process: its claimed work rolls back, the keeper sees its lock is gone,
+        # marks it failed and starts another, which embeds what was written meanwhile.
+        os.kill(int(runs[0].tags["vectorsync/pid"]), signal.SIGKILL)
+        conn.execute(sql.SQL("INSERT INTO {} VALUES (3, 'written while no run was alive')").format(source))
+        recovered = wait_until(lambda: stored_bodies(conn, decl, schema) == source_bodies(conn, source), 150,
+                               dagster, "a new continuous run embedding the row written after the kill")
+        runs = runs_of(home, decl["name"])
+        assert runs[-1].status == dg.DagsterRunStatus.FAILURE  # the killed one, oldest last
+        assert any(r.status == dg.DagsterRunStatus.STARTED and r.tags.get("vectorsync/trigger") == "continuous"
+                   for r in runs)
+    print(f"continuous mode: insert, update, delete stored after {', '.join(f'{s:.2f}s' for s in latencies)}; "
+          f"recovered {recovered:.0f}s after a SIGKILL")
