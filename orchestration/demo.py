@@ -27,27 +27,36 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import dagster as dg  # noqa: E402
+import dagster as dg
 
 # Before the definitions are built (on import below): Dagster flags backfill_policy as beta on
 # every build, and platformdirs warns about a missing XDG_RUNTIME_DIR in containers; neither is
 # something a demo user can act on.
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG  # noqa: E402
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+)
 
-from assets.catalog import resolve  # noqa: E402
-from assets.factory import GROUP, SOURCE_GROUP, embeddings_asset_key, partitions_for, provider_for  # noqa: E402
-from assets.install import install  # noqa: E402
-from assets.search import search  # noqa: E402
-from assets.spec import TableSpec, load_spec_dir  # noqa: E402
-from assets.status import TableStatus, table_status  # noqa: E402
+from assets.catalog import resolve
+from assets.factory import (
+    GROUP,
+    SOURCE_GROUP,
+    embeddings_asset_key,
+    partitions_for,
+    provider_for,
+)
+from assets.install import install
+from assets.search import search
+from assets.spec import TableSpec, load_spec_dir
+from assets.status import TableStatus, table_status
 
-from .corpus import load_python_docs  # noqa: E402
-from .database import PROJECT_DIR, connect, database_url  # noqa: E402
-from .definitions import tables_dir  # noqa: E402
-from .instance import prepare_instance  # noqa: E402
-from .resources import database_resource  # noqa: E402
+from .corpus import load_python_docs
+from .database import PROJECT_DIR, connect, database_url
+from .definitions import tables_dir
+from .instance import prepare_instance
+from .resources import database_resource
 
 DEMO_TABLE = "python_docs"
 DEMO_RUN_TAG = "vectorsync/demo_session"
@@ -64,7 +73,7 @@ def _is_current(s: TableStatus) -> bool:
 
 
 def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     if seconds >= 60:

@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -63,12 +62,14 @@ def ensure_chromium() -> str:
     # Wait for a dpkg lock held by someone else's apt rather than failing at once.
     install = ["apt-get", "-o", "DPkg::Lock::Timeout=600", "install", "-y", "--no-install-recommends",
                "chromium", "fonts-liberation"]
-    done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=APT_TIMEOUT_SECONDS)
+    done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=APT_TIMEOUT_SECONDS,
+                          check=False)
     if done.returncode != 0:
         # Usually stale or missing package lists (a fresh container): refresh them once and retry.
         update = subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=600", "update"], env=env,
-                                capture_output=True, text=True, timeout=APT_TIMEOUT_SECONDS)
-        done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=APT_TIMEOUT_SECONDS)
+                                capture_output=True, text=True, timeout=APT_TIMEOUT_SECONDS, check=False)
+        done = subprocess.run(install, env=env, capture_output=True, text=True,
+                              timeout=APT_TIMEOUT_SECONDS, check=False)
         if done.returncode != 0:
             raise RuntimeError(
                 f"apt-get install chromium failed ({done.returncode}):\n{update.stdout[-2000:]}"
@@ -237,7 +238,3 @@ def group_alive(pgid: int) -> bool:
         if process_group == pgid and state != "Z":
             return True
     return False
-
-
-def fresh_profile() -> Path:
-    return Path(tempfile.mkdtemp(prefix="vs-chromium-"))

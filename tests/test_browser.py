@@ -20,13 +20,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from browser_support import (
     Chromium,
     ChromiumUnavailable,
     PageState,
     ensure_chromium,
-    fresh_profile,
     group_alive,
     stop_process_group,
 )
@@ -140,9 +138,11 @@ def demo(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tupl
 
 
 @pytest.fixture(scope="module")
-def browser(chromium_path: str, demo: tuple[str, Path]) -> Iterator[Chromium]:
+def browser(chromium_path: str, demo: tuple[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chromium]:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    chromium = Chromium(chromium_path, fresh_profile(), ARTIFACTS / "chromium.log")
+    # A fresh profile: no cache, no stored UI state (such as which graph groups were opened).
+    profile = tmp_path_factory.mktemp("chromium_profile")
+    chromium = Chromium(chromium_path, profile, ARTIFACTS / "chromium.log")
     try:
         yield chromium
     finally:
@@ -240,7 +240,7 @@ def test_checks_tab_shows_the_auditors_checks(browser: Chromium, demo: tuple[str
 
 
 def test_automation_page_lists_the_change_sensor(browser: Chromium, demo: tuple[str, Path]) -> None:
-    base, log = demo
+    _, log = demo
     link = re.search(r"(http://\S+/automation)\b", log.read_text())
     assert link, "the demo does not print where the sensor is"
     _show(browser, link.group(1), ["python_docs_changes"], "automation")
