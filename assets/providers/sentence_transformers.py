@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 from collections.abc import Sequence
@@ -38,6 +39,21 @@ def _load_model(model: str) -> Any:
     return SentenceTransformer(path, device="cpu", local_files_only=True)
 
 
+@lru_cache(maxsize=4)
+def _encode_lock(model: str) -> threading.Lock:
+    # Per model, not per provider: every provider of one model shares the cached model object.
+    return threading.Lock()
+
+
+@lru_cache(maxsize=4)
+def _counting_tokenizer(model: str) -> tuple[Any, threading.Lock]:
+    """A tokenizer of its own for counting tokens. The engine counts the next page's tokens while
+    this page is being encoded in another thread; a Hugging Face fast tokenizer keeps its padding
+    and truncation settings in shared state, so counting on the model's own tokenizer then breaks
+    the batch being encoded ("Unable to create tensor ... same length")."""
+    return copy.deepcopy(_load_model(model).tokenizer), threading.Lock()
+
+
 class SentenceTransformerProvider(EmbeddingProvider):
     max_concurrency = 1  # torch already uses every core; parallel calls would only contend
     # Texts per forward pass inside one request: larger batches pad more and gain nothing on CPU.
@@ -55,10 +71,12 @@ class SentenceTransformerProvider(EmbeddingProvider):
         self.max_tokens_per_input = int(self.model.max_seq_length)
         self.max_inputs_per_request = spec.batch_size
         self.max_tokens_per_request = spec.batch_size * self.max_tokens_per_input
-        self._lock = threading.Lock()
+        self._lock = _encode_lock(spec.model)
+        self._counter, self._counter_lock = _counting_tokenizer(spec.model)
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        encoded = self.model.tokenizer(list(texts), add_special_tokens=True, truncation=False)
+        with self._counter_lock:
+            encoded = self._counter(list(texts), add_special_tokens=True, truncation=False)
         return [len(ids) for ids in encoded["input_ids"]]
 
     def embed(self, texts: Sequence[str]) -> Embeddings:
