@@ -1,0 +1,189 @@
+"""Backfilling every partition through Dagster, launched the way the UI launches it (the webserver's
+GraphQL `launchPartitionBackfill`, then the backfill daemon), against the engine making the same
+rows current in one process. The provider is an OpenAI-compatible server on 127.0.0.1 that answers
+at once, so both sides pay the same provider cost and what differs is the orchestration: the
+backfill daemon's tick, the run queue, the run's process start and code load."""
+
+from __future__ import annotations
+
+import json
+import socket
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import yaml
+from psycopg import sql
+
+from bench.common import Benchmark, Context, Measure, Result, body_text, create_source, load_rows, reset_store, sync_all, timed
+from bench.remote import openai_server
+
+KEY_ENV = "VECTORSYNC_BENCH_NO_KEY"
+LAUNCH = """
+mutation Launch($params: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on PythonError { message }
+    ... on UnauthorizedError { message }
+    ... on PartitionSetNotFoundError { message }
+    ... on InvalidStepError { invalidStepKey }
+    ... on InvalidOutputError { invalidOutputName }
+  }
+}"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _graphql(port: int, query: str, variables: dict[str, Any]) -> dict[str, Any]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/graphql", data=json.dumps({"query": query, "variables": variables}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def _wait_for_ui(port: int, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            answer = _graphql(port, "{ version }", {})
+            if answer.get("data", {}).get("version"):
+                return
+        except OSError:
+            pass
+        time.sleep(1.0)
+    raise RuntimeError(f"the Dagster webserver on port {port} did not answer within {timeout:.0f}s")
+
+
+def _step_seconds(instance: dg.DagsterInstance, run_id: str) -> float:
+    """From the first step's start to the last step's end (the asset, then its checks)."""
+    starts, ends = [], []
+    for entry in instance.all_logs(run_id):
+        event = entry.dagster_event
+        if event is None:
+            continue
+        if event.event_type_value == "STEP_START":
+            starts.append(entry.timestamp)
+        elif event.event_type_value in ("STEP_SUCCESS", "STEP_FAILURE"):
+            ends.append(entry.timestamp)
+    return (max(ends) - min(starts)) if starts and ends else float("nan")
+
+
+def run(ctx: Context) -> Result:
+    from assets.catalog import resolve
+    from assets.engine import EmbeddingEngine
+    from assets.install import install
+    from assets.providers import build_provider
+    from assets.spec import load_spec_dir
+    from orchestration.local_dagster import LocalDagster
+
+    p = ctx.params
+    work = Path(tempfile.mkdtemp(prefix="vs-bench-uibackfill-"))
+    name = "bench_ui_backfill"
+    conn = ctx.connect()
+    engine_samples: list[float] = []
+    dagster_samples: list[float] = []
+    step_samples: list[float] = []
+    runs_per_backfill: list[int] = []
+    with openai_server(p["dimensions"], 0.0) as (base_url, _):
+        create_source(conn, name, "id int PRIMARY KEY, body text")
+        load_rows(conn, name, [(i, body_text(i, p["chars"])) for i in range(p["rows"])], ["id", "body"])
+        tables_dir = work / "tables"
+        tables_dir.mkdir()
+        declaration = {
+            "name": name, "source": f"{name}.docs", "columns": ["body"], "buckets": 16, "chunking": None,
+            # No reconcile run may land in the middle of a measurement.
+            "schedules": {"reconcile": "0 0 1 1 *"},
+            "provider": {"kind": "openai", "model": "bench-backfill", "dimensions": p["dimensions"],
+                         "base_url": base_url, "api_key_env": KEY_ENV, "max_concurrency": 4},
+        }
+        (tables_dir / f"{name}.yaml").write_text(yaml.safe_dump(declaration))
+        specs = load_spec_dir(tables_dir)
+        install(conn, specs)
+        spec, origin = specs[0]
+        table = resolve(conn, spec, origin)
+        queue = sql.Identifier("vectorsync", spec.queue_name)
+        conn.execute(sql.SQL("TRUNCATE {}").format(queue))  # no change run before the first round
+        home = work / "home"
+        port = _free_port()
+        with LocalDagster(ctx.url, home, tables_dir, env={KEY_ENV: "sk-bench"}, port=port) as dagster:
+            _wait_for_ui(port)
+            # Each side starts from an empty store and an empty change log (the install's sweep
+            # markers included), so the change sensor has nothing to race the backfill for.
+            with dg.DagsterInstance.from_config(str(home)) as instance:
+                for r in range(ctx.rounds):
+                    conn.execute(sql.SQL("TRUNCATE {}").format(queue))
+                    reset_store(conn, table)
+                    engine = EmbeddingEngine(conn, table, build_provider(spec.provider))
+                    seconds, stats = timed(lambda: sync_all(engine, spec.buckets, full=True))  # noqa: B023
+                    engine.close()
+                    assert stats.rows_written == p["rows"], stats
+                    engine_samples.append(seconds)
+
+                    reset_store(conn, table)
+                    conn.execute(sql.SQL("TRUNCATE {}").format(queue))
+                    started = time.perf_counter()
+                    answer = _graphql(port, LAUNCH, {"params": {
+                        "partitionNames": [f"{b:03d}" for b in range(spec.buckets)],
+                        "assetSelection": [{"path": ["embeddings", name]}],
+                        "fromFailure": False,
+                    }})
+                    launched = answer["data"]["launchPartitionBackfill"]
+                    if launched["__typename"] != "LaunchBackfillSuccess":
+                        raise RuntimeError(f"launching the backfill failed: {launched}")
+                    backfill_id = launched["backfillId"]
+                    # Done when the backfill's runs have all finished: the rows are current then,
+                    # whenever the backfill daemon next marks the backfill itself completed.
+                    deadline = time.monotonic() + p["timeout"]
+                    while True:
+                        runs = list(instance.get_runs(filters=dg.RunsFilter(tags={"dagster/backfill": backfill_id})))
+                        if runs and all(run.is_finished for run in runs):
+                            break
+                        if time.monotonic() > deadline:
+                            raise RuntimeError(f"backfill {backfill_id} unfinished after {p['timeout']}s; "
+                                               f"log:\n{dagster.log_tail()}")
+                        time.sleep(0.2)
+                    total = time.perf_counter() - started
+                    stored = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table.store)).fetchone()[0]
+                    if stored != p["rows"] or not all(run.status == dg.DagsterRunStatus.SUCCESS for run in runs):
+                        raise RuntimeError(f"backfill {backfill_id} ended with {stored} rows "
+                                           f"stored; runs {[(r.run_id, r.status) for r in runs]}")
+                    dagster_samples.append(total)
+                    runs_per_backfill.append(len(runs))
+                    step_samples.append(sum(_step_seconds(instance, run.run_id) for run in runs))
+                    ctx.log(f"round {r + 1}: engine {seconds:.1f}s; UI backfill {total:.1f}s end to end in "
+                            f"{len(runs)} run(s), of which the engine's step took {step_samples[-1]:.1f}s")
+    conn.close()
+    overhead = [t - s for t, s in zip(dagster_samples, step_samples)]
+    return Result(
+        measures=[
+            Measure(f"backfill of all 16 partitions, {p['rows']:,} rows of {p['chars']} chars", "s",
+                    dagster_samples, engine_samples, "ratio <= 1.25"),
+            Measure("the same backfill: time inside the run's steps (asset and checks)", "s", step_samples,
+                    engine_samples),
+            Measure("per-backfill start cost (end to end - step)", "s", overhead),
+        ],
+        params=p,
+        extra={"runs_per_backfill": runs_per_backfill},
+        notes=["UI side: GraphQL launchPartitionBackfill on `dagster dev`, timed until every run of the "
+               "backfill finished; engine side: sync_all over the 16 buckets in this process",
+               "both sides embed through the same OpenAI-compatible server (0 ms) with concurrency 4"],
+    ).check(lambda m: m.ratio is not None and m.ratio <= 1.25)
+
+
+BENCHMARK = Benchmark(
+    name="ui_backfill", title="backfill of all partitions launched as the UI does, vs the engine alone",
+    target="end-to-end time <= 1.25 x the engine's own time",
+    run=run,
+    defaults={"rows": 100_000, "chars": 500, "dimensions": 32, "timeout": 1800},
+    quick={"rows": 5_000},
+)
