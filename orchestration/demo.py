@@ -8,6 +8,7 @@ store current and skips straight to the searches and the UI.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 import warnings
 from collections.abc import Sequence
@@ -300,11 +302,8 @@ def run_demo(queries: Sequence[str], serve: bool = True, port: int = 3000, limit
     print(f"\ndemo ready in {time.perf_counter() - started:.1f}s")
     if not serve:
         return 0
-    print(f"\nstarting Dagster (webserver and daemon) on http://127.0.0.1:{port} ; it is ready when it "
-          "logs 'Serving dagster-webserver'. Then open:")
-    for what, link in ui_links(port).items():
-        print(f"  {what}:\n    {link}")
-    print("Edit a row of public.python_docs and the change sensor re-embeds it within seconds. Ctrl-C stops.")
+    print(f"\nstarting Dagster (webserver and daemon) on http://127.0.0.1:{port}; the links to open "
+          "follow once it answers. Ctrl-C stops it.")
     sys.stdout.flush()
     exec_ui_server(port)
     return 0  # not reached: exec replaces the process
@@ -322,6 +321,36 @@ def exec_ui_server(port: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, "-m", "orchestration.demo", "serve", str(port)])
+
+
+def ui_answers(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether the webserver answers and its code location has loaded the demo table's asset."""
+    request = urllib.request.Request(
+        f"http://{host}:{port}/graphql",
+        data=json.dumps({"query": "{ assetNodes { assetKey { path } } }"}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            nodes = json.load(response).get("data", {}).get("assetNodes") or []
+    except (OSError, ValueError):
+        return False
+    return ["embeddings", DEMO_TABLE] in [n["assetKey"]["path"] for n in nodes]
+
+
+def _announce_when_ready(port: int, child: subprocess.Popen, timeout: float = 900) -> None:
+    """Print where to look once the UI really answers: printed before dagster dev's start-up
+    logs, the links would have scrolled away by the time they work."""
+    deadline = time.monotonic() + timeout
+    while child.poll() is None and time.monotonic() < deadline:
+        if ui_answers(port):
+            lines = [f"\nDagster UI ready on http://127.0.0.1:{port} - open:"]
+            lines += [f"  {what}:\n    {link}" for what, link in ui_links(port).items()]
+            lines.append(f"Edit a row of public.{DEMO_TABLE} and the change sensor re-embeds it within "
+                         "seconds. Ctrl-C stops Dagster.\n")
+            print("\n".join(lines), flush=True)
+            return
+        time.sleep(1)
 
 
 def _prepare_child() -> None:
@@ -380,6 +409,7 @@ def serve_ui(port: int) -> int:
                              preexec_fn=_prepare_child)
     if stop_requested:
         stop(signal.SIGTERM, None)
+    threading.Thread(target=_announce_when_ready, args=(port, child), name="announce", daemon=True).start()
     return child.wait()
 
 
