@@ -346,8 +346,8 @@ def _announce_when_ready(port: int, child: subprocess.Popen, timeout: float = 90
         if ui_answers(port):
             lines = [f"\nDagster UI ready on http://127.0.0.1:{port} - open:"]
             lines += [f"  {what}:\n    {link}" for what, link in ui_links(port).items()]
-            lines.append(f"Edit a row of public.{DEMO_TABLE} and the change sensor re-embeds it within "
-                         "seconds. Ctrl-C stops Dagster.\n")
+            lines.append(f"Edit a row of public.{DEMO_TABLE} and the change sensor starts a run for its "
+                         "bucket within seconds (see Runs). Ctrl-C stops Dagster.\n")
             print("\n".join(lines), flush=True)
             return
         time.sleep(1)
