@@ -192,3 +192,41 @@ def test_run_failure_sensor_records_the_failed_run(instance, conn, db_url: str) 
     table_name, kind, error, state, run_id = row
     assert (table_name, kind, state) == (spec.name, "run_failed", "run failed")
     assert spec.source.table in error and "does not exist" in error
+
+
+def test_a_model_change_keeps_search_answering_until_the_backfill_replaces_each_row(
+    instance, conn, db_url: str, local_provider
+) -> None:
+    from assets.checks import embeddings_checks
+    from assets.search import search
+
+    spec, source = declare(conn, rows=24)
+    assert materialize_all(instance, spec, db_url).success
+    old_fingerprint = spec.fingerprint
+    # A new template: same model and dimension, so every stored vector is now stale.
+    changed = parse_spec({**spec.model_dump(by_alias=True, exclude_none=True), "template": "Note: {body}",
+                          "columns": None}, "test.yaml")
+    assert changed.fingerprint != old_fingerprint
+    report = install(conn, [(changed, "test.yaml")])
+    assert report.sweeps_requested == [changed.name]
+    table = resolve(conn, changed, "test.yaml")
+    hits = search(conn, table, local_provider, "note number 7", k=3)
+    assert hits, "search answers from the old vectors meanwhile"
+
+    resources = {"database": VectorsyncDatabase(url=db_url)}
+    checks = embeddings_checks(changed)
+
+    def consistency() -> dg.AssetCheckEvaluation:
+        result = dg.materialize([embeddings_asset(changed, "test.yaml"), *checks], instance=instance,
+                                resources=resources, selection=dg.AssetSelection.checks(*checks))
+        return next(e for e in result.get_asset_check_evaluations() if e.check_name == "model_consistency")
+
+    stale = consistency()
+    assert not stale.passed and stale.severity == dg.AssetCheckSeverity.WARN
+    assert stale.metadata["stale_chunks"].value == 24
+    assert materialize_all(instance, changed, db_url).success
+    assert consistency().passed
+    store = sql.Identifier(changed.store_schema, changed.store_name)
+    models = {m for (m,) in conn.execute(sql.SQL("SELECT DISTINCT model FROM {}").format(store))}
+    assert models == {changed.fingerprint}
+    assert search(conn, table, local_provider, "note number 7", k=3)
