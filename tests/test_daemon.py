@@ -153,7 +153,15 @@ def test_continuous_run_follows_changes_without_sensor_ticks(
                                dagster, "a new continuous run embedding the row written after the kill")
         runs = runs_of(home, decl["name"])
         assert runs[-1].status == dg.DagsterRunStatus.FAILURE  # the killed one, oldest last
-        assert any(r.status == dg.DagsterRunStatus.STARTED and r.tags.get("vectorsync/trigger") == "continuous"
-                   for r in runs)
+        live = [r for r in runs if r.status == dg.DagsterRunStatus.STARTED]
+        assert [r.tags.get("vectorsync/trigger") for r in live] == ["continuous"]
+
+        # Stopping it from the UI (a termination request) stops it within seconds.
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            asked = time.monotonic()
+            assert instance.run_coordinator.cancel_run(live[0].run_id)
+            wait_until(lambda: instance.get_run_by_id(live[0].run_id).status == dg.DagsterRunStatus.CANCELED,
+                       30, dagster, "the continuous run stopping after a termination request")
+            stopped = time.monotonic() - asked
     print(f"continuous mode: insert, update, delete stored after {', '.join(f'{s:.2f}s' for s in latencies)}; "
-          f"recovered {recovered:.0f}s after a SIGKILL")
+          f"recovered {recovered:.0f}s after a SIGKILL; stopped {stopped:.1f}s after a termination request")
