@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 import psycopg
 import yaml
@@ -13,6 +13,7 @@ from psycopg import sql
 from .database import vectorsync_home
 
 DAGSTER_DATABASE = "dagster"
+PASSWORD_ENV = "PGPASSWORD"
 
 
 def dagster_home() -> Path:
@@ -27,7 +28,8 @@ def instance_config(url: str, max_concurrent_runs: int = 4, pool_limit: int = 2)
     params = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
     db = {
         "username": parsed.username or "postgres",
-        "password": parsed.password or "",
+        # Never the password itself in a file: dagster reads it from the environment.
+        "password": {"env": PASSWORD_ENV} if parsed.password else "",
         "hostname": parsed.hostname or "",
         "db_name": DAGSTER_DATABASE,
         "port": parsed.port or 5432,
@@ -64,6 +66,10 @@ def prepare_instance(url: str, home: Path | None = None) -> Path:
         conn.execute(
             sql.SQL("ALTER DATABASE {} SET timezone TO 'UTC'").format(sql.Identifier(DAGSTER_DATABASE))
         )
+    password = urlparse(url).password
+    if password and not os.environ.get(PASSWORD_ENV):
+        # Processes started from here (dagster dev, the daemon, their runs) inherit it.
+        os.environ[PASSWORD_ENV] = unquote(password)
     (home / "dagster.yaml").write_text(yaml.safe_dump(instance_config(url), sort_keys=False))
     nux = home / ".nux"
     nux.mkdir(exist_ok=True)

@@ -230,3 +230,18 @@ def test_a_model_change_keeps_search_answering_until_the_backfill_replaces_each_
     models = {m for (m,) in conn.execute(sql.SQL("SELECT DISTINCT model FROM {}").format(store))}
     assert models == {changed.fingerprint}
     assert search(conn, table, local_provider, "note number 7", k=3)
+
+
+def test_dagster_yaml_never_holds_the_database_password(tmp_path, monkeypatch) -> None:
+    import yaml
+
+    from dagster._core.instance.config import dagster_instance_config
+    from orchestration.instance import PASSWORD_ENV, instance_config
+
+    monkeypatch.delenv(PASSWORD_ENV, raising=False)
+    config = instance_config("postgresql://vs:s3cret-pw@db.example:5432/app")
+    (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(config))
+    assert "s3cret-pw" not in (tmp_path / "dagster.yaml").read_text()
+    monkeypatch.setenv(PASSWORD_ENV, "s3cret-pw")
+    loaded, _ = dagster_instance_config(str(tmp_path))  # the schema accepts the env reference
+    assert loaded["storage"]["postgres"]["postgres_db"]["password"] == {"env": PASSWORD_ENV}
