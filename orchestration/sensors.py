@@ -11,7 +11,7 @@ import dagster as dg
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 from psycopg import sql
 
-from assets.factory import bucket_partition_key, continuous_lock_held, embeddings_asset_key
+from assets.factory import bucket_partition_key, continuous_lock_held, embeddings_asset_key, source_asset_key
 from assets.spec import TableSpec
 
 from .resources import VectorsyncDatabase
@@ -33,6 +33,8 @@ CONTINUOUS_START_GRACE_SECONDS = 20.0
 # A change run in flight longer than this no longer counts as covering its buckets: its process
 # may have been killed, which Dagster's default run launcher does not notice.
 CHANGE_RUN_TRUST_SECONDS = 300.0
+# The source asset is observed at least this often (and whenever changes are requested).
+SOURCE_OBSERVATION_SECONDS = 600.0
 # Identifies this load of the code location: a continuous run started by an earlier load is
 # replaced, so it runs the code and declarations now in effect.
 CODE_LOAD_ID = uuid.uuid4().hex[:12]
@@ -85,10 +87,16 @@ def changes_sensor(spec: TableSpec, interval_seconds: int = 2) -> dg.SensorDefin
                 return dg.SensorResult(skip_reason=f"{spec.name} is not installed; run `vectorsync install`")
             pending = conn.execute(
                 sql.SQL(
-                    """SELECT bucket, max(id), extract(epoch FROM now() - min(queued_at))::float8
+                    """SELECT bucket, max(id), extract(epoch FROM now() - min(queued_at))::float8, count(*)
                        FROM {} GROUP BY bucket ORDER BY bucket"""
                 ).format(queue)
             ).fetchall()
+            # The planner's estimate: a count(*) of a large table on every tick would cost too much.
+            estimated_rows = conn.execute(
+                "SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = to_regclass(%s)",
+                (sql.Identifier(spec.source.schema_, spec.source.table).as_string(conn),),
+            ).fetchone()
+        all_pending = pending
         if spec.continuous:
             # The continuous run drains the log; this sensor only stands in when changes wait
             # longer than it would ever leave them (the run is down, or stopped on purpose).
@@ -100,7 +108,7 @@ def changes_sensor(spec: TableSpec, interval_seconds: int = 2) -> dg.SensorDefin
                 covered |= _buckets_of_run(run, spec)
         now = time.time()
         wanted: dict[int, int] = {}
-        for bucket, max_id, _ in pending:
+        for bucket, max_id, _, _ in pending:
             requested_id, requested_at = cursor.get(str(bucket), (0, 0.0))
             if bucket in covered:
                 continue
@@ -129,12 +137,16 @@ def changes_sensor(spec: TableSpec, interval_seconds: int = 2) -> dg.SensorDefin
                     **partition,
                 )
             )
+        events = []
+        if requests or now - cursor.get("_observed", [0.0])[0] >= SOURCE_OBSERVATION_SECONDS:
+            events.append(_source_observation(spec, all_pending, estimated_rows[0] if estimated_rows else None))
+            cursor["_observed"] = [now]
         if not requests:
             return dg.SensorResult(
                 skip_reason="no new changes" if not pending else "every bucket with changes has a run",
-                cursor=json.dumps(cursor),
+                cursor=json.dumps(cursor), asset_events=events,
             )
-        return dg.SensorResult(run_requests=requests, cursor=json.dumps(cursor))
+        return dg.SensorResult(run_requests=requests, cursor=json.dumps(cursor), asset_events=events)
 
     return _sensor
 
@@ -154,6 +166,19 @@ def _continuous_run_is_dead(
             return False
     context.instance.report_run_failed(run, f"table {spec.name}: the continuous run's process is gone")
     return True
+
+
+def _source_observation(spec: TableSpec, pending: list, estimated_rows: int | None) -> dg.AssetObservation:
+    """What the UI shows on the source asset: its size and its backlog. Recorded when changes
+    are requested and otherwise every ten minutes, not on every tick, which would flood the
+    event log."""
+    metadata: dict = {
+        "pending_changes": sum(n for *_, n in pending),
+        "oldest_change_seconds": round(max((age for _, _, age, _ in pending), default=0.0), 1),
+    }
+    if estimated_rows is not None:
+        metadata["dagster/row_count"] = estimated_rows
+    return dg.AssetObservation(asset_key=source_asset_key(spec), metadata=metadata)
 
 
 def continuous_keeper(spec: TableSpec, job: dg.JobDefinition, interval_seconds: int = 5) -> dg.SensorDefinition:

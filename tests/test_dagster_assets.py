@@ -116,9 +116,13 @@ def test_change_sensor_requests_only_buckets_with_new_changes(instance, declared
         sql.Identifier("vectorsync", spec.queue_name)))}
     assert set().union(*(requested_buckets(r) for r in first.run_requests)) == pending
     assert all(r.run_config["ops"] for r in first.run_requests)
+    # The source asset is observed with its backlog when changes are requested.
+    [observation] = first.asset_events
+    assert observation.asset_key == source_asset_key(spec)
+    assert observation.metadata["pending_changes"].value >= 40
     # nothing new: no request
     second = tick(first.cursor)
-    assert second.run_requests == []
+    assert second.run_requests == [] and second.asset_events == []
     # one new change: exactly its bucket
     conn.execute(sql.SQL("UPDATE {} SET body = 'changed' WHERE id = 7").format(
         sql.Identifier(spec.source.schema_, "articles")))
