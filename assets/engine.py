@@ -37,7 +37,8 @@ from .catalog import ResolvedTable
 from .providers.base import EmbeddingProvider, ProviderError
 from .text import chunk, fit_to_token_limit, render, text_hash
 
-Key = tuple[Any, ...]
+# A cap on the pipeline's read-ahead, in source rows (see EmbeddingEngine._max_pages).
+_MAX_ROWS_IN_FLIGHT = 20_000
 
 
 @dataclass
@@ -156,11 +157,15 @@ class EmbeddingEngine:
         self._queries = _Queries(table)
         self._copy_types = [c.type_oid for c in table.key] + ["int4", "text", "bytea", "text", "int4", "bytea"]
         self._vector_format = ">f2" if self.spec.vector_type == "halfvec" else ">f4"
-        # Pages in flight: enough to keep every concurrent request busy (twice over, so the next
-        # requests are queued while a page is written), and at least two, so the next page is read
-        # and prepared while the provider works on this one. Bounds memory whatever a bucket holds.
+        # Pages in flight: enough requests queued to keep every concurrent slot busy three times
+        # over (so slots never idle while the oldest page is written and the next ones are read),
+        # at least two pages (the next page is prepared while the provider works on this one), and
+        # at most _MAX_ROWS_IN_FLIGHT rows: memory stays bounded whatever a bucket holds.
         per_page = max(1, -(-self.spec.page_size // max(1, provider.max_inputs_per_request)))
-        self._max_pages = max(2, -(-2 * provider.max_concurrency // per_page))
+        self._max_pages = min(
+            max(2, -(-3 * provider.max_concurrency // per_page)),
+            max(2, _MAX_ROWS_IN_FLIGHT // self.spec.page_size),
+        )
         self._inflight_keys: Counter[str] = Counter()
         self._inflight_hashes: dict[bytes, _Batch] = {}
         self._open: _Batch | None = None

@@ -79,10 +79,22 @@ class Measure:
             return self.subject_median / base if base else None
         return base / self.subject_median if self.subject_median else None
 
+    @property
+    def paired_ratio_median(self) -> float | None:
+        """The median of each round's own ratio: on a shared machine a busy neighbour slows both
+        sides of one round alike, so this is steadier than the ratio of the medians."""
+        if not self.baseline or len(self.baseline) != len(self.subject):
+            return None
+        pairs = zip(self.subject, self.baseline)
+        if self.ratio_of == "subject/baseline":
+            return statistics.median(s / b for s, b in pairs if b)
+        return statistics.median(b / s for s, b in pairs if s)
+
     def as_json(self) -> dict[str, Any]:
         return {
             "label": self.label, "unit": self.unit, "subject_median": self.subject_median,
             "baseline_median": self.baseline_median, "ratio": self.ratio, "ratio_of": self.ratio_of,
+            "paired_ratio_median": self.paired_ratio_median,
             "target": self.target, "met": self.met, "subject_samples": self.subject,
             "baseline_samples": self.baseline,
         }
