@@ -15,8 +15,8 @@ import psycopg
 from psycopg import sql
 
 from .catalog import ResolvedTable, resolve
-from .index import index_definition
-from .spec import TableSpec
+from .index import OPERATOR_CLASSES, index_definition, index_name
+from .spec import SpecError, TableSpec
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 # Serialises concurrent installs (an arbitrary constant of ours).
@@ -121,8 +121,10 @@ def install_table(conn: psycopg.Connection, table: ResolvedTable) -> bool:
     so rows that predate the triggers or carry an old fingerprint get embedded)."""
     spec = table.spec
     objects = table_objects(table)
+    store_existed = _check_existing_store(conn, table)
     for name in ("store.sql", "capture.sql"):
         conn.execute(sql.SQL((SQL_DIR / "table" / name).read_text()).format(**objects))
+    _drop_index_of_another_distance(conn, table)
     if spec.index.min_rows == 0:
         # Asked for from the start: the store is empty, so building it here costs nothing.
         conn.execute(index_definition(table, concurrently=False))
@@ -147,8 +149,8 @@ def install_table(conn: psycopg.Connection, table: ResolvedTable) -> bool:
             json.dumps(spec.model_dump(mode="json", by_alias=True)),
         ),
     )
-    if previous == (spec.fingerprint, spec.buckets):
-        return False
+    if previous == (spec.fingerprint, spec.buckets) and store_existed:
+        return False  # a new destination is an empty store: it needs the sweep too
     if previous is not None and previous[1] != spec.buckets:
         _rebucket(conn, table)
     conn.execute(
@@ -157,6 +159,40 @@ def install_table(conn: psycopg.Connection, table: ResolvedTable) -> bool:
         )
     )
     return True
+
+
+def _check_existing_store(conn: psycopg.Connection, table: ResolvedTable) -> bool:
+    """Whether the store exists already; refuses a declaration whose vectors no longer fit it
+    (another size or type), before any DDL, rather than letting every run fail on write."""
+    spec = table.spec
+    found = conn.execute(
+        """SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
+           WHERE a.attrelid = to_regclass(%s) AND a.attname = 'embedding' AND NOT a.attisdropped""",
+        (table.store.as_string(conn),),
+    ).fetchone()
+    if found is None:
+        return False
+    wanted = f"{spec.vector_type}({spec.provider.dimensions})"
+    if found[0] != wanted:
+        field = "vector_type" if not found[0].startswith(f"{spec.vector_type}(") else "provider.dimensions"
+        raise SpecError(
+            table.origin, field,
+            f"table {spec.name}: the store {spec.store_schema}.{spec.store_name} holds {found[0]} vectors, "
+            f"not {wanted}; declare a new `destination` to embed side by side (docs/changing-a-model.md)",
+        )
+    return True
+
+
+def _drop_index_of_another_distance(conn: psycopg.Connection, table: ResolvedTable) -> None:
+    """A changed `distance` needs an index with another operator class: drop the old one, and
+    the index upkeep schedule builds the new one (or install does, with index.min_rows 0)."""
+    spec = table.spec
+    definition = conn.execute(
+        "SELECT pg_get_indexdef(to_regclass(%s))",
+        (sql.Identifier(spec.store_schema, index_name(table)).as_string(conn),),
+    ).fetchone()[0]
+    if definition and OPERATOR_CLASSES[(spec.vector_type, spec.distance)] not in definition:
+        conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(spec.store_schema, index_name(table))))
 
 
 def _rebucket(conn: psycopg.Connection, table: ResolvedTable) -> None:

@@ -312,3 +312,32 @@ def test_chunking_covers_the_text() -> None:
     assert all(len(p) <= 100 for p in pieces)
     assert pieces[0] == text[: len(pieces[0])] and text.endswith(pieces[-1])
     assert chunk("short", Chunking(size=100, overlap=20)) == ["short"]
+
+
+def test_install_refuses_vectors_that_no_longer_fit_the_store(make_table, conn: psycopg.Connection) -> None:
+    docs = make_table("id int PRIMARY KEY, body text", columns=["body"])
+    bigger = docs.spec.model_copy(update={"provider": docs.spec.provider.model_copy(update={"dimensions": 512})})
+    with pytest.raises(SpecError) as refused:
+        install(conn, [(bigger, "docs.yaml")])
+    assert refused.value.field == "provider.dimensions" and "holds vector(384)" in str(refused.value)
+    halves = docs.spec.model_copy(update={"vector_type": "halfvec"})
+    with pytest.raises(SpecError) as refused:
+        install(conn, [(halves, "docs.yaml")])
+    assert refused.value.field == "vector_type"
+
+
+def test_a_new_distance_replaces_the_index_and_a_new_destination_is_swept(make_table, conn: psycopg.Connection) -> None:
+    docs = make_table("id int PRIMARY KEY, body text", columns=["body"], index={"min_rows": 0})
+    conn.execute(sql.SQL("INSERT INTO {} VALUES (1, 'one'), (2, 'two')").format(docs.table.source))
+    docs.sync()
+    index = sql.Identifier(docs.spec.store_schema, f"{docs.spec.store_name}_hnsw").as_string(conn)
+
+    def indexdef() -> str:
+        return conn.execute("SELECT pg_get_indexdef(to_regclass(%s))", (index,)).fetchone()[0]
+
+    assert "vector_cosine_ops" in indexdef()
+    install(conn, [(docs.spec.model_copy(update={"distance": "l2"}), "docs.yaml")])
+    assert "vector_l2_ops" in indexdef()
+    moved = docs.spec.model_copy(update={"destination": "docs_elsewhere"})
+    report = install(conn, [(moved, "docs.yaml")])
+    assert report.sweeps_requested == [moved.name]  # same fingerprint, but an empty store
