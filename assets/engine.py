@@ -208,7 +208,8 @@ class EmbeddingEngine:
             if sweep and not should_stop():
                 self._sweep(sweep, stats, should_stop, [i for b in sweep for i in markers.get(b, [])])
                 # Changes that arrived while the sweep ran: picked up now, while the locks are held.
-                markers = self._drain_changes(wanted, stats, should_stop)
+                # A sweep asked for meanwhile (a TRUNCATE) stays in the log for the next run.
+                self._drain_changes(wanted, stats, should_stop)
         elapsed = time.perf_counter() - started
         for s in stats.values():
             s.seconds = elapsed / len(wanted)
