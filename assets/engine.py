@@ -199,17 +199,22 @@ class EmbeddingEngine:
         stats = {b: SyncStats() for b in wanted}
         if not wanted:
             return stats
-        with ExitStack() as locks:
-            # Ascending order: two runs over overlapping sets never wait on each other in a cycle.
-            for bucket in wanted:
-                locks.enter_context(self._bucket_lock(bucket))
-            markers = self._drain_changes(wanted, stats, should_stop)
-            sweep = wanted if full else sorted(markers)
-            if sweep and not should_stop():
-                self._sweep(sweep, stats, should_stop, [i for b in sweep for i in markers.get(b, [])])
-                # Changes that arrived while the sweep ran: picked up now, while the locks are held.
-                # A sweep asked for meanwhile (a TRUNCATE) stays in the log for the next run.
-                self._drain_changes(wanted, stats, should_stop)
+        try:
+            with ExitStack() as locks:
+                # Ascending order: two runs over overlapping sets never wait on each other in a cycle.
+                for bucket in wanted:
+                    locks.enter_context(self._bucket_lock(bucket))
+                markers = self._drain_changes(wanted, stats, should_stop)
+                sweep = wanted if full else sorted(markers)
+                if sweep and not should_stop():
+                    self._sweep(sweep, stats, should_stop, [i for b in sweep for i in markers.get(b, [])])
+                    # Changes that arrived while the sweep ran: picked up now, while the locks are held.
+                    # A sweep asked for meanwhile (a TRUNCATE) stays in the log for the next run.
+                    self._drain_changes(wanted, stats, should_stop)
+        except psycopg.OperationalError as exc:
+            # A lost connection (the database restarted): say which table and buckets it hit.
+            # The type is kept, so callers can still tell a transient failure from a bad one.
+            raise type(exc)(f"table {self.spec.name}, buckets {wanted}: {exc}") from exc
         elapsed = time.perf_counter() - started
         for s in stats.values():
             s.seconds = elapsed / len(wanted)
@@ -235,16 +240,21 @@ class EmbeddingEngine:
     def _drain_changes(
         self, buckets: list[int], stats: dict[int, SyncStats], should_stop: Callable[[], bool]
     ) -> dict[int, list[int]]:
-        """Process every change-log entry of `buckets`; returns the sweep markers (bucket -> ids).
-        Passes repeat until one claims nothing, so changes made while a pass ran are drained too."""
+        """Process the change-log entries of `buckets` logged before the drain began; returns the
+        sweep markers (bucket -> ids)."""
         markers: dict[int, list[int]] = {}
         after = [0]
+        # Only what was logged before the drain began: under a steady stream of writes a run
+        # must end (what comes later is the next run's, or the lingering loop's next pass).
+        bound = self.conn.execute(self._queries.last_change, (buckets,)).fetchone()[0]
+        if bound is None:
+            return markers
 
         def pages() -> Iterator[_Page]:
             while not should_stop():
                 with self.conn.transaction():
                     claimed = self.conn.execute(
-                        self._queries.claim, (buckets, after[0], self.spec.page_size)
+                        self._queries.claim, (buckets, after[0], bound, self.spec.page_size)
                     ).fetchall()
                     if not claimed:
                         return
@@ -305,7 +315,14 @@ class EmbeddingEngine:
                     finished[0] = True
                     return
                 after = rows[-1].key_json
-                yield _Page(rows)
+                held = self._held_back([r.key_json for r in rows])
+                if held:
+                    # The ledger decides when a failed row is tried again, not the sweep: a dead
+                    # row or one not yet due is left alone (a change to its text still reaches
+                    # it through the change log).
+                    rows = [r for r in rows if r.key_json not in held]
+                if rows:
+                    yield _Page(rows)
 
         self._run_pages(pages(), stats)
         if not finished[0]:
@@ -317,6 +334,14 @@ class EmbeddingEngine:
             if markers:
                 for bucket, cleared in _count_by(self.conn.execute(q.delete_changes, (markers,))).items():
                     stats[bucket].changes_cleared += cleared
+
+    def _held_back(self, key_jsons: list[str]) -> set[str]:
+        """Keys of failed rows whose next attempt is not due, or that are dead."""
+        return {
+            k for (k,) in self.conn.execute(
+                self._queries.held_back, (self.spec.name, _key_array(key_jsons))
+            )
+        }
 
     # The pipeline: read and prepare the next pages while the provider embeds earlier ones --------
 
@@ -597,9 +622,9 @@ class EmbeddingEngine:
             if succeeded:
                 self.conn.execute(q.forget_failures, (self.spec.name, _key_array(succeeded)))
             if page.skipped:
-                self._record_failures([(r, "skipped", reason) for r, reason in page.skipped], retry=False)
+                self._record_failures([(r, "skipped", reason, 0.0) for r, reason in page.skipped], retry=False)
             if failed:
-                self._record_failures([(r, e.kind, str(e)) for r, e in failed], retry=True)
+                self._record_failures([(r, e.kind, str(e), e.retry_after or 0.0) for r, e in failed], retry=True)
             if page.change_ids:
                 for bucket, cleared in _count_by(self.conn.execute(q.delete_changes, (page.change_ids,))).items():
                     page.of(bucket).changes_cleared += cleared
@@ -608,7 +633,7 @@ class EmbeddingEngine:
         # pgvector's binary input: int16 dimensions, int16 unused, then the big-endian elements.
         return struct.pack(">HH", vector.shape[0], 0) + vector.astype(self._vector_format).tobytes()
 
-    def _record_failures(self, entries: Iterable[tuple[_Row, str, str]], retry: bool) -> None:
+    def _record_failures(self, entries: Iterable[tuple[_Row, str, str, float]], retry: bool) -> None:
         r = self.retry
         with self.conn.cursor() as cur:
             cur.executemany(
@@ -618,8 +643,9 @@ class EmbeddingEngine:
                         "table": self.spec.name, "key": row.key_json, "bucket": row.bucket, "kind": kind,
                         "error": f"table {self.spec.name}, row {row.key_json}: {message}"[:2000],
                         "retry": retry, "max": r.max_attempts, "base": r.base_seconds, "cap": r.max_seconds,
+                        "at_least": at_least,
                     }
-                    for row, kind, message in entries
+                    for row, kind, message, at_least in entries
                 ],
             )
 
@@ -697,8 +723,15 @@ class _Queries:
         # source once, not once per bucket.
         in_buckets = sql.SQL("{} = ANY(%(buckets)s::int[])").format(bucket_expr)
         self.claim = sql.SQL(
-            "SELECT id, bucket, row_key::text FROM {} WHERE bucket = ANY(%s::int[]) AND id > %s ORDER BY id LIMIT %s"
+            "SELECT id, bucket, row_key::text FROM {} WHERE bucket = ANY(%s::int[]) AND id > %s AND id <= %s "
+            "ORDER BY id LIMIT %s"
         ).format(t.queue)
+        self.held_back = sql.SQL(
+            """SELECT row_key::text FROM vectorsync.failures
+               WHERE table_name = %s AND row_key = ANY(ARRAY(SELECT jsonb_array_elements(%s::jsonb)))
+                 AND error_kind <> 'skipped' AND (dead OR next_attempt_at > now())"""
+        )
+        self.last_change = sql.SQL("SELECT max(id) FROM {} WHERE bucket = ANY(%s::int[])").format(t.queue)
         self.load_by_keys = sql.SQL("SELECT {} FROM {} s WHERE ({}) IN ({})").format(
             select_columns, t.source, t.key_list("s"), keys_param
         )
@@ -744,20 +777,27 @@ class _Queries:
             """DELETE FROM vectorsync.failures f WHERE f.table_name = %s AND f.bucket = ANY(%s::int[])
                AND NOT EXISTS (SELECT 1 FROM {} s WHERE ({}) = ({}))"""
         ).format(t.source, t.key_list("s"), t.key_from_json(sql.SQL("f.row_key")))
+        # A skipped row (no content) is not an attempt: a later real failure counts from one. The
+        # next attempt waits the jittered backoff, and at least what the provider asked for.
         self.record_failure = sql.SQL(
             """INSERT INTO vectorsync.failures AS f
-                   (table_name, row_key, bucket, error_kind, last_error, next_attempt_at)
+                   (table_name, row_key, bucket, error_kind, last_error, next_attempt_at, dead)
                VALUES (%(table)s, %(key)s::jsonb, %(bucket)s, %(kind)s, %(error)s,
-                       CASE WHEN %(retry)s THEN now() + make_interval(secs => %(base)s * (0.8 + random() * 0.4)) END)
+                       CASE WHEN %(retry)s AND %(max)s > 1 THEN now() + make_interval(secs => greatest(
+                           %(at_least)s, %(base)s * (0.8 + random() * 0.4))) END,
+                       %(retry)s AND %(max)s <= 1)
                ON CONFLICT (table_name, row_key) DO UPDATE SET
                    bucket = excluded.bucket,
                    error_kind = excluded.error_kind,
                    last_error = excluded.last_error,
                    last_failed_at = now(),
-                   attempts = f.attempts + 1,
-                   dead = %(retry)s AND f.attempts + 1 >= %(max)s,
+                   first_failed_at = CASE WHEN f.error_kind = 'skipped' THEN now() ELSE f.first_failed_at END,
+                   attempts = CASE WHEN f.error_kind = 'skipped' THEN 1 ELSE f.attempts + 1 END,
+                   dead = %(retry)s AND (CASE WHEN f.error_kind = 'skipped' THEN 1 ELSE f.attempts + 1 END) >= %(max)s,
                    next_attempt_at = CASE
-                       WHEN NOT %(retry)s OR f.attempts + 1 >= %(max)s THEN NULL
-                       ELSE now() + make_interval(secs => least(%(cap)s, %(base)s * power(2, f.attempts))
-                                                         * (0.8 + random() * 0.4)) END"""
+                       WHEN NOT %(retry)s
+                            OR (CASE WHEN f.error_kind = 'skipped' THEN 1 ELSE f.attempts + 1 END) >= %(max)s THEN NULL
+                       ELSE now() + make_interval(secs => greatest(%(at_least)s, least(%(cap)s, %(base)s * power(2,
+                           CASE WHEN f.error_kind = 'skipped' THEN 0 ELSE f.attempts END)) * (0.8 + random() * 0.4)))
+                   END"""
         )

@@ -181,9 +181,6 @@ def test_a_persistent_provider_fault_is_recorded_for_every_row_with_backoff(
         assert t.pending() == 0
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a 429 whose Retry-After exceeds the openai client's "
-                   "120 s cap is raised at once and the ledger schedules the next attempt by its own "
-                   "backoff (base_seconds with jitter), ignoring the server's Retry-After")
 def test_a_long_retry_after_is_honoured_by_the_next_attempt(make_ledger_table: MakeTable) -> None:
     with OpenAIServer(dimensions=DIMENSIONS) as server:
         t = make_ledger_table(server.base_url, TEXTS[:2], max_retries=2)
@@ -362,9 +359,6 @@ def test_backoff_grows_with_jitter_rows_die_after_max_attempts_and_cured_rows_le
         assert len(t.ledger()) == len(poisoned) - 4 and t.pending() == 0
 
 
-@pytest.mark.xfail(strict=True, reason="bug: record_failure's ON CONFLICT adds to the attempts of a "
-                   "'skipped' ledger entry, so a row that was empty and later fails for real starts at "
-                   "attempt 2 (doubled backoff) and dies one real attempt early")
 def test_a_row_skipped_before_counts_its_real_attempts_from_one(make_ledger_table: MakeTable) -> None:
     with OpenAIServer(dimensions=DIMENSIONS, poison=lambda text: "POISON" in text) as server:
         t = make_ledger_table(server.base_url, ["fine", "   "],
@@ -381,9 +375,6 @@ def test_a_row_skipped_before_counts_its_real_attempts_from_one(make_ledger_tabl
         assert 0.8 * BASE_SECONDS <= entry["delay"] <= 1.2 * BASE_SECONDS
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a full sweep (manual run, backfill, the hourly reconcile "
-                   "schedule) re-sends every failed row whatever its ledger entry says, so a dead row is "
-                   "sent to the provider again on every sweep and a retrying row before its next attempt")
 def test_a_sweep_does_not_resend_dead_or_not_yet_due_rows(make_ledger_table: MakeTable) -> None:
     with OpenAIServer(dimensions=DIMENSIONS, poison=lambda text: "POISON" in text) as server:
         t = make_ledger_table(server.base_url, ["fine", "POISON dead", "POISON waiting"])
@@ -402,8 +393,6 @@ def test_a_sweep_does_not_resend_dead_or_not_yet_due_rows(make_ledger_table: Mak
         assert resent == [], resent
 
 
-@pytest.mark.xfail(strict=True, reason="bug: record_failure's INSERT branch never sets dead, so with "
-                   "max_attempts=1 a row's first failure is scheduled for a retry instead of dying")
 def test_max_attempts_one_means_the_first_failure_is_dead(make_ledger_table: MakeTable) -> None:
     with OpenAIServer(dimensions=DIMENSIONS, poison=lambda text: "POISON" in text) as server:
         t = make_ledger_table(server.base_url, ["POISON"], retry=RetryPolicy(max_attempts=1))

@@ -397,9 +397,6 @@ def test_a_database_restart_fails_the_run_clearly_and_a_rerun_completes(own_serv
     assert result.stored_rows == 1500
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: a lost connection surfaces as psycopg's bare "
-                   "AdminShutdown('terminating connection due to administrator command'), which names "
-                   "neither the table nor the bucket the run was working on")
 def test_a_database_restart_error_names_the_table_and_bucket(own_server) -> None:
     error, table, _ = restart_under_a_run(own_server, rows=600)
 
@@ -409,9 +406,6 @@ def test_a_database_restart_error_names_the_table_and_bucket(own_server) -> None
 # 4. A run under a steady stream of writes ----------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: _drain_changes repeats passes until one claims "
-                   "nothing, so a change-log run never ends while writes arrive faster than the provider "
-                   "embeds them (no bound such as the highest change id seen at the start)")
 def test_a_drain_run_ends_while_writes_keep_coming(conn: psycopg.Connection, db_url: str) -> None:
     with OpenAIServer(dimensions=8) as server:
         source_ref = create_source(conn, rows=200, seed=9)

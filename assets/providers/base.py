@@ -18,9 +18,11 @@ class ProviderError(Exception):
     """A failed embedding request. `kind` is one of: rate_limited, server_error, timeout,
     connection, bad_response, bad_request, input_too_long, auth, config."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.kind = kind
+        # What the provider asked for (Retry-After): the ledger waits at least this long.
+        self.retry_after = retry_after
 
     @property
     def row_level(self) -> bool:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
+import datetime
+import email.utils
 import json
 import os
 from collections.abc import Sequence
 
 import numpy as np
+
 import openai
 
 from ..spec import ProviderSpec
@@ -71,7 +74,9 @@ class OpenAICompatibleProvider(EmbeddingProvider):
         except openai.AuthenticationError as exc:
             raise ProviderError("auth", f"provider refused the key: HTTP {exc.status_code}") from None
         except openai.RateLimitError as exc:
-            raise ProviderError("rate_limited", f"HTTP 429 after retries: {_brief(exc)}") from None
+            raise ProviderError(
+                "rate_limited", f"HTTP 429 after retries: {_brief(exc)}", retry_after=_retry_after(exc)
+            ) from None
         except openai.APITimeoutError:
             raise ProviderError("timeout", f"no answer within {self.spec.timeout_seconds}s") from None
         except openai.APIConnectionError as exc:
@@ -111,6 +116,22 @@ def _vector(embedding: object) -> object:
     if isinstance(embedding, str):
         return np.frombuffer(base64.b64decode(embedding), dtype="<f4")
     return embedding
+
+
+def _retry_after(exc: openai.APIStatusError) -> float | None:
+    """Retry-After in seconds (RFC 9110: a number of seconds or an HTTP date), if the server sent it."""
+    value = exc.response.headers.get("retry-after") if exc.response is not None else None
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max((when - datetime.datetime.now(datetime.timezone.utc)).total_seconds(), 0.0)
 
 
 def _brief(exc: openai.APIStatusError) -> str:
