@@ -706,9 +706,17 @@ class _Queries:
     def __init__(self, t: ResolvedTable) -> None:
         # Keys travel as one jsonb array (joined in Python, no per-key quoting) and come back as
         # jsonb's own text, so a key read from the source, the store or the log compares equal.
-        keys_param = sql.SQL("SELECT {} FROM jsonb_array_elements(%s::jsonb) AS u(k)").format(
-            t.key_from_json(sql.SQL("u.k"))
-        )
+        # Every keyed lookup is a LATERAL probe per key, fenced by OFFSET 0 so the planner cannot
+        # turn it into a hash join over the whole table: a store emptied or created just before a
+        # backfill has no statistics, and that plan then scans the growing store once per page.
+        keys = sql.SQL("jsonb_array_elements(%s::jsonb) AS u(k)")
+
+        def matches(alias: str) -> sql.Composed:
+            return sql.SQL(" AND ").join(
+                sql.SQL("{} = (u.k ->> {})::{}").format(sql.Identifier(alias, c.name), sql.Literal(i), sql.SQL(c.type_sql))
+                for i, c in enumerate(t.key)
+            )
+
         key_text = sql.SQL("{}::text").format(t.key_json("s"))
         select_columns = sql.SQL(", ").join(
             [key_text, t.key_list("s")]
@@ -732,9 +740,9 @@ class _Queries:
                  AND error_kind <> 'skipped' AND (dead OR next_attempt_at > now())"""
         )
         self.last_change = sql.SQL("SELECT max(id) FROM {} WHERE bucket = ANY(%s::int[])").format(t.queue)
-        self.load_by_keys = sql.SQL("SELECT {} FROM {} s WHERE ({}) IN ({})").format(
-            select_columns, t.source, t.key_list("s"), keys_param
-        )
+        self.load_by_keys = sql.SQL(
+            "SELECT x.* FROM {} CROSS JOIN LATERAL (SELECT {} FROM {} s WHERE {} OFFSET 0) x"
+        ).format(keys, select_columns, t.source, matches("s"))
         self.sweep_first = sql.SQL("SELECT {} FROM {} s WHERE {} ORDER BY {} LIMIT %(limit)s").format(
             swept_columns, t.source, in_buckets, t.key_list("s")
         )
@@ -744,17 +752,21 @@ class _Queries:
             swept_columns, t.source, in_buckets, t.key_list("s"),
             t.key_from_json(sql.SQL("%(after)s::jsonb")), t.key_list("s"),
         )
+        # Ordered by chunk_seq: the chunks of each key come back in order (keys may interleave).
         self.stored_hashes = sql.SQL(
-            "SELECT {}::text, text_hash, model FROM {} e WHERE ({}) IN ({}) ORDER BY {}, chunk_seq"
-        ).format(t.key_json("e"), t.store, t.key_list("e"), keys_param, t.key_list("e"))
+            "SELECT x.k, x.text_hash, x.model FROM {} CROSS JOIN LATERAL "
+            "(SELECT {}::text AS k, e.text_hash, e.model, e.chunk_seq FROM {} e WHERE {} OFFSET 0) x "
+            "ORDER BY x.chunk_seq"
+        ).format(keys, t.key_json("e"), t.store, matches("e"))
         # %b: a bytea[] in binary, which psycopg builds without quoting each element in Python.
         self.cached_vectors = sql.SQL(
-            "SELECT DISTINCT ON (text_hash) text_hash, embedding::vector FROM {} "
-            "WHERE text_hash = ANY(%b) AND model = %s"
+            "SELECT h.x, c.embedding::vector FROM unnest(%b::bytea[]) AS h(x) CROSS JOIN LATERAL "
+            "(SELECT embedding FROM {} WHERE text_hash = h.x AND model = %s LIMIT 1) c"
         ).format(t.store)
-        self.delete_chunks = sql.SQL("DELETE FROM {} e WHERE ({}) IN ({}) RETURNING {}::text").format(
-            t.store, t.key_list("e"), keys_param, t.key_json("e")
-        )
+        self.delete_chunks = sql.SQL(
+            "DELETE FROM {} e WHERE e.ctid = ANY(ARRAY(SELECT x.ctid FROM {} CROSS JOIN LATERAL "
+            "(SELECT d.ctid FROM {} d WHERE {} OFFSET 0) x)) RETURNING {}::text"
+        ).format(t.store, keys, t.store, matches("d"), t.key_json("e"))
         self.copy_chunks = sql.SQL(
             "COPY {} ({}, chunk_seq, chunk, text_hash, model, bucket, embedding) FROM STDIN (FORMAT BINARY)"
         ).format(t.store, t.key_list())
@@ -767,11 +779,11 @@ class _Queries:
         ).format(t.store, t.source, t.key_equal("s", "e"), t.key_json("e"))
         self.failure_kinds = sql.SQL(
             "SELECT row_key::text, error_kind FROM vectorsync.failures WHERE table_name = %s "
-            "AND row_key IN (SELECT jsonb_array_elements(%s::jsonb))"
+            "AND row_key = ANY(ARRAY(SELECT jsonb_array_elements(%s::jsonb)))"
         )
         self.forget_failures = sql.SQL(
             "DELETE FROM vectorsync.failures WHERE table_name = %s "
-            "AND row_key IN (SELECT jsonb_array_elements(%s::jsonb))"
+            "AND row_key = ANY(ARRAY(SELECT jsonb_array_elements(%s::jsonb)))"
         )
         self.forget_orphan_failures = sql.SQL(
             """DELETE FROM vectorsync.failures f WHERE f.table_name = %s AND f.bucket = ANY(%s::int[])

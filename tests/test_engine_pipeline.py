@@ -80,17 +80,21 @@ def test_a_row_changed_back_while_an_earlier_page_writes_it_ends_current(
     engine = EmbeddingEngine(conn, t.table, provider)
     try:
         engine.sync_bucket(0, full=True)
+        # Two changes logged before the run: one page claims each.
         conn.execute(sql.SQL("UPDATE {} SET body = 'new' WHERE id = 1").format(t.table.source))
+        conn.execute(sql.SQL("UPDATE {} SET body = 'newer' WHERE id = 1").format(t.table.source))
 
         def change_back() -> None:
             with psycopg.connect(db_url, autocommit=True) as other:
                 other.execute(sql.SQL("UPDATE {} SET body = 'old' WHERE id = 1").format(t.table.source))
 
-        # The page that read 'new' is still being embedded when the next page claims the second
-        # change and reads 'old', which is what the store still holds: only the pipeline knows
-        # that the first page is about to overwrite it.
-        provider.on_count["new"] = change_back
+        # The first page reads 'newer' and is still being embedded when the second page reads
+        # 'old', which is what the store still holds: only the pipeline knows that the first
+        # page is about to overwrite it, so the second page must write again after it.
+        provider.on_count["newer"] = change_back
         engine.sync_bucket(0)
+        assert _stored(conn, t) == {1: "old"}
+        engine.sync_bucket(0)  # the change made during the run was left for the next one
     finally:
         engine.close()
     assert _stored(conn, t) == {1: "old"} and t.pending() == 0
