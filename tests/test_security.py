@@ -108,6 +108,9 @@ def test_the_api_key_never_reaches_dagster_or_the_database(
         # 000 again: a 404 echoing the key is a run-level error (not retried), so the run fails
         # with it, and the run-failure sensor copies the error into vectorsync.run_failures.
         server.fail_next(Fault(status=404, message=echo))
+        # The failed rows of 000 are due again (as the retry schedule would find them), so the
+        # run sends them rather than leaving them to the ledger.
+        conn.execute("UPDATE vectorsync.failures SET next_attempt_at = now() WHERE table_name = %s", (spec.name,))
         third = dg.materialize([asset], instance=instance, partition_key="000", resources=resources,
                                run_config=op_config, raise_on_error=False, tags={"vectorsync/table": spec.name})
         assert not third.success
