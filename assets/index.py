@@ -33,18 +33,43 @@ class IndexState:
     # Counted up to min_rows only: a bounded scan, however large the store.
     store_rows_at_least: int
     min_rows: int
+    # Another session holds the build lock: its CREATE INDEX CONCURRENTLY is running, and the
+    # index it is building reads as invalid until it finishes, so it must not be dropped.
+    building: bool = False
 
     @property
     def needs_build(self) -> bool:
-        return not (self.exists and self.valid) and self.store_rows_at_least >= self.min_rows
+        return (
+            not self.building
+            and not (self.exists and self.valid)
+            and self.store_rows_at_least >= self.min_rows
+        )
 
 
 def index_name(table: ResolvedTable) -> str:
     return f"{table.spec.store_name}_hnsw"
 
 
-def index_state(conn: psycopg.Connection, table: ResolvedTable) -> IndexState:
+# A session-level advisory lock per table, held for the whole of a build. A killed builder's
+# connection closes and the lock goes with it, so the next upkeep run drops its invalid index.
+_BUILD_LOCK = "SELECT {}(hashtext('vectorsync-index:' || %s))"
+
+
+def _try_build_lock(conn: psycopg.Connection, name: str) -> bool:
+    return conn.execute(_BUILD_LOCK.format("pg_try_advisory_lock"), (name,)).fetchone()[0]
+
+
+def _release_build_lock(conn: psycopg.Connection, name: str) -> None:
+    conn.execute(_BUILD_LOCK.format("pg_advisory_unlock"), (name,))
+
+
+def index_state(conn: psycopg.Connection, table: ResolvedTable, holding_lock: bool = False) -> IndexState:
     spec = table.spec
+    building = False
+    if not holding_lock:
+        building = not _try_build_lock(conn, spec.name)
+        if not building:
+            _release_build_lock(conn, spec.name)
     found = conn.execute(
         """SELECT i.indisvalid FROM pg_index i
            JOIN pg_class c ON c.oid = i.indexrelid
@@ -57,7 +82,8 @@ def index_state(conn: psycopg.Connection, table: ResolvedTable) -> IndexState:
         (max(spec.index.min_rows, 1),),
     ).fetchone()[0]
     return IndexState(
-        spec.name, index_name(table), found is not None, bool(found and found[0]), rows, spec.index.min_rows
+        spec.name, index_name(table), found is not None, bool(found and found[0]), rows, spec.index.min_rows,
+        building,
     )
 
 
@@ -78,17 +104,24 @@ def index_definition(table: ResolvedTable, concurrently: bool) -> sql.Composed:
 
 def build_index(conn: psycopg.Connection, table: ResolvedTable) -> IndexState:
     """Build the index if the store is large enough and it is missing or invalid (an interrupted
-    CONCURRENTLY build leaves an invalid index behind, which must be dropped first)."""
+    CONCURRENTLY build leaves an invalid index behind, which must be dropped first). While another
+    session is building it, returns a state with `building` set and touches nothing."""
     if not conn.autocommit:
         raise ValueError("CREATE INDEX CONCURRENTLY needs an autocommit connection")
-    state = index_state(conn, table)
-    if not state.needs_build:
-        return state
-    if state.exists:
-        conn.execute(
-            sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
-                sql.Identifier(table.spec.store_schema, state.index)
+    name = table.spec.name
+    if not _try_build_lock(conn, name):
+        return index_state(conn, table)
+    try:
+        state = index_state(conn, table, holding_lock=True)
+        if not state.needs_build:
+            return state
+        if state.exists:
+            conn.execute(
+                sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
+                    sql.Identifier(table.spec.store_schema, state.index)
+                )
             )
-        )
-    conn.execute(index_definition(table, concurrently=True))
-    return index_state(conn, table)
+        conn.execute(index_definition(table, concurrently=True))
+        return index_state(conn, table, holding_lock=True)
+    finally:
+        _release_build_lock(conn, name)

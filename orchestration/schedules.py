@@ -123,7 +123,12 @@ def index_upkeep_job(specs: list[tuple[TableSpec, str]]) -> dg.JobDefinition:
         spec, origin = by_name[config.table]
         with database.connect() as conn:
             state = build_index(conn, resolve(conn, spec, origin))
-        context.log.info(f"{spec.name}: index {state.index} exists={state.exists} valid={state.valid}")
+        context.log.info(
+            f"{spec.name}: index {state.index} exists={state.exists} valid={state.valid} "
+            f"building elsewhere={state.building}"
+        )
+        if state.building:
+            return  # another run's build is under way; its own run reports how it ends
         if not (state.exists and state.valid):
             raise dg.Failure(f"table {spec.name}: index {state.index} is still missing or invalid")
 
@@ -152,6 +157,8 @@ def index_upkeep_schedule(spec: TableSpec, origin: str, job: dg.JobDefinition) -
             return dg.SkipReason(f"{spec.name} is not installed; run `vectorsync install`")
         with database.connect() as conn:
             state = index_state(conn, resolve(conn, spec, origin))
+        if state.building:
+            return dg.SkipReason(f"index {state.index} is being built by another run")
         if not state.needs_build:
             return dg.SkipReason(
                 f"index {state.index}: exists={state.exists}, valid={state.valid}, "

@@ -167,6 +167,42 @@ def test_index_upkeep_builds_the_index_once_the_store_is_large_enough(instance, 
     assert state.index in plan
 
 
+def test_index_upkeep_leaves_a_build_in_progress_alone(instance, conn, db_url: str) -> None:
+    """An index under CREATE INDEX CONCURRENTLY reads as invalid until it is done: a second upkeep
+    run must neither drop it nor start another build, and once the builder is gone an invalid
+    index left behind is replaced."""
+    spec, _ = declare(conn, rows=30, index={"min_rows": 25})
+    assert materialize_all(instance, spec, db_url, full_sweep=False).success
+    table = resolve(conn, spec, "test.yaml")
+    job = index_upkeep_job([(spec, "test.yaml")])
+    schedule = index_upkeep_schedule(spec, "test.yaml", job)
+    run = lambda: job.execute_in_process(  # noqa: E731
+        instance=instance, run_config={"ops": {"build_vector_index": {"config": {"table": spec.name}}}},
+        resources={"database": VectorsyncDatabase(url=db_url)},
+    )
+    assert run().success
+    index = sql.Identifier(spec.store_schema, index_state(conn, table).index)
+    oid = conn.execute("SELECT %s::regclass::oid", (index.as_string(conn),)).fetchone()[0]
+    # What a build in progress looks like from outside: an invalid index and the build lock held.
+    conn.execute("UPDATE pg_index SET indisvalid = false WHERE indexrelid = %s", (oid,))
+    with psycopg.connect(db_url, autocommit=True) as builder:
+        builder.execute("SELECT pg_advisory_lock(hashtext('vectorsync-index:' || %s))", (spec.name,))
+        state = index_state(conn, table)
+        assert state.building and state.exists and not state.valid and not state.needs_build
+        skip = schedule(schedule_context(instance, db_url))
+        assert isinstance(skip, dg.SkipReason) and "being built" in skip.skip_message
+        assert run().success
+        assert conn.execute("SELECT %s::regclass::oid", (index.as_string(conn),)).fetchone()[0] == oid
+    # The builder's session ended without finishing: the invalid index is dropped and rebuilt.
+    state = index_state(conn, table)
+    assert not state.building and state.needs_build
+    assert isinstance(schedule(schedule_context(instance, db_url)), dg.RunRequest)
+    assert run().success
+    state = index_state(conn, table)
+    assert state.exists and state.valid
+    assert conn.execute("SELECT %s::regclass::oid", (index.as_string(conn),)).fetchone()[0] != oid
+
+
 def test_run_failure_sensor_records_the_failed_run(instance, conn, db_url: str) -> None:
     spec, source = declare(conn, rows=3)
     conn.execute(sql.SQL("DROP TABLE {} CASCADE").format(source))  # the run cannot resolve its source
