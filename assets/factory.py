@@ -316,6 +316,10 @@ class _BatchReporter:
                         metadata={**stats.as_dict(), "trigger": "continuous"},
                     )
                 )
+            # log_event writes each event to the event log at once, and the op context also keeps
+            # it until the op returns, which a run that follows changes for weeks never does.
+            for _ in self.context.consume_events():
+                pass
 
 
 def continuous_lock_held(conn: psycopg.Connection, name: str) -> bool:

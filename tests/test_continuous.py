@@ -23,7 +23,9 @@ from conftest import RecordingProvider, TableFixture
 class Follower:
     """follow_changes on a thread of its own, with its own connection and engine."""
 
-    def __init__(self, db_url: str, fixture: TableFixture, provider: RecordingProvider) -> None:
+    def __init__(
+        self, db_url: str, fixture: TableFixture, provider: RecordingProvider, poll_seconds: float = 30.0
+    ) -> None:
         self.conn = connect(db_url)
         self.engine = EmbeddingEngine(self.conn, fixture.table, provider, lock_wait_seconds=0.0)
         self.listener = ChangeListener(db_url, fixture.spec.name)
@@ -32,7 +34,7 @@ class Follower:
         self.thread = threading.Thread(
             target=follow_changes,
             args=(self.engine, self.listener, self.batches.append, self.stop.is_set),
-            kwargs={"poll_seconds": 30.0, "wait_slice_seconds": 0.2},
+            kwargs={"poll_seconds": poll_seconds, "wait_slice_seconds": 0.2},
             daemon=True,
         )
 
@@ -80,6 +82,25 @@ def test_follows_insert_update_delete_on_notify(db_url: str, docs: TableFixture,
 
 
 def test_a_missed_notification_is_caught_by_the_poll(db_url: str, docs: TableFixture, recording, conn) -> None:
+    docs.sync(full=True)
+    with Follower(db_url, docs, recording, poll_seconds=1.0):
+        time.sleep(0.5)  # past the first drain: the follower now waits on LISTEN
+        # A change logged with no NOTIFY: triggers off (replica role), the entry written by hand.
+        with conn.transaction():
+            conn.execute("SET LOCAL session_replication_role = replica")
+            conn.execute(sql.SQL("INSERT INTO {} VALUES (6, 'logged without a notification')").format(
+                docs.table.source))
+            conn.execute(
+                sql.SQL("INSERT INTO {} (bucket, row_key) VALUES (vectorsync.bucket_of('[6]', %s), '[6]')")
+                .format(docs.table.queue), (docs.spec.buckets,))
+        waited = wait_for(lambda: docs.stored() == {(6,): ["logged without a notification"]}, timeout=10)
+        assert waited < 5.0
+    assert docs.pending() == 0
+
+
+def test_changes_made_before_anyone_listened_are_drained_first(
+    db_url: str, docs: TableFixture, recording, conn
+) -> None:
     docs.sync(full=True)
     conn.execute(sql.SQL("INSERT INTO {} VALUES (5, 'written before anyone listened')").format(docs.table.source))
     engine = EmbeddingEngine(conn, docs.table, recording, lock_wait_seconds=0.0)

@@ -160,3 +160,34 @@ def test_cli_install_status_search(tmp_path: Path, db_url: str, conn) -> None:
     (tables / "notes.yaml").write_text(f"name: {name}\nsource: {schema}.notes\ncolumns: [nope]\n")
     bad = subprocess.run([*cli, "install"], env=env, cwd=PROJECT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "notes.yaml" in bad.stderr and "nope" in bad.stderr
+
+
+def test_continuous_reporter_keeps_no_event_once_it_is_written(instance) -> None:
+    """The continuous run's op never returns, so the events it logs must not pile up in its
+    context: each is in the event log as soon as it is written, and nowhere else."""
+    from assets.engine import SyncStats
+    from assets.factory import _BatchReporter
+
+    key = dg.AssetKey(["embeddings", unique("reporter")])
+    retained: list[bool] = []
+
+    @dg.op
+    def report(context) -> None:
+        reporter = _BatchReporter(context, key, every_seconds=0.0)
+        for i in range(30):
+            reporter.add({i % 3: SyncStats(rows_written=1, chunks_embedded=2)})
+        reporter.close()
+        retained.append(context.has_events())
+
+    @dg.job
+    def reporting() -> None:
+        report()
+
+    result = reporting.execute_in_process(instance=instance)
+    assert result.success
+    assert retained == [False]
+    records = instance.fetch_materializations(key, limit=100).records
+    assert len(records) == 30
+    assert {r.partition_key for r in records} == {"000", "001", "002"}
+    assert all(r.run_id == result.run_id for r in records)
+    assert sum(r.asset_materialization.metadata["rows_written"].value for r in records) == 30
