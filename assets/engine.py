@@ -34,7 +34,7 @@ from pgvector.psycopg import register_vector
 from psycopg import sql
 
 from .catalog import ResolvedTable
-from .providers.base import EmbeddingProvider, ProviderError
+from .providers.base import ROW_LEVEL_KINDS, EmbeddingProvider, ProviderError
 from .text import chunk, fit_to_token_limit, render, text_hash
 
 # A cap on the pipeline's read-ahead, in source rows (see EmbeddingEngine._max_pages).
@@ -68,7 +68,9 @@ class SyncStats:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """When a failed row is tried again: exponential backoff with jitter, dead after max_attempts."""
+    """When a failed row is tried again: exponential backoff with jitter, capped at max_seconds;
+    dead after max_attempts failures that the row itself causes (a bad input or answer), never
+    after failures of the provider (rate limits, server errors, timeouts, lost connections)."""
 
     max_attempts: int = 6
     base_seconds: float = 30.0
@@ -128,6 +130,16 @@ class _Page:
 
     def ready(self) -> bool:
         return all(b.done() for b in self.batches())
+
+
+@dataclass
+class _Entry:
+    """A claimed change-log entry: the keys one statement changed in one bucket."""
+
+    id: int
+    bucket: int
+    keys: list[str]  # each key as jsonb prints it
+    taken: int = 0  # how many of them are in pages already
 
 
 class BucketBusy(RuntimeError):
@@ -221,19 +233,22 @@ class EmbeddingEngine:
         return stats
 
     def requeue_due_failures(self) -> int:
-        """Put rows whose next attempt is due back in the change log (the retry schedule)."""
+        """Put rows whose next attempt is due back in the change log (the retry schedule);
+        returns how many."""
         with self.conn.transaction():
-            cur = self.conn.execute(
+            return self.conn.execute(
                 sql.SQL(
                     """WITH due AS (
                            UPDATE vectorsync.failures SET next_attempt_at = NULL
                            WHERE table_name = %s AND NOT dead AND next_attempt_at <= now()
-                           RETURNING bucket, row_key)
-                       INSERT INTO {} (bucket, row_key) SELECT bucket, row_key FROM due"""
+                           RETURNING bucket, row_key),
+                       logged AS (
+                           INSERT INTO {} (bucket, row_keys) SELECT bucket, array_agg(row_key) FROM due
+                           GROUP BY bucket RETURNING cardinality(row_keys) AS n)
+                       SELECT coalesce(sum(n), 0)::int FROM logged"""
                 ).format(self.table.queue),
                 (self.spec.name,),
-            )
-            return cur.rowcount
+            ).fetchone()[0]
 
     # The change log ---------------------------------------------------------------------------
 
@@ -250,23 +265,46 @@ class EmbeddingEngine:
         if bound is None:
             return markers
 
+        page_size = self.spec.page_size
+        # Entries claimed whose keys are not all paged yet. An entry of a bulk statement may hold
+        # far more keys than a page: it is paged in slices, and its id goes with the page of its
+        # last key, so it leaves the log only once every key of it is written.
+        held: deque[_Entry] = deque()
+        exhausted = [False]
+
         def pages() -> Iterator[_Page]:
             while not should_stop():
                 with self.conn.transaction():
-                    claimed = self.conn.execute(
-                        self._queries.claim, (buckets, after[0], bound, self.spec.page_size)
-                    ).fetchall()
-                    if not claimed:
-                        return
-                    after[0] = claimed[-1][0]
+                    have = sum(len(e.keys) - e.taken for e in held)
+                    if have < page_size and not exhausted[0]:
+                        claimed = self.conn.execute(
+                            self._queries.claim, (buckets, after[0], bound, page_size, page_size - have)
+                        ).fetchall()
+                        if claimed:
+                            after[0] = claimed[-1][0]
+                        else:
+                            exhausted[0] = True
+                        for i, b, keys in claimed:
+                            if keys is None:
+                                markers.setdefault(b, []).append(i)
+                            else:
+                                held.append(_Entry(i, b, keys))
+                    if not held:
+                        if exhausted[0]:
+                            return
+                        continue  # only sweep markers so far
                     bucket_of: dict[str, int] = {}
                     ids = []
-                    for i, b, k in claimed:
-                        if k is None:
-                            markers.setdefault(b, []).append(i)
-                        else:
-                            ids.append(i)
-                            bucket_of.setdefault(k, b)
+                    room = page_size
+                    while held and room > 0:
+                        entry = held[0]
+                        end = min(len(entry.keys), entry.taken + room)
+                        for k in entry.keys[entry.taken:end]:
+                            bucket_of.setdefault(k, entry.bucket)
+                        room -= end - entry.taken
+                        entry.taken = end
+                        if end == len(entry.keys):
+                            ids.append(held.popleft().id)
                     rows = self._load_rows(list(bucket_of)) if bucket_of else []
                 for row in rows:
                     row.bucket = bucket_of[row.key_json]
@@ -642,7 +680,8 @@ class EmbeddingEngine:
                     {
                         "table": self.spec.name, "key": row.key_json, "bucket": row.bucket, "kind": kind,
                         "error": f"table {self.spec.name}, row {row.key_json}: {message}"[:2000],
-                        "retry": retry, "max": r.max_attempts, "base": r.base_seconds, "cap": r.max_seconds,
+                        "retry": retry, "counts": kind in ROW_LEVEL_KINDS,
+                        "max": r.max_attempts, "base": r.base_seconds, "cap": r.max_seconds,
                         "at_least": at_least,
                     }
                     for row, kind, message, at_least in entries
@@ -730,9 +769,16 @@ class _Queries:
         # One scan in key order serves every requested bucket: a backfill of all buckets reads the
         # source once, not once per bucket.
         in_buckets = sql.SQL("{} = ANY(%(buckets)s::int[])").format(bucket_expr)
+        # The next entries in id order, as many as it takes to reach the last parameter's number
+        # of keys (a sweep request counts as one): each entry's keys as jsonb prints them.
         self.claim = sql.SQL(
-            "SELECT id, bucket, row_key::text FROM {} WHERE bucket = ANY(%s::int[]) AND id > %s AND id <= %s "
-            "ORDER BY id LIMIT %s"
+            """SELECT id, bucket, row_keys::text[]
+               FROM (SELECT id, bucket, row_keys,
+                            sum(coalesce(cardinality(row_keys), 1)) OVER (ORDER BY id)
+                              - coalesce(cardinality(row_keys), 1) AS before
+                     FROM (SELECT id, bucket, row_keys FROM {} WHERE bucket = ANY(%s::int[])
+                           AND id > %s AND id <= %s ORDER BY id LIMIT %s) AS next) AS counted
+               WHERE before < %s ORDER BY id"""
         ).format(t.queue)
         self.held_back = sql.SQL(
             """SELECT row_key::text FROM vectorsync.failures
@@ -790,26 +836,29 @@ class _Queries:
                AND NOT EXISTS (SELECT 1 FROM {} s WHERE ({}) = ({}))"""
         ).format(t.source, t.key_list("s"), t.key_from_json(sql.SQL("f.row_key")))
         # A skipped row (no content) is not an attempt: a later real failure counts from one. The
-        # next attempt waits the jittered backoff, and at least what the provider asked for.
+        # next attempt waits the jittered backoff, capped, and at least what the provider asked for.
+        # Only errors a row can cause (%(counts)s) make it dead: an outage of the provider would
+        # otherwise kill every row it touched, and a dead row is never tried again by itself.
+        attempts = sql.SQL("(CASE WHEN f.error_kind = 'skipped' THEN 1 ELSE f.attempts + 1 END)")
         self.record_failure = sql.SQL(
             """INSERT INTO vectorsync.failures AS f
                    (table_name, row_key, bucket, error_kind, last_error, next_attempt_at, dead)
                VALUES (%(table)s, %(key)s::jsonb, %(bucket)s, %(kind)s, %(error)s,
-                       CASE WHEN %(retry)s AND %(max)s > 1 THEN now() + make_interval(secs => greatest(
-                           %(at_least)s, %(base)s * (0.8 + random() * 0.4))) END,
-                       %(retry)s AND %(max)s <= 1)
+                       CASE WHEN %(retry)s AND (%(max)s > 1 OR NOT %(counts)s)
+                            THEN now() + make_interval(secs => greatest(
+                                %(at_least)s, least(%(cap)s, %(base)s * (0.8 + random() * 0.4)))) END,
+                       %(retry)s AND %(counts)s AND %(max)s <= 1)
                ON CONFLICT (table_name, row_key) DO UPDATE SET
                    bucket = excluded.bucket,
                    error_kind = excluded.error_kind,
                    last_error = excluded.last_error,
                    last_failed_at = now(),
                    first_failed_at = CASE WHEN f.error_kind = 'skipped' THEN now() ELSE f.first_failed_at END,
-                   attempts = CASE WHEN f.error_kind = 'skipped' THEN 1 ELSE f.attempts + 1 END,
-                   dead = %(retry)s AND (CASE WHEN f.error_kind = 'skipped' THEN 1 ELSE f.attempts + 1 END) >= %(max)s,
+                   attempts = {attempts},
+                   dead = %(retry)s AND %(counts)s AND {attempts} >= %(max)s,
                    next_attempt_at = CASE
-                       WHEN NOT %(retry)s
-                            OR (CASE WHEN f.error_kind = 'skipped' THEN 1 ELSE f.attempts + 1 END) >= %(max)s THEN NULL
-                       ELSE now() + make_interval(secs => greatest(%(at_least)s, least(%(cap)s, %(base)s * power(2,
-                           CASE WHEN f.error_kind = 'skipped' THEN 0 ELSE f.attempts END)) * (0.8 + random() * 0.4)))
+                       WHEN NOT %(retry)s OR (%(counts)s AND {attempts} >= %(max)s) THEN NULL
+                       ELSE now() + make_interval(secs => greatest(%(at_least)s, least(%(cap)s,
+                           %(base)s * power(2, least({attempts} - 1, 30)) * (0.8 + random() * 0.4))))
                    END"""
-        )
+        ).format(attempts=attempts)

@@ -98,6 +98,7 @@ def table_objects(table: ResolvedTable) -> dict[str, sql.Composable]:
         "store_qualified": sql.Literal(table.store.as_string()),
         "text_search_config": sql.Literal(spec.text_search_config),
         "queue_bucket_index": sql.Identifier(f"{spec.queue_name}_bkt"),
+        "queue_qualified": sql.Literal(table.queue.as_string()),
         "store_source_join": table.key_equal("e", "s"),
         "capture_function": sql.Identifier("vectorsync", f"capture_{spec.name}"),
         "buckets": sql.Literal(spec.buckets),
@@ -149,16 +150,28 @@ def install_table(conn: psycopg.Connection, table: ResolvedTable) -> bool:
             json.dumps(spec.model_dump(mode="json", by_alias=True)),
         ),
     )
-    if previous == (spec.fingerprint, spec.buckets) and store_existed:
+    stale_buckets = store_existed and _buckets_stale(conn, table)
+    if previous == (spec.fingerprint, spec.buckets) and store_existed and not stale_buckets:
         return False  # a new destination is an empty store: it needs the sweep too
-    if previous is not None and previous[1] != spec.buckets:
+    if stale_buckets or (previous is not None and previous[1] != spec.buckets):
         _rebucket(conn, table)
     conn.execute(
-        sql.SQL("INSERT INTO {} (bucket, row_key) SELECT b, NULL FROM generate_series(0, {} - 1) b").format(
+        sql.SQL("INSERT INTO {} (bucket, row_keys) SELECT b, NULL FROM generate_series(0, {} - 1) b").format(
             table.queue, sql.Literal(spec.buckets)
         )
     )
     return True
+
+
+def _buckets_stale(conn: psycopg.Connection, table: ResolvedTable) -> bool:
+    """Whether stored chunks carry buckets that bucket_of no longer gives them: a new bucket
+    count, or a store written by a version that hashed keys another way."""
+    found = conn.execute(
+        sql.SQL("SELECT bucket <> vectorsync.bucket_of({}, {}) FROM {} LIMIT 1").format(
+            table.key_json(), sql.Literal(table.spec.buckets), table.store
+        )
+    ).fetchone()
+    return bool(found and found[0])
 
 
 def _check_existing_store(conn: psycopg.Connection, table: ResolvedTable) -> bool:
@@ -203,11 +216,16 @@ def _rebucket(conn: psycopg.Connection, table: ResolvedTable) -> None:
             table.store, table.key_json(), buckets
         )
     )
+    # Pending keys are logged again under their new buckets; sweep requests are dropped, since
+    # the caller asks for a sweep of every bucket.
     conn.execute(
-        sql.SQL("DELETE FROM {} WHERE row_key IS NULL").format(table.queue)
-    )
-    conn.execute(
-        sql.SQL("UPDATE {} SET bucket = vectorsync.bucket_of(row_key, {})").format(table.queue, buckets)
+        sql.SQL(
+            """WITH old AS (DELETE FROM {q} RETURNING row_keys)
+               INSERT INTO {q} (bucket, row_keys)
+               SELECT vectorsync.bucket_of(k, {n}), array_agg(k)
+               FROM old CROSS JOIN LATERAL unnest(old.row_keys) AS e(k)
+               GROUP BY 1"""
+        ).format(q=table.queue, n=buckets)
     )
     conn.execute(
         "UPDATE vectorsync.failures SET bucket = vectorsync.bucket_of(row_key, %s) WHERE table_name = %s",

@@ -43,7 +43,7 @@ def table_status(conn: psycopg.Connection, name: str) -> TableStatus:
         sql.SQL(
             """SELECT count(DISTINCT {kj}),
                       count(DISTINCT {kj}) FILTER (WHERE model = %s AND {kj} NOT IN
-                          (SELECT row_key FROM {queue} WHERE row_key IS NOT NULL)),
+                          (SELECT k FROM {queue} CROSS JOIN LATERAL unnest(row_keys) AS e(k))),
                       count(*)
                FROM {store}"""
         ).format(kj=key_json, queue=queue, store=store),
@@ -51,8 +51,10 @@ def table_status(conn: psycopg.Connection, name: str) -> TableStatus:
     ).fetchone()
     pending, oldest = conn.execute(
         sql.SQL(
-            """SELECT count(DISTINCT coalesce(row_key::text, 'sweep:' || bucket)),
-                      extract(epoch FROM now() - min(queued_at))::float8 FROM {}"""
+            # Distinct keys waiting, and one per bucket waiting for a sweep.
+            """SELECT count(DISTINCT coalesce(e.k::text, 'sweep:' || q.bucket)),
+                      extract(epoch FROM now() - min(q.queued_at))::float8
+               FROM {} q LEFT JOIN LATERAL unnest(q.row_keys) AS e(k) ON true"""
         ).format(queue)
     ).fetchone()
     failed, dead, skipped = conn.execute(

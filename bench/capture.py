@@ -11,6 +11,7 @@ from bench.common import (
     Measure,
     Result,
     count,
+    logged_keys,
     create_source,
     declare,
     timed,
@@ -54,7 +55,7 @@ def run(ctx: Context) -> Result:
                     conn.execute("CHECKPOINT")
                     seconds, _ = timed(lambda: conn.execute(statement))  # noqa: B023 - called at once
                     samples[label][triggers].append(seconds)
-                    logged = count(conn, table.queue)
+                    logged = logged_keys(conn, table.queue)
                     expected = logged_per_statement[label] if triggers else 0
                     assert logged == expected, f"{label}: {logged} change-log rows, expected {expected}"
                     conn.execute(sql.SQL("TRUNCATE {}").format(table.queue))

@@ -87,7 +87,9 @@ def changes_sensor(spec: TableSpec, interval_seconds: int = 2) -> dg.SensorDefin
                 return dg.SensorResult(skip_reason=f"{spec.name} is not installed; run `vectorsync install`")
             pending = conn.execute(
                 sql.SQL(
-                    """SELECT bucket, max(id), extract(epoch FROM now() - min(queued_at))::float8, count(*)
+                    # Keys, not entries: a bulk statement logs one entry per bucket for all its keys.
+                    """SELECT bucket, max(id), extract(epoch FROM now() - min(queued_at))::float8,
+                              sum(coalesce(cardinality(row_keys), 1))::bigint
                        FROM {} GROUP BY bucket ORDER BY bucket"""
                 ).format(queue)
             ).fetchall()

@@ -115,7 +115,7 @@ class TableFixture:
     def pending(self) -> int:
         from psycopg import sql
 
-        return self.conn.execute(sql.SQL("SELECT count(*) FROM {}").format(self.table.queue)).fetchone()[0]
+        return self.conn.execute(sql.SQL("SELECT coalesce(sum(coalesce(cardinality(row_keys), 1)), 0)::int FROM {}").format(self.table.queue)).fetchone()[0]
 
 
 @pytest.fixture

@@ -134,7 +134,7 @@ def audit(conn: psycopg.Connection, table: ResolvedTable, provider: EmbeddingPro
     ):
         stored.setdefault(json.dumps(key), []).append((seq, bytes(digest), model, chunk_text, vector))
 
-    pending = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table.queue)).fetchone()[0]
+    pending = conn.execute(sql.SQL("SELECT coalesce(sum(coalesce(cardinality(row_keys), 1)), 0)::int FROM {}").format(table.queue)).fetchone()[0]
     ledger_rows = conn.execute(
         "SELECT row_key, error_kind, last_error FROM vectorsync.failures WHERE table_name = %s ORDER BY row_key",
         (spec.name,),

@@ -91,7 +91,7 @@ def test_a_missed_notification_is_caught_by_the_poll(db_url: str, docs: TableFix
             conn.execute(sql.SQL("INSERT INTO {} VALUES (6, 'logged without a notification')").format(
                 docs.table.source))
             conn.execute(
-                sql.SQL("INSERT INTO {} (bucket, row_key) VALUES (vectorsync.bucket_of('[6]', %s), '[6]')")
+                sql.SQL("INSERT INTO {} (bucket, row_keys) VALUES (vectorsync.bucket_of('[6]', %s), ARRAY['[6]'::jsonb])")
                 .format(docs.table.queue), (docs.spec.buckets,))
         waited = wait_for(lambda: docs.stored() == {(6,): ["logged without a notification"]}, timeout=10)
         assert waited < 5.0

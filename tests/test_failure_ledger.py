@@ -51,7 +51,7 @@ class LedgerTable:
         return dict(self.conn.execute(sql.SQL("SELECT id, chunk FROM {}").format(self.table.store)).fetchall())
 
     def pending(self) -> int:
-        return self.conn.execute(sql.SQL("SELECT count(*) FROM {}").format(self.table.queue)).fetchone()[0]
+        return self.conn.execute(sql.SQL("SELECT coalesce(sum(coalesce(cardinality(row_keys), 1)), 0)::int FROM {}").format(self.table.queue)).fetchone()[0]
 
     def ledger(self) -> dict[int, dict[str, Any]]:
         """row id -> its failure_report row, with the backoff delay in seconds."""
@@ -401,3 +401,40 @@ def test_max_attempts_one_means_the_first_failure_is_dead(make_ledger_table: Mak
 
         entry = t.ledger()[1]
         assert (entry["attempts"], entry["state"], entry["delay"]) == (1, "dead", None), entry
+
+
+def test_a_provider_outage_never_makes_a_row_dead(make_ledger_table: MakeTable) -> None:
+    """Only errors a row can cause count toward max_attempts: an outage longer than every retry
+    leaves the rows retrying (capped backoff), and they are stored once the provider is back."""
+    cap = 3 * BASE_SECONDS
+    with OpenAIServer(dimensions=DIMENSIONS) as server:
+        t = make_ledger_table(server.base_url, TEXTS[:3],
+                              retry=RetryPolicy(max_attempts=2, base_seconds=BASE_SECONDS, max_seconds=cap))
+        for attempt in range(1, 6):
+            server.fail_next([Fault(status=503)])  # one request per sync: the batch is not split
+            t.make_due()
+            t.engine.requeue_due_failures()
+            t.sync()
+            ledger = t.ledger()
+            assert {(e["error_kind"], e["attempts"], e["state"]) for e in ledger.values()} == {
+                ("server_error", attempt, "retrying")}, ledger
+            # Doubling from the base, capped (jitter included) at max_seconds.
+            expected = min(cap, BASE_SECONDS * 2 ** (attempt - 1))
+            assert all(0.8 * expected - 1 <= e["delay"] <= min(cap, 1.2 * expected) + 1 for e in ledger.values())
+        t.make_due()
+        assert t.engine.requeue_due_failures() == 3
+        t.sync()
+        assert t.ledger() == {} and set(t.stored()) == {1, 2, 3} and t.pending() == 0
+
+
+def test_a_row_level_error_still_dies_after_max_attempts(make_ledger_table: MakeTable) -> None:
+    with OpenAIServer(dimensions=DIMENSIONS, poison=lambda text: "POISON" in text) as server:
+        t = make_ledger_table(server.base_url, ["POISON"], retry=RetryPolicy(max_attempts=2, base_seconds=BASE_SECONDS))
+        t.sync()
+        assert (t.ledger()[1]["attempts"], t.ledger()[1]["state"]) == (1, "retrying")
+        t.make_due()
+        t.engine.requeue_due_failures()
+        t.sync()
+        entry = t.ledger()[1]
+        assert (entry["error_kind"], entry["attempts"], entry["state"], entry["delay"]) == (
+            "bad_request", 2, "dead", None), entry

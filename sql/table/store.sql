@@ -19,15 +19,29 @@ CREATE TABLE IF NOT EXISTS {store} (
 CREATE INDEX IF NOT EXISTS {hash_index} ON {store} (text_hash);
 CREATE INDEX IF NOT EXISTS {bucket_index} ON {store} (bucket);
 
--- The change log: one row per changed key (a NULL key asks for a sweep of the whole bucket).
--- A row leaves it only in the transaction that writes the key's embedding or records its failure.
+-- The change log: one entry per statement and bucket, holding the array of the keys (each a jsonb
+-- array of key values) that statement changed in that bucket (NULL asks for a sweep of the bucket). An entry
+-- per key made a bulk statement cost one more indexed row per row, doubling its time; an entry
+-- per bucket costs 16 rows. An entry leaves the log only in the transaction that writes the
+-- embedding (or records the failure) of its last key.
 CREATE TABLE IF NOT EXISTS {queue} (
     id        bigserial PRIMARY KEY,
     bucket    int NOT NULL,
-    row_key   jsonb,
+    row_keys  jsonb[],
     queued_at timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 CREATE INDEX IF NOT EXISTS {queue_bucket_index} ON {queue} (bucket, id);
+-- A log of an earlier version held one key per row in `row_key`: each becomes a one-key entry.
+DO $log$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass({queue_qualified})
+               AND attname = 'row_key' AND NOT attisdropped) THEN
+        ALTER TABLE {queue} RENAME COLUMN row_key TO row_keys;
+        ALTER TABLE {queue} ALTER COLUMN row_keys TYPE jsonb[]
+            USING CASE WHEN row_keys IS NOT NULL THEN ARRAY[row_keys] END;
+    END IF;
+END
+$log$;
 
 CREATE OR REPLACE VIEW {view} AS
 SELECT s.*,
