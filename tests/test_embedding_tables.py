@@ -341,3 +341,38 @@ def test_a_new_distance_replaces_the_index_and_a_new_destination_is_swept(make_t
     moved = docs.spec.model_copy(update={"destination": "docs_elsewhere"})
     report = install(conn, [(moved, "docs.yaml")])
     assert report.sweeps_requested == [moved.name]  # same fingerprint, but an empty store
+
+
+def test_install_upgrades_a_one_key_per_row_log_and_rebuckets_an_old_store(
+    make_table, conn: psycopg.Connection
+) -> None:
+    """A database installed by an earlier version: its change log held one key per row in
+    `row_key`, and its store's buckets came from another hash. Install converts the log without
+    losing a pending key, moves chunks to their buckets, and asks for a sweep of every bucket."""
+    t = make_table("id int PRIMARY KEY, body text", columns=["body"], buckets=4)
+    source, queue, store = t.table.source, t.table.queue, t.table.store
+    conn.execute(sql.SQL("INSERT INTO {} SELECT i, 'text ' || i FROM generate_series(1, 12) i").format(source))
+    t.sync()
+    assert t.pending() == 0 and len(t.stored()) == 12
+    # What the earlier version left: pending keys one per row, and buckets of the old hash.
+    conn.execute(sql.SQL("ALTER TABLE {} DROP COLUMN row_keys, ADD COLUMN row_key jsonb").format(queue))
+    conn.execute(sql.SQL("INSERT INTO {} (bucket, row_key) VALUES (0, '[3]'), (1, '[5]'), (2, NULL)").format(queue))
+    conn.execute(sql.SQL("UPDATE {} SET bucket = (id + 1) % 4").format(store))
+    with conn.transaction():  # the edit that key 3's entry stands for (the old trigger logged it)
+        conn.execute("SET LOCAL session_replication_role = replica")
+        conn.execute(sql.SQL("UPDATE {} SET body = 'text 3, edited' WHERE id = 3").format(source))
+
+    install(conn, [(t.spec, "test")])
+
+    entries = conn.execute(sql.SQL("SELECT bucket, row_keys::text[] FROM {} ORDER BY id").format(queue)).fetchall()
+    keys = sorted(k for _, ks in entries if ks for k in ks)
+    assert keys == ["[3]", "[5]"]
+    assert all(b == conn.execute("SELECT vectorsync.bucket_of(%s::jsonb, 4)", (ks[0],)).fetchone()[0]
+               for b, ks in entries if ks)
+    assert sorted(b for b, ks in entries if ks is None) == [0, 1, 2, 3]  # a sweep of every bucket
+    misplaced = conn.execute(
+        sql.SQL("SELECT count(*) FROM {} WHERE bucket <> vectorsync.bucket_of(jsonb_build_array(id), 4)").format(store)
+    ).fetchone()[0]
+    assert misplaced == 0
+    t.sync()
+    assert t.pending() == 0 and t.stored()[(3,)] == ["text 3, edited"] and len(t.stored()) == 12
