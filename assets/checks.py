@@ -1,6 +1,7 @@
 """The asset checks of one embeddings asset: what an auditor asks of a table.
 
-coverage          every source row with content is embedded, pending, or in the failure ledger
+coverage          every source row with content is embedded under the current fingerprint, pending
+                  (its key or its bucket), or in the failure ledger
 backlog_age       the oldest pending change is younger than the table's max_backlog_seconds
 dead_letters      no row has exhausted its retries (the top errors are in the metadata)
 vector_validity   every stored vector has the declared dimension, is finite and is not zero
@@ -8,6 +9,7 @@ model_consistency every stored chunk was made by the declared model, template an
 """
 
 from collections.abc import Callable
+from typing import Any
 
 import dagster as dg
 import psycopg
@@ -17,7 +19,6 @@ from orchestration.resources import VectorsyncDatabase
 
 from .factory import embeddings_asset_key
 from .spec import TableSpec
-from .status import table_status
 
 
 def _store(spec: TableSpec) -> sql.Identifier:
@@ -29,6 +30,64 @@ def _installed(conn: psycopg.Connection, spec: TableSpec) -> bool:
     return found is not None and conn.execute(
         "SELECT 1 FROM vectorsync.embedding_tables WHERE name = %s", (spec.name,)
     ).fetchone() is not None
+
+
+# How many uncovered keys the coverage check names in its metadata: enough to start looking.
+SAMPLE_KEYS = 5
+
+
+def _uncovered_rows(conn: psycopg.Connection, name: str) -> tuple[int, list[Any], int]:
+    """Source rows with no chunk under the registered fingerprint and no reason to lack one:
+    no pending change of their key, no pending sweep of their bucket, no ledger entry (a row
+    skipped for having no content is in the ledger too). Returns (count, sample keys, source rows).
+
+    Rows are counted one by one, never as a difference of totals: a failed row that keeps an old
+    chunk, a stored row whose source is gone, or one sweep marker standing for a whole bucket
+    would otherwise cancel out real gaps."""
+    (src_schema, src_table, store_schema, store_table, queue_table, key_columns, buckets,
+     fingerprint) = conn.execute(
+        """SELECT source_schema, source_table, store_schema, store_table, queue_table, key_columns,
+                  buckets, fingerprint
+           FROM vectorsync.embedding_tables WHERE name = %s""",
+        (name,),
+    ).fetchone()
+    source = sql.Identifier(src_schema, src_table)
+    # The registry, not the declaration: the check audits what is installed, whose store carries
+    # the fingerprint registered there until `vectorsync install` registers a new one.
+    key_json = sql.SQL("jsonb_build_array({})").format(
+        sql.SQL(", ").join(sql.Identifier("s", c) for c in key_columns)
+    )
+    key_equal = sql.SQL(" AND ").join(
+        sql.SQL("{} = {}").format(sql.Identifier("t", c), sql.Identifier("s", c)) for c in key_columns
+    )
+    # One statement, so one snapshot: the engine writes a row's chunks and clears its change in
+    # one transaction, and two reads could see the row neither stored nor pending.
+    rows = conn.execute(
+        sql.SQL(
+            """WITH uncovered AS (
+                   SELECT {key_json} AS k FROM {source} s
+                   WHERE NOT EXISTS (SELECT 1 FROM {store} t WHERE {key_equal} AND t.model = %(fingerprint)s)
+               ), pending AS (
+                   SELECT e.k FROM {queue} q CROSS JOIN LATERAL unnest(q.row_keys) AS e(k)
+               ), sweeping AS (
+                   SELECT DISTINCT bucket FROM {queue} WHERE row_keys IS NULL
+               )
+               SELECT u.k, count(*) OVER ()
+               FROM uncovered u
+               WHERE NOT EXISTS (SELECT 1 FROM pending p WHERE p.k = u.k)
+                 AND NOT EXISTS (SELECT 1 FROM vectorsync.failures f
+                                 WHERE f.table_name = %(name)s AND f.row_key = u.k)
+                 AND NOT EXISTS (SELECT 1 FROM sweeping w
+                                 WHERE w.bucket = vectorsync.bucket_of(u.k, %(buckets)s))
+               ORDER BY u.k LIMIT %(samples)s"""
+        ).format(
+            key_json=key_json, source=source, store=sql.Identifier(store_schema, store_table),
+            key_equal=key_equal, queue=sql.Identifier("vectorsync", queue_table),
+        ),
+        {"fingerprint": fingerprint, "name": name, "buckets": buckets, "samples": SAMPLE_KEYS},
+    ).fetchall()
+    source_rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(source)).fetchone()[0]
+    return (rows[0][1] if rows else 0), [k for k, _ in rows], source_rows
 
 
 def embeddings_checks(spec: TableSpec) -> list[dg.AssetChecksDefinition]:
@@ -50,23 +109,23 @@ def embeddings_checks(spec: TableSpec) -> list[dg.AssetChecksDefinition]:
 
         return wrap
 
-    @check("coverage", "Every source row with content has a current embedding, a pending change, or "
-           "a recorded failure: nothing fell between the triggers and the store.")
+    @check("coverage", "Every source row with content has a current embedding (a chunk under the "
+           "registered model fingerprint), a pending change, a pending sweep of its bucket, or an "
+           "entry in the failure ledger: nothing fell between the triggers and the store.")
     def coverage(conn: psycopg.Connection) -> dg.AssetCheckResult:
-        s = table_status(conn, spec.name)
-        uncovered = s.source_rows - s.rows_current - s.pending_changes - s.skipped_rows - s.failed_rows - s.dead_rows
+        uncovered, samples, source_rows = _uncovered_rows(conn, spec.name)
         return dg.AssetCheckResult(
-            passed=uncovered <= 0,
-            metadata={"source_rows": s.source_rows, "rows_current": s.rows_current,
-                      "pending_changes": s.pending_changes, "failed_rows": s.failed_rows,
-                      "skipped_rows": s.skipped_rows, "uncovered_rows": max(uncovered, 0)},
+            passed=uncovered == 0,
+            metadata={"source_rows": source_rows, "uncovered_rows": uncovered,
+                      "sample_uncovered_keys": dg.MetadataValue.json(samples)},
         )
 
     @check("backlog_age", f"The oldest pending change is younger than {spec.max_backlog_seconds} s: "
            "the sensor and the runs keep up with the writes.")
     def backlog_age(conn: psycopg.Connection) -> dg.AssetCheckResult:
         pending, oldest = conn.execute(
-            sql.SQL("SELECT count(*), extract(epoch FROM now() - min(queued_at))::float8 FROM {}").format(
+            sql.SQL("SELECT coalesce(sum(coalesce(cardinality(row_keys), 1)), 0)::int, "
+                    "extract(epoch FROM now() - min(queued_at))::float8 FROM {}").format(
                 sql.Identifier("vectorsync", spec.queue_name)
             )
         ).fetchone()
@@ -79,9 +138,19 @@ def embeddings_checks(spec: TableSpec) -> list[dg.AssetChecksDefinition]:
     @check("dead_letters", "No row has exhausted its retries. The most frequent errors of dead rows "
            "are listed; the whole ledger is the SQL view vectorsync.failure_report.")
     def dead_letters(conn: psycopg.Connection) -> dg.AssetCheckResult:
+        # The engine writes each error as "table <name>, row <key>: <message>"; grouped with that
+        # prefix, every row would be a group of one. The prefix is cut exactly where it is the one
+        # the engine wrote (a key may itself hold ", " or ": "), and by pattern otherwise.
         top = conn.execute(
-            """SELECT error_kind, left(last_error, 200), count(*) FROM vectorsync.failures
-               WHERE table_name = %s AND dead GROUP BY 1, 2 ORDER BY 3 DESC LIMIT 5""",
+            r"""SELECT error_kind, left(message, 200), count(*)
+                FROM (SELECT error_kind,
+                             CASE WHEN starts_with(last_error, prefix) THEN substr(last_error, length(prefix) + 1)
+                                  ELSE regexp_replace(last_error, '^table [^,]+, row \[[^]]*\]: ', '')
+                             END AS message
+                      FROM (SELECT error_kind, last_error,
+                                   'table ' || table_name || ', row ' || row_key::text || ': ' AS prefix
+                            FROM vectorsync.failures WHERE table_name = %s AND dead) f) d
+                GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2 LIMIT 5""",
             (spec.name,),
         ).fetchall()
         dead = conn.execute(

@@ -17,7 +17,7 @@ from orchestration.resources import VectorsyncDatabase
 
 from .catalog import resolve
 from .continuous import CHANNEL, ChangeListener, follow_changes
-from .engine import BucketBusy, EmbeddingEngine, SyncStats
+from .engine import BucketBusy, EmbeddingEngine, RetryPolicy, SyncStats
 from .providers import EmbeddingProvider, build_provider
 from .spec import ProviderSpec, TableSpec
 
@@ -48,6 +48,13 @@ def embeddings_asset_key(spec: TableSpec) -> dg.AssetKey:
 def provider_for(spec: ProviderSpec) -> EmbeddingProvider:
     """One provider per process and model: loading a local model takes seconds."""
     return build_provider(spec)
+
+
+def retry_policy(spec: TableSpec) -> RetryPolicy:
+    """The engine's retry policy from the declaration's `retry:` block: every engine of a table,
+    whichever run or command builds it, must retry and give up on rows the same way."""
+    r = spec.retry
+    return RetryPolicy(max_attempts=r.max_attempts, base_seconds=r.base_seconds, max_seconds=r.max_seconds)
 
 
 class EmbeddingRunConfig(dg.Config):
@@ -132,7 +139,7 @@ def embeddings_asset(spec: TableSpec, origin: str) -> dg.AssetsDefinition:
         total = SyncStats()
         with database.connect() as conn:
             table = resolve(conn, spec, origin)
-            engine = EmbeddingEngine(conn, table, provider_for(spec.provider))
+            engine = EmbeddingEngine(conn, table, provider_for(spec.provider), retry=retry_policy(spec))
             try:
                 if config.retry_due_failures:
                     requeued = engine.requeue_due_failures()
@@ -245,7 +252,9 @@ def continuous_job(spec: TableSpec, origin: str) -> dg.JobDefinition:
         with database.connect() as conn:
             table = resolve(conn, spec, origin)
             _hold_continuous_lock(conn, spec.name)
-            engine = EmbeddingEngine(conn, table, provider_for(spec.provider), lock_wait_seconds=0.0)
+            engine = EmbeddingEngine(
+                conn, table, provider_for(spec.provider), retry=retry_policy(spec), lock_wait_seconds=0.0
+            )
             listener = ChangeListener(database.resolved_url(), spec.name)
 
             # The pid lets an operator (or a benchmark) find the process; the lock above is how

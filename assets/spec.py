@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 NAME_PATTERN = r"^[a-z][a-z0-9_]{0,39}$"
 # A text search configuration's name, optionally schema-qualified ("english", "public.my_config").
@@ -129,6 +137,27 @@ class VectorIndex(_Strict):
     ef_construction: int = Field(64, ge=4, le=1000)
 
 
+class RetrySpec(_Strict):
+    """When a row that failed is tried again: after base_seconds, doubling per attempt up to
+    max_seconds (with jitter), and never again once max_attempts attempts have failed (the row is
+    then dead: the dead_letters check fails until someone looks). It decides when vectors are
+    made, not what they are, so it is not part of the fingerprint."""
+
+    # At most 100: the backoff doubles per attempt, and 2**1024 overflows a float in Postgres.
+    max_attempts: int = Field(6, ge=1, le=100)
+    base_seconds: float = Field(30.0, gt=0)
+    # Validated even when left at its default, so a base_seconds above it is refused too.
+    max_seconds: float = Field(6 * 3600.0, gt=0, validate_default=True)
+
+    @field_validator("max_seconds")
+    @classmethod
+    def _cap_not_below_base(cls, value: float, info: ValidationInfo) -> float:
+        base = info.data.get("base_seconds")  # absent when base_seconds itself was refused
+        if base is not None and value < base:
+            raise ValueError(f"must be at least base_seconds ({base:g}), not {value:g}")
+        return value
+
+
 class SourceRef(_Strict):
     schema_: str = Field("public", alias="schema", min_length=1, max_length=63)
     table: str = Field(min_length=1, max_length=63)
@@ -166,6 +195,8 @@ class TableSpec(_Strict):
     max_backlog_seconds: int = Field(300, ge=1)
     # One long-lived Dagster run per table, woken by LISTEN/NOTIFY, instead of a run per change.
     continuous: bool = False
+    # When failed rows are retried and when they are given up on (see RetrySpec).
+    retry: RetrySpec = RetrySpec()
 
     @field_validator("source", mode="before")
     @classmethod

@@ -113,13 +113,15 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_sync(args: argparse.Namespace) -> int:
     """Run the engine directly, without Dagster (for scripts and debugging)."""
     from assets.engine import EmbeddingEngine, SyncStats
-    from assets.factory import provider_for
+    from assets.factory import provider_for, retry_policy
 
     spec, origin = _find(args, args.name)
     buckets = [args.bucket] if args.bucket is not None else list(range(spec.buckets))
     total = SyncStats()
     with connect() as conn:
-        engine = EmbeddingEngine(conn, resolve(conn, spec, origin), provider_for(spec.provider))
+        engine = EmbeddingEngine(
+            conn, resolve(conn, spec, origin), provider_for(spec.provider), retry=retry_policy(spec)
+        )
         try:
             for bucket in buckets:
                 total.merge(engine.sync_bucket(bucket, full=args.full))

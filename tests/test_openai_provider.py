@@ -328,6 +328,24 @@ def test_the_key_never_appears_in_an_error(
     assert error.__context__ is None or error.__suppress_context__
 
 
+def test_masking_an_echoed_key_keeps_retry_after(
+    server: OpenAIServer, make_provider: MakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A proxy that echoes the key in its 429 body: the error is rebuilt without the key, and must
+    # still carry Retry-After, or the ledger would retry sooner than the provider asked.
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    provider = make_provider(server.base_url, max_retries=0)
+    server.fail_next(Fault(status=429, retry_after="7", message=f"slow down, key {SECRET}"))
+
+    error = embed_error(provider, ["a"])
+
+    assert SECRET not in str(error) and SECRET not in repr(error)
+    assert "***" in str(error)  # the key was really there, and was masked
+    assert error.kind == "rate_limited"
+    assert error.retry_after == pytest.approx(7.0)
+    assert error.__cause__ is None and error.__suppress_context__
+
+
 def test_the_key_never_appears_in_a_connection_error(
     make_provider: MakeProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -3,6 +3,8 @@ reconcile sweep repairing writes the triggers never saw."""
 
 from __future__ import annotations
 
+import time
+
 import dagster as dg
 import psycopg
 import pytest
@@ -194,7 +196,10 @@ def test_index_upkeep_leaves_a_build_in_progress_alone(instance, conn, db_url: s
         assert run().success
         assert conn.execute("SELECT %s::regclass::oid", (index.as_string(conn),)).fetchone()[0] == oid
     # The builder's session ended without finishing: the invalid index is dropped and rebuilt.
-    state = index_state(conn, table)
+    # (Its backend releases the lock when it exits, a moment after the client has closed.)
+    deadline = time.monotonic() + 10
+    while (state := index_state(conn, table)).building and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert not state.building and state.needs_build
     assert isinstance(schedule(schedule_context(instance, db_url)), dg.RunRequest)
     assert run().success

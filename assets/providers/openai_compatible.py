@@ -58,7 +58,7 @@ class OpenAICompatibleProvider(EmbeddingProvider):
             # A proxy may echo the key back in its error text: never let it reach the ledger or logs.
             key = self.client.api_key
             if key and key != "unused" and key in str(exc):
-                raise ProviderError(exc.kind, str(exc).replace(key, "***")) from None
+                raise _masked(exc, key) from None
             raise
 
     def _embed(self, texts: Sequence[str]) -> Embeddings:
@@ -109,6 +109,18 @@ class OpenAICompatibleProvider(EmbeddingProvider):
 
     def close(self) -> None:
         self.client.close()
+
+
+def _masked(exc: ProviderError, key: str) -> ProviderError:
+    """A copy of `exc` with the key replaced by *** in its message and in every text field. The
+    other fields are kept as they are: a lost retry_after would make the ledger retry a 429
+    sooner than the provider asked."""
+    masked = type(exc).__new__(type(exc))
+    masked.__dict__.update(
+        {name: value.replace(key, "***") if isinstance(value, str) else value for name, value in vars(exc).items()}
+    )
+    masked.args = tuple(a.replace(key, "***") if isinstance(a, str) else a for a in exc.args)
+    return masked
 
 
 def _vector(embedding: object) -> object:
