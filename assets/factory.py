@@ -150,7 +150,7 @@ def embeddings_asset(spec: TableSpec, origin: str) -> dg.AssetsDefinition:
                     _follow_changes(context, spec, engine, database, buckets, config, total)
             finally:
                 engine.close()
-            store_rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table.store)).fetchone()[0]
+            store_rows = _store_row_count(conn, table.store)
             columns = dg.TableSchema(
                 columns=[dg.TableColumn(c.name, c.type_sql) for c in table.key]
                 + [
@@ -170,9 +170,10 @@ def embeddings_asset(spec: TableSpec, origin: str) -> dg.AssetsDefinition:
                 }
             )
             pending, oldest = conn.execute(
-                sql.SQL("SELECT count(*), extract(epoch FROM now() - min(queued_at))::float8 FROM {}").format(
-                    table.queue
-                )
+                sql.SQL(
+                    "SELECT coalesce(sum(coalesce(cardinality(row_keys), 1)), 0)::int, "
+                    "extract(epoch FROM now() - min(queued_at))::float8 FROM {}"
+                ).format(table.queue)
             ).fetchone()
         return dg.MaterializeResult(
             metadata={
@@ -189,6 +190,21 @@ def embeddings_asset(spec: TableSpec, origin: str) -> dg.AssetsDefinition:
         )
 
     return _embeddings
+
+
+# Above this many chunks (by the planner's estimate) a run reports the estimate as the store's
+# row count: an exact count(*) would cost a change run that wrote one row seconds of scanning.
+EXACT_COUNT_UP_TO = 1_000_000
+
+
+def _store_row_count(conn: psycopg.Connection, store: sql.Composable) -> int:
+    estimate = conn.execute(
+        "SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = to_regclass(%s)",
+        (store.as_string(conn),),
+    ).fetchone()[0]
+    if estimate > EXACT_COUNT_UP_TO:
+        return estimate
+    return conn.execute(sql.SQL("SELECT count(*) FROM {}").format(store)).fetchone()[0]
 
 
 def _sweep_buckets(

@@ -132,6 +132,10 @@ def changes_sensor(spec: TableSpec, interval_seconds: int = 2) -> dg.SensorDefin
                 dg.RunRequest(
                     run_key=f"{spec.name}:{first}-{last}:{max(wanted[b] for b in range(first, last + 1))}:{now:.3f}",
                     asset_selection=[key],
+                    # No checks: several scan the whole store, which a run that drains a few
+                    # changes must not pay for every time. Backfills, the reconcile and retry
+                    # schedules and runs from the UI evaluate them.
+                    asset_check_keys=[],
                     run_config=dg.RunConfig(
                         ops={key.to_python_identifier(): {"config": {"full_sweep": False, "linger_seconds": LINGER_SECONDS}}}
                     ),

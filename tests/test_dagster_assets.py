@@ -116,6 +116,7 @@ def test_change_sensor_requests_only_buckets_with_new_changes(instance, declared
         sql.Identifier("vectorsync", spec.queue_name)))}
     assert set().union(*(requested_buckets(r) for r in first.run_requests)) == pending
     assert all(r.run_config["ops"] for r in first.run_requests)
+    assert all(r.asset_check_keys == [] for r in first.run_requests)  # drains skip the store scans
     # The source asset is observed with its backlog when changes are requested.
     [observation] = first.asset_events
     assert observation.asset_key == source_asset_key(spec)
