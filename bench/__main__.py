@@ -67,7 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--option", action="append", default=[], metavar="[NAME.]KEY=VALUE",
                         help="override a parameter, e.g. -o e.batch_size=32 or -o chars=1000")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and their parameters")
+    parser.add_argument("--markdown", metavar="JSON", nargs="?", const=str(RESULTS_DIR / "latest.json"),
+                        help="print a results file (default: the latest) as a Markdown table, for the README")
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown_table(json.loads(Path(args.markdown).read_text())))
+        return 0
 
     if args.list:
         for b in registry.values():
@@ -177,6 +182,36 @@ def _print_table(benchmarks: dict[str, Any]) -> None:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
         if i == 0:
             print("  ".join("-" * w for w in widths))
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """The summary table of one results file, with the machine and commit it was measured on."""
+    m = report["machine"]
+    lines = [
+        f"Measured {report['started_at']} on commit `{(report.get('git_commit') or '?')[:12]}`: "
+        f"{m['cpu_count']} x {m['cpu_model']}, {m['memory_gb']} GB, Python {m['python']}, "
+        f"PostgreSQL {m['postgres']}, pgvector {m['pgvector']}; medians of {_rounds(report)} rounds "
+        "per side, both sides in the same run.",
+        "",
+        "| bench | measure | unit | subject | baseline | ratio | target | met |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, b in report["benchmarks"].items():
+        if "error" in b:
+            lines.append(f"| {name} | error: {b['error'][:80]} | | | | | {b['target']} | ERROR |")
+            continue
+        for x in b["measures"]:
+            met = {True: "yes", False: "**no**", None: ""}[x["met"]]
+            lines.append(
+                f"| {name} | {x['label']} | {x['unit']} | {_fmt(x['subject_median'])} | "
+                f"{_fmt(x['baseline_median'])} | {_fmt(x['ratio'])} | {x['target']} | {met} |"
+            )
+    return "\n".join(lines)
+
+
+def _rounds(report: dict[str, Any]) -> str:
+    counts = sorted({b.get("rounds") for b in report["benchmarks"].values() if b.get("rounds")})
+    return "/".join(str(c) for c in counts) or "?"
 
 
 def _git_commit() -> str | None:
