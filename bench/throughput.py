@@ -46,13 +46,17 @@ def run(ctx: Context) -> Result:
     subject, baseline, in_model = [], [], []
     try:
         for r in range(ctx.rounds):
-            seconds, _ = timed(direct)
-            baseline.append(rows / seconds)
-            reset_store(conn, table)
-            seconds, stats = timed(lambda: sync_all(engine, spec.buckets, full=True))
-            assert stats.chunks_embedded == rows and stats.rows_written == rows, stats
-            subject.append(rows / seconds)
-            in_model.append(stats.provider_seconds / seconds)
+            # Alternate which side goes first, so warmth or drift on a shared machine favours neither.
+            for side in (("direct", "engine") if r % 2 == 0 else ("engine", "direct")):
+                if side == "direct":
+                    seconds, _ = timed(direct)
+                    baseline.append(rows / seconds)
+                    continue
+                reset_store(conn, table)
+                seconds, stats = timed(lambda: sync_all(engine, spec.buckets, full=True))
+                assert stats.chunks_embedded == rows and stats.rows_written == rows, stats
+                subject.append(rows / seconds)
+                in_model.append(stats.provider_seconds / seconds)
             ctx.log(f"round {r + 1}: direct {baseline[-1]:.1f} rows/s, engine {subject[-1]:.1f} rows/s, "
                     f"{in_model[-1]:.1%} of the engine's time inside the model")
     finally:
