@@ -52,7 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     # The embedded server and the model must not be looked for online, and must not share the
     # developer's .vectorsync: every run gets a fresh database in a temporary directory.
     home = Path(tempfile.mkdtemp(prefix="vs-bench-"))
-    os.environ.setdefault("VECTORSYNC_HOME", str(home))
+    if os.environ.setdefault("VECTORSYNC_HOME", str(home)) == str(home):
+        # Registered first, so it runs last (atexit is last-in, first-out): after the embedded
+        # server, started later, has stopped; and also when --list or --markdown return early.
+        atexit.register(shutil.rmtree, home, True)
+    else:
+        home.rmdir()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -92,10 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     from bench.common import Context, machine_info
     from orchestration.database import database_url
 
-    if os.environ["VECTORSYNC_HOME"] == str(home):
-        # atexit runs last-registered first: the embedded server (registered when it starts) stops
-        # before its temporary data directory is removed.
-        atexit.register(shutil.rmtree, home, True)
     url = database_url()
     started = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     report: dict[str, Any] = {
