@@ -19,6 +19,7 @@ from orchestration.resources import VectorsyncDatabase
 
 from .factory import embeddings_asset_key
 from .spec import TableSpec
+from .status import change_backlog
 
 
 def _store(spec: TableSpec) -> sql.Identifier:
@@ -123,12 +124,7 @@ def embeddings_checks(spec: TableSpec) -> list[dg.AssetChecksDefinition]:
     @check("backlog_age", f"The oldest pending change is younger than {spec.max_backlog_seconds} s: "
            "the sensor and the runs keep up with the writes.")
     def backlog_age(conn: psycopg.Connection) -> dg.AssetCheckResult:
-        pending, oldest = conn.execute(
-            sql.SQL("SELECT coalesce(sum(coalesce(cardinality(row_keys), 1)), 0)::int, "
-                    "extract(epoch FROM now() - min(queued_at))::float8 FROM {}").format(
-                sql.Identifier("vectorsync", spec.queue_name)
-            )
-        ).fetchone()
+        pending, oldest = change_backlog(conn, sql.Identifier("vectorsync", spec.queue_name))
         return dg.AssetCheckResult(
             passed=oldest is None or oldest <= spec.max_backlog_seconds,
             metadata={"pending_changes": pending, "oldest_change_seconds": round(oldest or 0.0, 1),

@@ -18,8 +18,10 @@ from orchestration.resources import VectorsyncDatabase
 from .catalog import resolve
 from .continuous import CHANNEL, ChangeListener, follow_changes
 from .engine import BucketBusy, EmbeddingEngine, RetryPolicy, SyncStats
+from .locks import held_elsewhere, try_lock
 from .providers import EmbeddingProvider, build_provider
 from .spec import ProviderSpec, TableSpec
+from .status import change_backlog, estimated_rows
 
 GROUP = "embeddings"
 # A run's step is tried again this many times after a transient failure, about this long apart.
@@ -169,12 +171,7 @@ def embeddings_asset(spec: TableSpec, origin: str) -> dg.AssetsDefinition:
                     **{c.name: [dg.TableColumnDep(source, c.name)] for c in table.key},
                 }
             )
-            pending, oldest = conn.execute(
-                sql.SQL(
-                    "SELECT coalesce(sum(coalesce(cardinality(row_keys), 1)), 0)::int, "
-                    "extract(epoch FROM now() - min(queued_at))::float8 FROM {}"
-                ).format(table.queue)
-            ).fetchone()
+            pending, oldest = change_backlog(conn, table.queue)
         return dg.MaterializeResult(
             metadata={
                 **total.as_dict(),
@@ -198,11 +195,8 @@ EXACT_COUNT_UP_TO = 1_000_000
 
 
 def _store_row_count(conn: psycopg.Connection, store: sql.Composable) -> int:
-    estimate = conn.execute(
-        "SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = to_regclass(%s)",
-        (store.as_string(conn),),
-    ).fetchone()[0]
-    if estimate > EXACT_COUNT_UP_TO:
+    estimate = estimated_rows(conn, store)
+    if estimate is not None and estimate > EXACT_COUNT_UP_TO:
         return estimate
     return conn.execute(sql.SQL("SELECT count(*) FROM {}").format(store)).fetchone()[0]
 
@@ -349,21 +343,14 @@ class _BatchReporter:
 
 def continuous_lock_held(conn: psycopg.Connection, name: str) -> bool:
     """Whether a live continuous run holds the table's lock: a killed run's lock goes with its
-    connection. (Taking the lock for a moment to find out is harmless: a starting run retries.)"""
-    got = conn.execute(
-        "SELECT pg_try_advisory_lock(hashtext('vectorsync-continuous:' || %s))", (name,)
-    ).fetchone()[0]
-    if got:
-        conn.execute("SELECT pg_advisory_unlock(hashtext('vectorsync-continuous:' || %s))", (name,))
-    return not got
+    connection."""
+    return held_elsewhere(conn, f"vectorsync-continuous:{name}")
 
 
 def _hold_continuous_lock(conn: psycopg.Connection, name: str, wait_seconds: float = 60.0) -> None:
     """Never two continuous runs of one table: a replaced run may still be shutting down."""
     deadline = time.monotonic() + wait_seconds
-    while not conn.execute(
-        "SELECT pg_try_advisory_lock(hashtext('vectorsync-continuous:' || %s))", (name,)
-    ).fetchone()[0]:
+    while not try_lock(conn, f"vectorsync-continuous:{name}"):
         if time.monotonic() > deadline:
             raise dg.Failure(f"table {name}: another continuous run is still running")
         time.sleep(1.0)

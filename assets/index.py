@@ -13,6 +13,7 @@ import psycopg
 from psycopg import sql
 
 from .catalog import ResolvedTable
+from .locks import held_elsewhere, try_lock, unlock
 
 OPERATOR_CLASSES = {
     ("vector", "cosine"): "vector_cosine_ops",
@@ -50,26 +51,15 @@ def index_name(table: ResolvedTable) -> str:
     return f"{table.spec.store_name}_hnsw"
 
 
-# A session-level advisory lock per table, held for the whole of a build. A killed builder's
-# connection closes and the lock goes with it, so the next upkeep run drops its invalid index.
-_BUILD_LOCK = "SELECT {}(hashtext('vectorsync-index:' || %s))"
-
-
-def _try_build_lock(conn: psycopg.Connection, name: str) -> bool:
-    return conn.execute(_BUILD_LOCK.format("pg_try_advisory_lock"), (name,)).fetchone()[0]
-
-
-def _release_build_lock(conn: psycopg.Connection, name: str) -> None:
-    conn.execute(_BUILD_LOCK.format("pg_advisory_unlock"), (name,))
+def _build_lock(table: ResolvedTable) -> str:
+    """Held for the whole of a build. A killed builder's connection closes and the lock goes with
+    it, so the next upkeep run drops the invalid index it left."""
+    return f"vectorsync-index:{table.spec.name}"
 
 
 def index_state(conn: psycopg.Connection, table: ResolvedTable, holding_lock: bool = False) -> IndexState:
     spec = table.spec
-    building = False
-    if not holding_lock:
-        building = not _try_build_lock(conn, spec.name)
-        if not building:
-            _release_build_lock(conn, spec.name)
+    building = not holding_lock and held_elsewhere(conn, _build_lock(table))
     found = conn.execute(
         """SELECT i.indisvalid FROM pg_index i
            JOIN pg_class c ON c.oid = i.indexrelid
@@ -108,8 +98,8 @@ def build_index(conn: psycopg.Connection, table: ResolvedTable) -> IndexState:
     session is building it, returns a state with `building` set and touches nothing."""
     if not conn.autocommit:
         raise ValueError("CREATE INDEX CONCURRENTLY needs an autocommit connection")
-    name = table.spec.name
-    if not _try_build_lock(conn, name):
+    lock = _build_lock(table)
+    if not try_lock(conn, lock):
         return index_state(conn, table)
     try:
         state = index_state(conn, table, holding_lock=True)
@@ -124,4 +114,4 @@ def build_index(conn: psycopg.Connection, table: ResolvedTable) -> IndexState:
         conn.execute(index_definition(table, concurrently=True))
         return index_state(conn, table, holding_lock=True)
     finally:
-        _release_build_lock(conn, name)
+        unlock(conn, lock)

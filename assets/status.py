@@ -75,3 +75,24 @@ def installed_tables(conn: psycopg.Connection) -> list[str]:
     if exists is None:
         return []
     return [n for (n,) in conn.execute("SELECT name FROM vectorsync.embedding_tables ORDER BY name")]
+
+
+def change_backlog(conn: psycopg.Connection, change_log: sql.Composable) -> tuple[int, float | None]:
+    """Keys waiting in a change log (a sweep request counts as one; an entry holds every key one
+    statement changed in a bucket), and the age in seconds of the oldest entry (None if empty)."""
+    return conn.execute(
+        sql.SQL(
+            "SELECT coalesce(sum(coalesce(cardinality(row_keys), 1)), 0)::int, "
+            "extract(epoch FROM now() - min(queued_at))::float8 FROM {}"
+        ).format(change_log)
+    ).fetchone()
+
+
+def estimated_rows(conn: psycopg.Connection, relation: sql.Composable) -> int | None:
+    """The planner's row estimate of a table (None if it does not exist): a count(*) of a large
+    table costs a scan, too much for a sensor tick or a run that wrote a few rows."""
+    found = conn.execute(
+        "SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = to_regclass(%s)",
+        (relation.as_string(conn),),
+    ).fetchone()
+    return found[0] if found else None

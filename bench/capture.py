@@ -10,8 +10,6 @@ from bench.common import (
     Context,
     Measure,
     Result,
-    count,
-    logged_keys,
     create_source,
     declare,
     timed,
@@ -22,6 +20,8 @@ COLUMNS = "id int PRIMARY KEY, title text, body text, views int NOT NULL DEFAULT
 
 
 def run(ctx: Context) -> Result:
+    from assets.status import change_backlog
+
     rows, chars = ctx.params["rows"], ctx.params["chars"]
     conn = ctx.connect()
     create_source(conn, SCHEMA, COLUMNS)
@@ -55,7 +55,7 @@ def run(ctx: Context) -> Result:
                     conn.execute("CHECKPOINT")
                     seconds, _ = timed(lambda: conn.execute(statement))  # noqa: B023 - called at once
                     samples[label][triggers].append(seconds)
-                    logged = logged_keys(conn, table.queue)
+                    logged = change_backlog(conn, table.queue)[0]
                     expected = logged_per_statement[label] if triggers else 0
                     assert logged == expected, f"{label}: {logged} change-log rows, expected {expected}"
                     conn.execute(sql.SQL("TRUNCATE {}").format(table.queue))

@@ -163,13 +163,6 @@ def count(conn: psycopg.Connection, relation: sql.Composable) -> int:
     return conn.execute(sql.SQL("SELECT count(*) FROM {}").format(relation)).fetchone()[0]
 
 
-def logged_keys(conn: psycopg.Connection, change_log: sql.Composable) -> int:
-    """Keys waiting in a change log (an entry holds every key one statement changed in a bucket)."""
-    return conn.execute(
-        sql.SQL("SELECT coalesce(sum(cardinality(row_keys)), 0)::int FROM {}").format(change_log)
-    ).fetchone()[0]
-
-
 def body_text(i: int, chars: int) -> str:
     """Distinct prose-like text of about `chars` characters: words vary with i, so no two rows
     share a chunk and the embedding cache never short-cuts a benchmark."""

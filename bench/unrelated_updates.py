@@ -16,8 +16,6 @@ from bench.common import (
     Measure,
     Result,
     body_text,
-    count,
-    logged_keys,
     create_source,
     declare,
     load_rows,
@@ -47,6 +45,7 @@ def _store_versions(conn: psycopg.Connection, store: sql.Composable) -> str:
 
 def run(ctx: Context) -> Result:
     from assets.engine import EmbeddingEngine
+    from assets.status import change_backlog
 
     rows = ctx.params["rows"]
     conn = ctx.connect()
@@ -61,12 +60,12 @@ def run(ctx: Context) -> Result:
     extra: dict[str, Any] = {}
     try:
         sync_all(engine, spec.buckets, full=True)
-        assert logged_keys(conn, table.queue) == 0
+        assert change_backlog(conn, table.queue)[0] == 0
         for r in range(ctx.rounds):
             calls, inputs = provider.calls, provider.inputs
             writes, versions = _store_writes(conn, table.store), _store_versions(conn, table.store)
             seconds, _ = timed(lambda: conn.execute(sql.SQL("UPDATE {} SET views = views + 1").format(source)))
-            logged = logged_keys(conn, table.queue)
+            logged = change_backlog(conn, table.queue)[0]
             changed = sync_all(engine, spec.buckets, full=False)
             swept = sync_all(engine, spec.buckets, full=True)
             figures.setdefault("keys logged", []).append(logged)
@@ -82,7 +81,7 @@ def run(ctx: Context) -> Result:
         # The control: the same counters see an update of the text column.
         calls, writes = provider.calls, _store_writes(conn, table.store)
         conn.execute(sql.SQL("UPDATE {} SET title = title || '!'").format(source))
-        logged = logged_keys(conn, table.queue)
+        logged = change_backlog(conn, table.queue)[0]
         sync_all(engine, spec.buckets, full=False)
         extra["control_text_update"] = {
             "keys_logged": logged, "provider_calls": provider.calls - calls,

@@ -13,6 +13,7 @@ from psycopg import sql
 
 from assets.factory import bucket_partition_key, continuous_lock_held, embeddings_asset_key, source_asset_key
 from assets.spec import TableSpec
+from assets.status import estimated_rows
 
 from .resources import VectorsyncDatabase
 
@@ -93,11 +94,7 @@ def changes_sensor(spec: TableSpec, interval_seconds: int = 2) -> dg.SensorDefin
                        FROM {} GROUP BY bucket ORDER BY bucket"""
                 ).format(queue)
             ).fetchall()
-            # The planner's estimate: a count(*) of a large table on every tick would cost too much.
-            estimated_rows = conn.execute(
-                "SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = to_regclass(%s)",
-                (sql.Identifier(spec.source.schema_, spec.source.table).as_string(conn),),
-            ).fetchone()
+            source_rows = estimated_rows(conn, sql.Identifier(spec.source.schema_, spec.source.table))
         all_pending = pending
         if spec.continuous:
             # The continuous run drains the log; this sensor only stands in when changes wait
@@ -145,7 +142,7 @@ def changes_sensor(spec: TableSpec, interval_seconds: int = 2) -> dg.SensorDefin
             )
         events = []
         if requests or now - cursor.get("_observed", [0.0])[0] >= SOURCE_OBSERVATION_SECONDS:
-            events.append(_source_observation(spec, all_pending, estimated_rows[0] if estimated_rows else None))
+            events.append(_source_observation(spec, all_pending, source_rows))
             cursor["_observed"] = [now]
         if not requests:
             return dg.SensorResult(
@@ -174,7 +171,7 @@ def _continuous_run_is_dead(
     return True
 
 
-def _source_observation(spec: TableSpec, pending: list, estimated_rows: int | None) -> dg.AssetObservation:
+def _source_observation(spec: TableSpec, pending: list, source_rows: int | None) -> dg.AssetObservation:
     """What the UI shows on the source asset: its size and its backlog. Recorded when changes
     are requested and otherwise every ten minutes, not on every tick, which would flood the
     event log."""
@@ -182,8 +179,8 @@ def _source_observation(spec: TableSpec, pending: list, estimated_rows: int | No
         "pending_changes": sum(n for *_, n in pending),
         "oldest_change_seconds": round(max((age for _, _, age, _ in pending), default=0.0), 1),
     }
-    if estimated_rows is not None:
-        metadata["dagster/row_count"] = estimated_rows
+    if source_rows is not None:
+        metadata["dagster/row_count"] = source_rows  # the planner's estimate
     return dg.AssetObservation(asset_key=source_asset_key(spec), metadata=metadata)
 
 

@@ -24,6 +24,7 @@ from assets.engine import EmbeddingEngine, SyncStats  # noqa: E402
 from assets.install import install  # noqa: E402
 from assets.providers.base import EmbeddingProvider, Embeddings  # noqa: E402
 from assets.spec import TableSpec, parse_spec  # noqa: E402
+from assets.status import change_backlog  # noqa: E402
 from orchestration.database import connect, database_url  # noqa: E402
 
 _counter = itertools.count()
@@ -113,9 +114,7 @@ class TableFixture:
         return result
 
     def pending(self) -> int:
-        from psycopg import sql
-
-        return self.conn.execute(sql.SQL("SELECT coalesce(sum(coalesce(cardinality(row_keys), 1)), 0)::int FROM {}").format(self.table.queue)).fetchone()[0]
+        return change_backlog(self.conn, self.table.queue)[0]
 
 
 @pytest.fixture

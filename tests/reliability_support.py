@@ -17,6 +17,7 @@ from psycopg import sql
 from assets.catalog import ResolvedTable
 from assets.providers.base import EmbeddingProvider
 from assets.spec import TableSpec, parse_spec
+from assets.status import change_backlog
 from assets.text import chunk, fit_to_token_limit, render, text_hash
 
 from conftest import unique
@@ -134,7 +135,7 @@ def audit(conn: psycopg.Connection, table: ResolvedTable, provider: EmbeddingPro
     ):
         stored.setdefault(json.dumps(key), []).append((seq, bytes(digest), model, chunk_text, vector))
 
-    pending = conn.execute(sql.SQL("SELECT coalesce(sum(coalesce(cardinality(row_keys), 1)), 0)::int FROM {}").format(table.queue)).fetchone()[0]
+    pending = change_backlog(conn, table.queue)[0]
     ledger_rows = conn.execute(
         "SELECT row_key, error_kind, last_error FROM vectorsync.failures WHERE table_name = %s ORDER BY row_key",
         (spec.name,),

@@ -24,6 +24,7 @@ from assets.install import install
 from assets.providers import build_provider
 from assets.providers.base import ProviderError
 from assets.spec import parse_spec
+from assets.status import change_backlog
 
 from conftest import unique
 
@@ -51,7 +52,7 @@ class LedgerTable:
         return dict(self.conn.execute(sql.SQL("SELECT id, chunk FROM {}").format(self.table.store)).fetchall())
 
     def pending(self) -> int:
-        return self.conn.execute(sql.SQL("SELECT coalesce(sum(coalesce(cardinality(row_keys), 1)), 0)::int FROM {}").format(self.table.queue)).fetchone()[0]
+        return change_backlog(self.conn, self.table.queue)[0]
 
     def ledger(self) -> dict[int, dict[str, Any]]:
         """row id -> its failure_report row, with the backoff delay in seconds."""
