@@ -36,6 +36,9 @@ def table_status(conn: psycopg.Connection, name: str) -> TableStatus:
     source = sql.Identifier(src_schema, src_table)
     store = sql.Identifier(store_schema, store_table)
     queue = sql.Identifier("vectorsync", queue_table)
+    for relation, what in ((source, "source"), (store, "store"), (queue, "change log")):
+        if conn.execute("SELECT to_regclass(%s)", (relation.as_string(conn),)).fetchone()[0] is None:
+            raise LookupError(f"table {name}: its {what} {relation.as_string(conn)} does not exist")
     keys = sql.SQL(", ").join(sql.Identifier(c) for c in key_columns)
     key_json = sql.SQL("jsonb_build_array({})").format(keys)
     source_rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(source)).fetchone()[0]

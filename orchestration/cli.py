@@ -61,12 +61,19 @@ def cmd_status(args: argparse.Namespace) -> int:
             return 0
         header = ("table", "source", "source rows", "embedded", "current", "chunks", "pending",
                   "failed", "dead", "skipped")
-        rows = []
+        rows, problems = [], []
         for name in names:
-            s = table_status(conn, name)
+            try:
+                s = table_status(conn, name)
+            except LookupError as exc:  # one broken table must not hide the others' figures
+                problems.append(str(exc))
+                continue
             rows.append((s.name, s.source, s.source_rows, s.rows_embedded, s.rows_current, s.chunks,
                          s.pending_changes, s.failed_rows, s.dead_rows, s.skipped_rows))
     _print_table(header, rows)
+    # Reported, not fatal: status is what one runs to find out what is wrong.
+    for problem in problems:
+        print(f"error: {problem}")
     return 0
 
 

@@ -192,3 +192,23 @@ def test_continuous_reporter_keeps_no_event_once_it_is_written(instance) -> None
     assert {r.partition_key for r in records} == {"000", "001", "002"}
     assert all(r.run_id == result.run_id for r in records)
     assert sum(r.asset_materialization.metadata["rows_written"].value for r in records) == 30
+
+
+def test_cli_status_reports_a_table_whose_source_is_gone_and_still_shows_the_others(
+    tmp_path: Path, db_url: str, conn
+) -> None:
+    schema = unique("gone")
+    conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    for table in ("kept", "dropped"):
+        conn.execute(sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, body text)").format(sql.Identifier(schema, table)))
+    names = {table: unique(table) for table in ("kept", "dropped")}
+    install(conn, [(parse_spec({"name": names[t], "source": f"{schema}.{t}", "columns": ["body"], "buckets": 2}, "test.yaml"), "test.yaml")
+                   for t in names])
+    conn.execute(sql.SQL("DROP TABLE {} CASCADE").format(sql.Identifier(schema, "dropped")))  # and its view
+
+    done = subprocess.run([sys.executable, "-m", "orchestration.cli", "status"], env={**os.environ, "DATABASE_URL": db_url},
+                          cwd=PROJECT, capture_output=True, text=True, timeout=300)
+
+    assert done.returncode == 0, done.stderr
+    assert any(line.startswith(names["kept"] + " ") for line in done.stdout.splitlines())
+    assert f"error: table {names['dropped']}: its source" in done.stdout and "does not exist" in done.stdout
