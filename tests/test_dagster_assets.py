@@ -72,6 +72,11 @@ def test_materializing_a_partition_embeds_its_bucket(instance, declared, db_url:
     lineage = materialization.metadata["dagster/column_lineage"].value
     assert {d.column_name for d in lineage.deps_by_column["embedding"]} == {"title", "body"}
     assert lineage.deps_by_column["embedding"][0].asset_key == source_asset_key(spec)
+    schema = materialization.metadata["dagster/column_schema"].value
+    assert {c.name: c.type for c in schema.columns} == {
+        "id": "integer", "chunk_seq": "int", "chunk": "text", "text_hash": "bytea", "model": "text",
+        "embedding": f"vector({spec.provider.dimensions})",
+    }
 
     # the run and its materialization are in the Postgres-backed instance, for the UI
     records = instance.fetch_materializations(embeddings_asset_key(spec), limit=10).records
