@@ -56,6 +56,7 @@ from assets.status import TableStatus, table_status
 
 from .corpus import load_python_docs
 from .database import PROJECT_DIR, connect, database_url, tables_dir
+from .dev import prepare_child
 from .instance import prepare_instance
 from .resources import database_resource
 
@@ -262,7 +263,7 @@ def ui_links(port: int, host: str = "127.0.0.1") -> dict[str, str]:
 
 def run_demo(queries: Sequence[str], serve: bool = True, port: int = 3000, limit: int | None = None) -> int:
     """Load, install, embed through Dagster, search; then (serve=True) replace this process with
-    `dagster dev` on 127.0.0.1:port. Returns 0, or 1 when the port is taken."""
+    Dagster's UI and daemon on 127.0.0.1:port. Returns 0, or 1 when the port is taken."""
     started = time.perf_counter()
     if serve and not port_is_free(port):
         print(f"port {port} on 127.0.0.1 is in use: stop what runs there or pass --port", file=sys.stderr)
@@ -309,9 +310,10 @@ def run_demo(queries: Sequence[str], serve: bool = True, port: int = 3000, limit
 
 
 def dagster_dev_command(port: int, host: str = "127.0.0.1") -> list[str]:
-    """`dagster dev` for this project's workspace (webserver and daemon), from this interpreter's venv."""
-    dagster = str(Path(sys.executable).parent / "dagster")
-    return [dagster, "dev", "-w", str(PROJECT_DIR / "workspace.yaml"), "-h", host, "-p", str(port)]
+    """The webserver and daemon for this project's workspace, as `dagster dev` runs them but with
+    vectorsync's daemon (orchestration/dev.py), from this interpreter's venv."""
+    return [sys.executable, "-m", "orchestration.dev", "-w", str(PROJECT_DIR / "workspace.yaml"), "-h", host,
+            "-p", str(port)]
 
 
 def exec_ui_server(port: int) -> None:
@@ -338,7 +340,7 @@ def ui_answers(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def _announce_when_ready(port: int, child: subprocess.Popen, timeout: float = 900) -> None:
-    """Print where to look once the UI really answers: printed before dagster dev's start-up
+    """Print where to look once the UI really answers: printed before Dagster's start-up
     logs, the links would have scrolled away by the time they work."""
     deadline = time.monotonic() + timeout
     while child.poll() is None and time.monotonic() < deadline:
@@ -352,29 +354,16 @@ def _announce_when_ready(port: int, child: subprocess.Popen, timeout: float = 90
         time.sleep(1)
 
 
-def _prepare_child() -> None:
-    """In the child, before exec: default SIGINT/SIGTERM (a shell's background job inherits them
-    ignored, and dagster dev would then ignore its stop signal), and have Linux send SIGTERM if the
-    parent dies, even by SIGKILL, so `dagster dev` (in a session of its own) never outlives its
-    supervisor."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def serve_ui(port: int) -> int:
-    """Run `dagster dev` on 127.0.0.1:port until it stops, and return its exit status.
+    """Run Dagster's UI and daemon (orchestration.dev) on 127.0.0.1:port until they stop, and return
+    the exit status.
 
-    This process stays as the supervisor rather than exec'ing dagster dev, because it holds the
+    This process stays as the supervisor rather than exec'ing them, because it holds the
     embedded PostgreSQL's handle: the server stops when this process exits normally, after the
-    UI. (An exec'd dagster dev would leave its pid in the server's handle list, so the server
-    would never stop.) dagster dev runs in a session of its own and gets exactly one SIGINT, like
+    UI. (An exec'd supervisor would leave its pid in the server's handle list, so the server
+    would never stop.) It runs in a session of its own and gets exactly one SIGINT, like
     a Ctrl-C in its own terminal, whether this process receives SIGINT (Ctrl-C), SIGTERM or SIGHUP;
-    signal handlers, unlike an inherited SIG_IGN, reset on exec, so dagster dev can always be
+    signal handlers, unlike an inherited SIG_IGN, reset on exec, so Dagster can always be
     stopped (see DESIGN.md on `env --default-signal`)."""
     database_url()  # join the embedded server (no-op with DATABASE_URL): its last handle stops it
     env = dict(os.environ)
@@ -394,7 +383,7 @@ def serve_ui(port: int) -> int:
         stop_requested = True
         if child is None or signalled:
             return  # not started yet (handled below), or already shutting down: a second
-            # interrupt would cut dagster dev's own shutdown of its webserver and daemon short
+            # interrupt would cut the webserver's and the daemon's own shutdown short
         signalled = True
         try:
             os.killpg(child.pid, signal.SIGINT)
@@ -405,7 +394,7 @@ def serve_ui(port: int) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, stop)
     child = subprocess.Popen(dagster_dev_command(port), cwd=PROJECT_DIR, env=env, start_new_session=True,
-                             preexec_fn=_prepare_child)
+                             preexec_fn=prepare_child)
     if stop_requested:
         stop(signal.SIGTERM, None)
     threading.Thread(target=_announce_when_ready, args=(port, child), name="announce", daemon=True).start()

@@ -51,6 +51,9 @@ def instance_config(url: str, max_concurrent_runs: int = 4, pool_limit: int = 2)
             # Each provider is a pool (see the asset's `pool`): parallel runs share one rate limit.
             "pools": {"default_limit": pool_limit},
         },
+        # A run stuck starting or canceling (its process gone before it could say so) is failed,
+        # so the continuous keeper and the change sensor stop waiting on it.
+        "run_monitoring": {"enabled": True, "start_timeout_seconds": 180, "cancel_timeout_seconds": 120},
         "telemetry": {"enabled": False},
     }
 

@@ -1,4 +1,4 @@
-"""Dagster running in the background on this machine: `dagster dev` (UI and daemon) or the daemon
+"""Dagster running in the background on this machine: the UI and the daemon, or the daemon
 alone, for end-to-end tests and benchmarks that go through sensors, the run queue and real runs."""
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ class LocalDagster:
 
     def start(self) -> LocalDagster:
         prepare_instance(self.url, self.home)
-        bin_dir = Path(sys.executable).parent
+        # vectorsync's daemon and dev (orchestration/daemon.py): backfills start within seconds.
         if self.port is None:
-            command = [str(bin_dir / "dagster-daemon"), "run", "-w", "workspace.yaml"]
+            command = [sys.executable, "-m", "orchestration.daemon", "run", "-w", "workspace.yaml"]
         else:
-            command = [str(bin_dir / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1",
+            command = [sys.executable, "-m", "orchestration.dev", "-w", "workspace.yaml", "-h", "127.0.0.1",
                        "-p", str(self.port)]
         env = {**os.environ, "DAGSTER_HOME": str(self.home), "DATABASE_URL": self.url, **self.extra_env}
         if self.tables_dir is not None:

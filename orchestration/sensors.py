@@ -36,6 +36,12 @@ CONTINUOUS_START_GRACE_SECONDS = 20.0
 CHANGE_RUN_TRUST_SECONDS = 300.0
 # The source asset is observed at least this often (and whenever changes are requested).
 SOURCE_OBSERVATION_SECONDS = 600.0
+# A continuous run that fails is restarted at once (its process may just have been killed); one
+# that keeps failing is restarted after a pause that doubles with each further failure in a row,
+# from the first to the last of these: a broken declaration or an unreachable database must not
+# start a run every few seconds and flood the run list.
+CONTINUOUS_RESTART_FIRST_SECONDS = 10.0
+CONTINUOUS_RESTART_MAX_SECONDS = 600.0
 # Identifies this load of the code location: a continuous run started by an earlier load is
 # replaced, so it runs the code and declarations now in effect.
 CODE_LOAD_ID = uuid.uuid4().hex[:12]
@@ -184,9 +190,38 @@ def _source_observation(spec: TableSpec, pending: list, source_rows: int | None)
     return dg.AssetObservation(asset_key=source_asset_key(spec), metadata=metadata)
 
 
+def continuous_restart_delay(failures_in_a_row: int) -> float:
+    """Seconds to wait after the last of `failures_in_a_row` failed continuous runs."""
+    if failures_in_a_row <= 1:
+        return 0.0
+    return min(CONTINUOUS_RESTART_FIRST_SECONDS * 2 ** (failures_in_a_row - 2), CONTINUOUS_RESTART_MAX_SECONDS)
+
+
+def _restart_wait(instance: dg.DagsterInstance, job_name: str, now: float) -> tuple[int, float]:
+    """How many of the job's latest runs failed in a row, and how long until the next may start.
+    A run that succeeded or was canceled (replaced, or stopped from the UI) ends the streak."""
+    records = instance.get_run_records(
+        filters=dg.RunsFilter(
+            job_name=job_name,
+            statuses=[dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.CANCELED],
+        ),
+        limit=8,
+    )
+    failures = 0
+    for record in records:
+        if record.dagster_run.status != dg.DagsterRunStatus.FAILURE:
+            break
+        failures += 1
+    if not failures:
+        return 0, 0.0
+    ended = records[0].end_time or records[0].update_timestamp.timestamp()
+    return failures, max(0.0, ended + continuous_restart_delay(failures) - now)
+
+
 def continuous_keeper(spec: TableSpec, job: dg.JobDefinition, interval_seconds: int = 5) -> dg.SensorDefinition:
     """Keeps exactly one continuous run of the table: starts it when missing, replaces it when the
-    code location was reloaded since it started."""
+    code location was reloaded since it started, and waits longer after each failure in a row.
+    (A run stuck starting or canceling is failed by Dagster's run monitoring; see instance.py.)"""
 
     @dg.sensor(
         name=f"{spec.name}_continuous_keeper",
@@ -195,7 +230,8 @@ def continuous_keeper(spec: TableSpec, job: dg.JobDefinition, interval_seconds: 
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=f"Keeps one continuous-mode run of {spec.name} alive: starts it when none is "
         "running and replaces a run started by an earlier load of the code. Stop this sensor to "
-        "stop continuous mode.",
+        "stop continuous mode. A failed run is replaced at once; after two or more failures in a row "
+        "it waits 10 s, 20 s, 40 s, ... up to 10 min.",
     )
     def _sensor(context: dg.SensorEvaluationContext, database: VectorsyncDatabase) -> dg.SensorResult:
         runs = _in_flight(context.instance, spec, {"continuous"})
@@ -210,6 +246,11 @@ def continuous_keeper(spec: TableSpec, job: dg.JobDefinition, interval_seconds: 
             )
         if runs:
             return dg.SensorResult(skip_reason="waiting for the earlier continuous run to stop")
+        failures, wait = _restart_wait(context.instance, job.name, time.time())
+        if wait > 0:
+            return dg.SensorResult(
+                skip_reason=f"the last {failures} continuous run(s) failed; the next starts in {wait:.0f}s"
+            )
         return dg.SensorResult(
             run_requests=[
                 dg.RunRequest(

@@ -1,5 +1,6 @@
-"""End to end, as a new user meets it: `vectorsync demo` on a small corpus, serving `dagster dev` on a
-free port, looked at in headless Chromium. Every assertion reads the rendered page (what Dagster's
+"""End to end, as a new user meets it: `vectorsync demo` on a small corpus, serving Dagster's UI
+and daemon (orchestration.dev, as `dagster dev` would) on a free port, looked at in headless
+Chromium. Every assertion reads the rendered page (what Dagster's
 UI drew after fetching its data), not the GraphQL API underneath.
 
 Screenshots and the page text land in tests/artifacts/browser/ (gitignored) for a person to look at.
@@ -99,7 +100,7 @@ def chromium_path() -> str:
 
 @pytest.fixture(scope="module")
 def demo(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    """`vectorsync demo --limit N --port P` exactly as a user runs it (it execs `dagster dev`),
+    """`vectorsync demo --limit N --port P` exactly as a user runs it (it serves the UI and daemon),
     on the tests' database, with its own VECTORSYNC_HOME and DAGSTER_HOME; stopped by process
     group at the end."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -116,7 +117,7 @@ def demo(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tupl
     }
     env.pop("VECTORSYNC_TABLES", None)  # the demo's own declarations, assets/tables
     with open(log, "wb") as out:
-        # `env --default-signal`: a dagster dev started from a non-interactive shell inherits
+        # `env --default-signal`: Dagster started from a non-interactive shell inherits
         # ignored SIGINT/SIGTERM and would outlive the test otherwise.
         process = subprocess.Popen(
             ["env", "--default-signal=INT,TERM", sys.executable, "-m", "orchestration.cli", "demo",
@@ -126,13 +127,13 @@ def demo(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tupl
     servers: list[int] = []
     try:
         _wait_for_ui(process, base, log)
-        # The demo supervises `dagster dev` in a session of its own: note it, to check it stops.
+        # The demo supervises the UI and daemon in a session of their own: note it, to check it stops.
         servers = _children(process.pid)
-        assert servers, "the demo serves the UI without a dagster dev child"
+        assert servers, "the demo serves the UI without a child process"
         yield base, log
     finally:
         # SIGTERM to the demo's group, as a process manager would: the demo passes one SIGINT on
-        # to dagster dev's session and waits for its shutdown.
+        # to the UI's session and waits for its shutdown.
         stop_process_group(process, grace=90, sig=signal.SIGTERM)
         leftover = [pgid for pgid in [process.pid, *servers] if group_alive(pgid)]
         for pgid in leftover:

@@ -11,12 +11,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dagster as dg
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 import psycopg
 import pytest
 import yaml
 from psycopg import sql
 
-from openai_server import OpenAIServer
+from openai_server import Fault, OpenAIServer
 from orchestration.local_dagster import LocalDagster
 
 from conftest import unique
@@ -103,11 +104,35 @@ def test_changes_reach_the_store_through_sensor_queue_and_runs(
         # A change run lingers for further changes, then ends by itself once writes pause.
         wait_until(lambda: all(r.is_finished for r in runs_of(tmp_path / "home", decl["name"])), 90, dagster,
                    "the change runs finishing once the writes stopped")
-    runs = runs_of(tmp_path / "home", decl["name"])
+        runs = runs_of(tmp_path / "home", decl["name"])
+        stored = stored_bodies(conn, decl, schema)
+        assert stored[1] == "edited post 1" and 7 not in stored and stored[33] == "new post 33"
+
+        # A backfill of every partition, as the UI launches one: vectorsync's daemon loop hands it
+        # to Dagster's backfill pass, which starts one run for all buckets, and marks it done.
+        from dagster._core.execution.backfill import BulkActionStatus, PartitionBackfill
+
+        from orchestration.definitions import build_definitions
+
+        conn.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(schema, f"{decl['name']}_embeddings_store")))
+        backfill_id = unique("bf")
+        with dg.DagsterInstance.from_config(str(tmp_path / "home")) as instance:
+            instance.add_backfill(PartitionBackfill.from_asset_partitions(
+                backfill_id=backfill_id, asset_graph=build_definitions(tables).resolve_asset_graph(),
+                partition_names=[f"{b:03d}" for b in range(decl["buckets"])],
+                asset_selection=[dg.AssetKey(["embeddings", decl["name"]])], backfill_timestamp=time.time(),
+                tags={}, dynamic_partitions_store=instance, all_partitions=False, title=None, description=None,
+                run_config=None,
+            ))
+            wait_until(lambda: instance.get_backfill(backfill_id).status == BulkActionStatus.COMPLETED_SUCCESS,
+                       180, dagster, "the backfill completing")
+            backfill_runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/backfill": backfill_id}))
+        assert stored_bodies(conn, decl, schema) == source_bodies(conn, source)
+        assert len(backfill_runs) == 1 and backfill_runs[0].status == dg.DagsterRunStatus.SUCCESS
+        assert (backfill_runs[0].tags[ASSET_PARTITION_RANGE_START_TAG],
+                backfill_runs[0].tags[ASSET_PARTITION_RANGE_END_TAG]) == ("000", f"{decl['buckets'] - 1:03d}")
     assert runs and all(r.tags.get("vectorsync/trigger") == "changes" for r in runs)
     assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs), [(r.run_id, r.status) for r in runs]
-    stored = stored_bodies(conn, decl, schema)
-    assert stored[1] == "edited post 1" and 7 not in stored and stored[33] == "new post 33"
     print(f"second round reached the store in {seconds:.1f}s through {len(runs)} runs")
 
 
@@ -144,13 +169,28 @@ def test_continuous_run_follows_changes_without_sensor_ticks(
         wait_until(lambda: bool(materializations()), 10, dagster, "the micro-batches' materializations")
         assert all(m.run_id == runs[0].run_id for m in materializations())
         assert stored_bodies(conn, decl, schema) == {1: "updated continuous"}
+        # Each micro-batch says what a partition run says: the work, the backlog and the store.
+        metadata = materializations()[0].asset_materialization.metadata
+        for key in ("rows_written", "chunks_embedded", "pending_changes", "oldest_change_seconds", "buckets",
+                    "rows_per_second", "dagster/row_count", "dagster/table_name"):
+            assert key in metadata, key
+        assert metadata["dagster/row_count"].value == 1
+        assert [c.name for c in metadata["dagster/column_schema"].value.columns] == [
+            "id", "chunk_seq", "chunk", "text_hash", "model", "embedding"]
+        assert {d.column_name for d in metadata["dagster/column_lineage"].value.deps_by_column["embedding"]} == {"body"}
 
-        # SIGKILL the run's process: its claimed work rolls back, the keeper sees its lock is gone,
-        # marks it failed and starts another, which embeds what was written meanwhile.
+        # SIGKILL the run's process in the middle of a micro-batch (its provider request still
+        # unanswered): the claimed change rolls back, the keeper sees the lock is gone, marks the
+        # run failed and starts another, which embeds the row and what was written meanwhile.
+        server.fail_next(Fault(delay=60.0))
+        conn.execute(sql.SQL("INSERT INTO {} VALUES (3, 'claimed when the run was killed')").format(source))
+        wait_until(lambda: any("claimed when the run" in t for r in server.requests for t in r.inputs), 30, dagster,
+                   "the continuous run sending the new row to the provider")
         os.kill(int(runs[0].tags["vectorsync/pid"]), signal.SIGKILL)
-        conn.execute(sql.SQL("INSERT INTO {} VALUES (3, 'written while no run was alive')").format(source))
+        server.clear_faults()
+        conn.execute(sql.SQL("INSERT INTO {} VALUES (4, 'written while no run was alive')").format(source))
         recovered = wait_until(lambda: stored_bodies(conn, decl, schema) == source_bodies(conn, source), 150,
-                               dagster, "a new continuous run embedding the row written after the kill")
+                               dagster, "a new continuous run embedding the rows of and after the kill")
         runs = runs_of(home, decl["name"])
         assert runs[-1].status == dg.DagsterRunStatus.FAILURE  # the killed one, oldest last
         live = [r for r in runs if r.status == dg.DagsterRunStatus.STARTED]

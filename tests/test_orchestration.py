@@ -286,3 +286,74 @@ def test_dagster_yaml_never_holds_the_database_password(tmp_path, monkeypatch) -
     monkeypatch.setenv(PASSWORD_ENV, "s3cret-pw")
     loaded, _ = dagster_instance_config(str(tmp_path))  # the schema accepts the env reference
     assert loaded["storage"]["postgres"]["postgres_db"]["password"] == {"env": PASSWORD_ENV}
+
+
+def test_continuous_keeper_waits_longer_after_each_failure_in_a_row(instance) -> None:
+    """A continuous run that fails is replaced at once, one that keeps failing ever more slowly, and
+    a run that ends well (or is canceled) starts the count again."""
+    from orchestration.sensors import _restart_wait, continuous_restart_delay
+
+    broken = {"now": True}
+
+    @dg.op
+    def follow() -> None:
+        if broken["now"]:
+            raise dg.Failure("the declared source table is gone")
+
+    @dg.job(name=unique("keeper"))
+    def continuous() -> None:
+        follow()
+
+    assert _restart_wait(instance, continuous.name, time.time()) == (0, 0.0)
+    waits = []
+    for _ in range(4):
+        assert not continuous.execute_in_process(instance=instance, raise_on_error=False).success
+        failures, wait = _restart_wait(instance, continuous.name, time.time())
+        waits.append((failures, wait))
+    assert [f for f, _ in waits] == [1, 2, 3, 4]
+    assert waits[0][1] == 0.0
+    for failures, wait in waits[1:]:
+        # Measured from the failed run's end a moment ago.
+        assert continuous_restart_delay(failures) - 5 < wait <= continuous_restart_delay(failures)
+    assert [continuous_restart_delay(n) for n in (2, 3, 4, 12)] == [10.0, 20.0, 40.0, 600.0]
+
+    broken["now"] = False
+    assert continuous.execute_in_process(instance=instance).success
+    assert _restart_wait(instance, continuous.name, time.time()) == (0, 0.0)
+
+
+def test_backfill_loop_looks_out_for_backfills_only_its_daemon_can_move_on(instance, monkeypatch) -> None:
+    """vectorsync's backfill loop passes at once over a backfill that is new, between runs or
+    canceling, and leaves one whose run is queued or running to Dagster's 30 s passes."""
+    import dagster._daemon.daemon as dagster_daemon
+    from dagster._core.execution.backfill import BulkActionStatus, PartitionBackfill
+
+    from orchestration.daemon import backfills_waiting_on_the_daemon, install_responsive_backfill_loop, responsive_backfill_loop
+
+    monkeypatch.setattr(dagster_daemon, "execute_backfill_iteration_loop", dagster_daemon.execute_backfill_iteration_loop)
+    assert install_responsive_backfill_loop(), "this Dagster's backfill loop is no longer the one replaced"
+    assert dagster_daemon.execute_backfill_iteration_loop is responsive_backfill_loop
+
+    @dg.asset(name=unique("parts"), partitions_def=dg.StaticPartitionsDefinition(["a", "b"]))
+    def parts() -> None: ...
+
+    backfill_id = unique("bf")
+    backfill = PartitionBackfill.from_asset_partitions(
+        backfill_id=backfill_id, asset_graph=dg.Definitions(assets=[parts]).resolve_asset_graph(),
+        partition_names=["a", "b"], asset_selection=[parts.key], backfill_timestamp=time.time(), tags={},
+        dynamic_partitions_store=instance, all_partitions=False, title=None, description=None, run_config=None,
+    )
+    instance.add_backfill(backfill)
+    assert backfill_id in backfills_waiting_on_the_daemon(instance)  # new
+
+    run = instance.add_run(dg.DagsterRun(job_name="__ASSET_JOB", run_id=unique("run").replace("_", "-"),
+                                         status=dg.DagsterRunStatus.STARTING, tags={"dagster/backfill": backfill_id}))
+    assert backfill_id not in backfills_waiting_on_the_daemon(instance)  # its run moves it on
+
+    instance.report_run_failed(run)
+    assert backfill_id in backfills_waiting_on_the_daemon(instance)  # between runs: its next pass decides
+
+    instance.update_backfill(backfill.with_status(BulkActionStatus.CANCELING))
+    assert backfill_id in backfills_waiting_on_the_daemon(instance)
+    instance.update_backfill(backfill.with_status(BulkActionStatus.CANCELED))
+    assert backfill_id not in backfills_waiting_on_the_daemon(instance)
