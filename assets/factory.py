@@ -6,6 +6,7 @@ import queue
 import random
 import threading
 import time
+from collections.abc import Callable
 from functools import lru_cache
 
 import dagster as dg
@@ -15,7 +16,7 @@ from pydantic import Field
 
 from orchestration.resources import VectorsyncDatabase
 
-from .catalog import resolve
+from .catalog import ResolvedTable, resolve
 from .continuous import CHANNEL, ChangeListener, follow_changes
 from .engine import BucketBusy, EmbeddingEngine, RetryPolicy, SyncStats
 from .locks import held_elsewhere, try_lock
@@ -152,53 +153,71 @@ def embeddings_asset(spec: TableSpec, origin: str) -> dg.AssetsDefinition:
                     _follow_changes(context, spec, engine, database, buckets, config, total)
             finally:
                 engine.close()
-            store_rows = _store_row_count(conn, table.store)
-            columns = dg.TableSchema(
-                columns=[dg.TableColumn(c.name, c.type_sql) for c in table.key]
-                + [
-                    dg.TableColumn("chunk_seq", "int"),
-                    dg.TableColumn("chunk", "text"),
-                    dg.TableColumn("text_hash", "bytea"),
-                    dg.TableColumn("model", "text"),
-                    dg.TableColumn("embedding", f"{spec.vector_type}({provider.dimensions})"),
-                ]
-            )
-            source = source_asset_key(spec)
-            lineage = dg.TableColumnLineage(
-                deps_by_column={
-                    "chunk": [dg.TableColumnDep(source, c.name) for c in table.text_columns],
-                    "embedding": [dg.TableColumnDep(source, c.name) for c in table.text_columns],
-                    **{c.name: [dg.TableColumnDep(source, c.name)] for c in table.key},
-                }
-            )
-            pending, oldest = change_backlog(conn, table.queue)
-        return dg.MaterializeResult(
-            metadata={
-                **total.as_dict(),
-                "pending_changes": pending,
-                "oldest_change_seconds": round(oldest or 0.0, 1),
-                "buckets": len(buckets),
-                "rows_per_second": round(total.rows_written / total.seconds, 1) if total.seconds else 0.0,
-                "dagster/row_count": store_rows,
-                "dagster/table_name": f"{spec.store_schema}.{spec.store_name}",
-                "dagster/column_schema": columns,
-                "dagster/column_lineage": lineage,
+            metadata = {
+                **run_metadata(total, len(buckets), *change_backlog(conn, table.queue)),
+                **store_metadata(conn, spec, table),
             }
-        )
+        return dg.MaterializeResult(metadata=metadata)
 
     return _embeddings
 
 
 # Above this many chunks (by the planner's estimate) a run reports the estimate as the store's
 # row count: an exact count(*) would cost a change run that wrote one row seconds of scanning.
+# Continuous mode reports about once a second, so it counts exactly only small stores.
 EXACT_COUNT_UP_TO = 1_000_000
+CONTINUOUS_EXACT_COUNT_UP_TO = 50_000
 
 
-def _store_row_count(conn: psycopg.Connection, store: sql.Composable) -> int:
+def _store_row_count(conn: psycopg.Connection, store: sql.Composable, exact_up_to: int) -> int:
     estimate = estimated_rows(conn, store)
-    if estimate is not None and estimate > EXACT_COUNT_UP_TO:
+    if estimate is not None and estimate > exact_up_to:
         return estimate
     return conn.execute(sql.SQL("SELECT count(*) FROM {}").format(store)).fetchone()[0]
+
+
+def run_metadata(stats: SyncStats, buckets: int, pending: int | None, oldest: float | None) -> dict:
+    """What a materialization says about the work that made it: the same keys whether a partition
+    run or a continuous micro-batch made it (the backlog left out when it could not be read)."""
+    backlog = {} if pending is None else {
+        "pending_changes": pending, "oldest_change_seconds": round(oldest or 0.0, 1)
+    }
+    return {
+        **stats.as_dict(),
+        **backlog,
+        "buckets": buckets,
+        "rows_per_second": round(stats.rows_written / stats.seconds, 1) if stats.seconds else 0.0,
+    }
+
+
+def store_metadata(
+    conn: psycopg.Connection, spec: TableSpec, table: ResolvedTable, exact_count_up_to: int = EXACT_COUNT_UP_TO
+) -> dict:
+    """What a materialization says about the store: its size, name, columns and their lineage."""
+    columns = dg.TableSchema(
+        columns=[dg.TableColumn(c.name, c.type_sql) for c in table.key]
+        + [
+            dg.TableColumn("chunk_seq", "int"),
+            dg.TableColumn("chunk", "text"),
+            dg.TableColumn("text_hash", "bytea"),
+            dg.TableColumn("model", "text"),
+            dg.TableColumn("embedding", f"{spec.vector_type}({spec.provider.dimensions})"),
+        ]
+    )
+    source = source_asset_key(spec)
+    lineage = dg.TableColumnLineage(
+        deps_by_column={
+            "chunk": [dg.TableColumnDep(source, c.name) for c in table.text_columns],
+            "embedding": [dg.TableColumnDep(source, c.name) for c in table.text_columns],
+            **{c.name: [dg.TableColumnDep(source, c.name)] for c in table.key},
+        }
+    )
+    return {
+        "dagster/row_count": _store_row_count(conn, table.store, exact_count_up_to),
+        "dagster/table_name": f"{spec.store_schema}.{spec.store_name}",
+        "dagster/column_schema": columns,
+        "dagster/column_lineage": lineage,
+    }
 
 
 def _sweep_buckets(
@@ -270,12 +289,19 @@ def continuous_job(spec: TableSpec, origin: str) -> dg.JobDefinition:
             # The pid lets an operator (or a benchmark) find the process; the lock above is how
             # the keeper sensor tells a live run from one whose process was killed.
             context.instance.add_run_tags(context.run_id, {"vectorsync/pid": str(os.getpid())})
-            reporter = _BatchReporter(context, key)
             context.log.info(f"{spec.name}: following changes (LISTEN {CHANNEL})")
             try:
-                follow_changes(engine, listener, reporter.add, should_stop=lambda: False, on_idle=reporter.flush)
+                # The reporter's own connection: the engine's is busy in the loop, on another thread.
+                with database.connect() as report_conn:
+                    reporter = _BatchReporter(
+                        context, key, describe=lambda: _continuous_metadata(report_conn, spec, table)
+                    )
+                    try:
+                        follow_changes(engine, listener, reporter.add, should_stop=lambda: False,
+                                       on_idle=reporter.flush)
+                    finally:
+                        reporter.close()
             finally:
-                reporter.close()
                 listener.close()
                 engine.close()
 
@@ -292,13 +318,27 @@ def continuous_job(spec: TableSpec, origin: str) -> dg.JobDefinition:
     return _job
 
 
+def _continuous_metadata(
+    conn: psycopg.Connection, spec: TableSpec, table: ResolvedTable
+) -> tuple[dict, int | None, float | None]:
+    pending, oldest = change_backlog(conn, table.queue)
+    return store_metadata(conn, spec, table, CONTINUOUS_EXACT_COUNT_UP_TO), pending, oldest
+
+
 class _BatchReporter:
     """Records micro-batches as materializations of the partitions they touched, about once a
     second, from a thread of its own: writing a dozen events to the instance's storage takes
-    longer than embedding a micro-batch, and the loop must not wait for it."""
+    longer than embedding a micro-batch, and the loop must not wait for it. Each carries the same
+    metadata as a partition run's: `describe` gives the store's and the backlog's, read once per
+    write."""
 
-    def __init__(self, context: dg.OpExecutionContext, key: dg.AssetKey, every_seconds: float = 1.0) -> None:
+    def __init__(
+        self, context: dg.OpExecutionContext, key: dg.AssetKey,
+        describe: Callable[[], tuple[dict, int | None, float | None]] | None = None,
+        every_seconds: float = 1.0,
+    ) -> None:
         self.context, self.key, self.every_seconds = context, key, every_seconds
+        self.describe = describe
         self.pending: dict[int, SyncStats] = {}
         self.last = time.monotonic()
         self.outbox: queue.Queue[dict[int, SyncStats] | None] = queue.Queue()
@@ -324,15 +364,26 @@ class _BatchReporter:
         self.outbox.put(None)
         self.writer.join(timeout=30)
 
+    def _described(self) -> tuple[dict, int | None, float | None]:
+        if self.describe is None:
+            return {}, None, None
+        try:
+            return self.describe()
+        except psycopg.Error as exc:
+            # The batches are still recorded, without the store's figures: they are the audit trail.
+            self.context.log.warning(f"{self.key.to_user_string()}: could not read the store's figures: {exc}")
+            return {}, None, None
+
     def _write(self) -> None:
         while (batch := self.outbox.get()) is not None:
+            store, pending, oldest = self._described()
             for bucket, stats in sorted(batch.items()):
                 self.context.log_event(
                     dg.AssetMaterialization(
                         asset_key=self.key,
                         partition=bucket_partition_key(bucket),
                         description="continuous mode micro-batches",
-                        metadata={**stats.as_dict(), "trigger": "continuous"},
+                        metadata={**run_metadata(stats, 1, pending, oldest), **store, "trigger": "continuous"},
                     )
                 )
             # log_event writes each event to the event log at once, and the op context also keeps

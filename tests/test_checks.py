@@ -248,6 +248,29 @@ def test_vector_validity_fails_for_a_zero_vector_and_passes_once_it_is_gone(decl
     assert t.check("vector_validity").passed
 
 
+# the five as one step -----------------------------------------------------------------------------
+
+
+def test_one_check_can_run_alone_and_a_failing_query_fails_only_its_own_checks(declare: Declare) -> None:
+    t = declare(TEXTS)
+    assert t.materialize().success
+    checks = embeddings_checks(t.spec)
+    key = embeddings_asset_key(t.spec)
+    only = dg.materialize([embeddings_asset(t.spec, t.origin), *checks], instance=t.instance, resources=t.resources,
+                          selection=dg.AssetSelection.checks(dg.AssetCheckKey(key, "dead_letters")))
+    assert [e.check_name for e in only.get_asset_check_evaluations()] == ["dead_letters"]
+
+    # With the store gone, the three checks that read it fail with the error; the two that read
+    # the change log and the ledger still pass.
+    t.conn.execute(sql.SQL("DROP TABLE {} CASCADE").format(t.store))
+    evaluations = t.checks()
+    assert sorted(n for n, e in evaluations.items() if e.passed) == ["backlog_age", "dead_letters"]
+    for name in ("coverage", "vector_validity", "model_consistency"):
+        assert not evaluations[name].passed
+        assert "UndefinedTable" in evaluations[name].metadata["error"].value, name
+        assert t.spec.name in evaluations[name].metadata["error"].value
+
+
 # backlog age -------------------------------------------------------------------------------------
 
 
