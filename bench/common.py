@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -150,6 +152,14 @@ def drop_hnsw(conn: psycopg.Connection, spec: TableSpec) -> None:
     conn.execute(
         sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(spec.store_schema, f"{spec.store_name}_hnsw"))
     )
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A folder for one benchmark's files, inside the benchmark's temporary home (removed when the
+    command exits), or the system's temporary folder when the home is the user's own."""
+    home = os.environ.get("VECTORSYNC_HOME")
+    inside = home if home and Path(home).name.startswith("vs-bench-") else None
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=inside))
 
 
 def reset_store(conn: psycopg.Connection, table: ResolvedTable) -> None:

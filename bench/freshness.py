@@ -8,7 +8,6 @@ continuous run uses, and the start cost of a change-triggered run (queued to sta
 from __future__ import annotations
 
 import socket
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import psutil
 import yaml
 from psycopg import sql
 
-from bench.common import Benchmark, Context, Measure, Result, create_source
+from bench.common import Benchmark, Context, Measure, Result, create_source, scratch_dir
 from bench.remote import openai_server
 
 KEY_ENV = "VECTORSYNC_BENCH_NO_KEY"
@@ -131,7 +130,7 @@ def _phase(ctx: Context, base_url: str, continuous: bool, work: Path) -> dict[st
 
 
 def run(ctx: Context) -> Result:
-    work = Path(tempfile.mkdtemp(prefix="vs-bench-fresh-"))
+    work = scratch_dir("vs-bench-fresh-")
     with openai_server(32, 0.0) as (base_url, _):
         sensor = _phase(ctx, base_url, continuous=False, work=work)
         continuous = _phase(ctx, base_url, continuous=True, work=work)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import socket
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -18,7 +17,20 @@ import dagster as dg
 import yaml
 from psycopg import sql
 
-from bench.common import Benchmark, Context, Measure, Result, body_text, create_source, load_rows, reset_store, sync_all, timed
+from bench.common import (
+    Benchmark,
+    Context,
+    Measure,
+    Result,
+    body_text,
+    create_source,
+    drop_hnsw,
+    load_rows,
+    reset_store,
+    scratch_dir,
+    sync_all,
+    timed,
+)
 from bench.remote import openai_server
 
 KEY_ENV = "VECTORSYNC_BENCH_NO_KEY"
@@ -64,18 +76,45 @@ def _wait_for_ui(port: int, timeout: float = 240.0) -> None:
     raise RuntimeError(f"the Dagster webserver on port {port} did not answer within {timeout:.0f}s")
 
 
-def _step_seconds(instance: dg.DagsterInstance, run_id: str) -> float:
-    """From the first step's start to the last step's end (the asset, then its checks)."""
-    starts, ends = [], []
+def _step_seconds(instance: dg.DagsterInstance, run_id: str) -> tuple[float, dict[str, float]]:
+    """From the first step's start to the last step's end (the asset, then its checks), and each
+    step's own seconds."""
+    starts: dict[str, float] = {}
+    ends: dict[str, float] = {}
     for entry in instance.all_logs(run_id):
         event = entry.dagster_event
         if event is None:
             continue
         if event.event_type_value == "STEP_START":
-            starts.append(entry.timestamp)
+            starts[event.step_key] = entry.timestamp
         elif event.event_type_value in ("STEP_SUCCESS", "STEP_FAILURE"):
-            ends.append(entry.timestamp)
-    return (max(ends) - min(starts)) if starts and ends else float("nan")
+            ends[event.step_key] = entry.timestamp
+    if not starts or not ends:
+        return float("nan"), {}
+    each = {key: round(ends[key] - start, 2) for key, start in starts.items() if key in ends}
+    return max(ends.values()) - min(starts.values()), each
+
+
+def _start_cost(instance: dg.DagsterInstance, run_id: str, launched_at: float) -> dict[str, float]:
+    """Where the time before the engine started went: until the backfill daemon created the run,
+    in the run queue until a worker process was launched, from there to the first step, and in
+    the step until the engine began its sweep (resolving the table, building the provider)."""
+    record = instance.get_run_record_by_id(run_id)
+    first_step = min((e.timestamp for e in instance.all_logs(run_id)
+                      if e.dagster_event is not None and e.dagster_event.event_type_value == "STEP_START"),
+                     default=float("nan"))
+    created = record.create_timestamp.timestamp()
+    launched = next((e.timestamp for e in instance.all_logs(run_id)
+                     if e.dagster_event is not None and e.dagster_event.event_type_value == "PIPELINE_STARTING"),
+                    float("nan"))
+    sweep = min((e.timestamp for e in instance.all_logs(run_id) if "sweeping buckets" in (e.user_message or "")),
+                default=float("nan"))
+    return {
+        "launch_to_run_created": round(created - launched_at, 2),
+        "queued": round(launched - created, 2),
+        "process_start_to_first_step": round(first_step - launched, 2),
+        "first_step_to_engine_start": round(sweep - first_step, 2),
+    }
 
 
 def run(ctx: Context) -> Result:
@@ -87,13 +126,15 @@ def run(ctx: Context) -> Result:
     from orchestration.local_dagster import LocalDagster
 
     p = ctx.params
-    work = Path(tempfile.mkdtemp(prefix="vs-bench-uibackfill-"))
+    work = scratch_dir("vs-bench-uibackfill-")
     name = "bench_ui_backfill"
     conn = ctx.connect()
     engine_samples: list[float] = []
     dagster_samples: list[float] = []
     step_samples: list[float] = []
     runs_per_backfill: list[int] = []
+    steps_per_round: list[dict[str, float]] = []
+    start_costs: list[dict[str, float]] = []
     with openai_server(p["dimensions"], 0.0) as (base_url, _):
         create_source(conn, name, "id int PRIMARY KEY, body text")
         load_rows(conn, name, [(i, body_text(i, p["chars"])) for i in range(p["rows"])], ["id", "body"])
@@ -101,8 +142,9 @@ def run(ctx: Context) -> Result:
         tables_dir.mkdir()
         declaration = {
             "name": name, "source": f"{name}.docs", "columns": ["body"], "buckets": 16, "chunking": None,
-            # No reconcile run may land in the middle of a measurement.
-            "schedules": {"reconcile": "0 0 1 1 *"},
+            # No scheduled run may land in the middle of a measurement, and no HNSW index may be built
+            # between rounds: writes into one cost several times more than into a plain table.
+            "schedules": {"reconcile": "0 0 1 1 *", "index_upkeep": "0 0 1 1 *", "retry_failures": "0 0 1 1 *"},
             "provider": {"kind": "openai", "model": "bench-backfill", "dimensions": p["dimensions"],
                          "base_url": base_url, "api_key_env": KEY_ENV, "max_concurrency": 4},
         }
@@ -122,6 +164,7 @@ def run(ctx: Context) -> Result:
             with dg.DagsterInstance.from_config(str(home)) as instance:
                 for r in range(ctx.rounds):
                     conn.execute(sql.SQL("TRUNCATE {}").format(queue))
+                    drop_hnsw(conn, spec)
                     reset_store(conn, table)
                     engine = EmbeddingEngine(conn, table, build_provider(spec.provider))
                     seconds, stats = timed(lambda: sync_all(engine, spec.buckets, full=True))  # noqa: B023
@@ -132,6 +175,7 @@ def run(ctx: Context) -> Result:
                     reset_store(conn, table)
                     conn.execute(sql.SQL("TRUNCATE {}").format(queue))
                     started = time.perf_counter()
+                    launched_at = time.time()
                     answer = _graphql(port, LAUNCH, {"params": {
                         "partitionNames": [f"{b:03d}" for b in range(spec.buckets)],
                         "assetSelection": [{"path": ["embeddings", name]}],
@@ -159,7 +203,10 @@ def run(ctx: Context) -> Result:
                                            f"stored; runs {[(r.run_id, r.status) for r in runs]}")
                     dagster_samples.append(total)
                     runs_per_backfill.append(len(runs))
-                    step_samples.append(sum(_step_seconds(instance, run.run_id) for run in runs))
+                    steps = [_step_seconds(instance, run.run_id) for run in runs]
+                    step_samples.append(sum(total_s for total_s, _ in steps))
+                    steps_per_round.append({k: v for _, each in steps for k, v in each.items()})
+                    start_costs.append(_start_cost(instance, runs[-1].run_id, launched_at))
                     ctx.log(f"round {r + 1}: engine {seconds:.1f}s; UI backfill {total:.1f}s end to end in "
                             f"{len(runs)} run(s), of which the engine's step took {step_samples[-1]:.1f}s")
     conn.close()
@@ -173,7 +220,8 @@ def run(ctx: Context) -> Result:
             Measure("per-backfill start cost (end to end - step)", "s", overhead),
         ],
         params=p,
-        extra={"runs_per_backfill": runs_per_backfill},
+        extra={"runs_per_backfill": runs_per_backfill, "seconds_per_step": steps_per_round,
+               "start_cost_parts": start_costs},
         notes=["UI side: GraphQL launchPartitionBackfill on `dagster dev`, timed until every run of the "
                "backfill finished; engine side: sync_all over the 16 buckets in this process",
                "both sides embed through the same OpenAI-compatible server (0 ms) with concurrency 4"],
