@@ -24,6 +24,10 @@ class Column:
     comparable: bool  # has an `=` operator; json, xml and point do not
 
 
+# Key types whose buckets the triggers and sweeps compute from the typed column (bucket_expr).
+INT2_OID, INT4_OID, INT8_OID, TEXT_OID, VARCHAR_OID = 21, 23, 20, 25, 1043
+
+
 @dataclass(frozen=True)
 class ResolvedTable:
     spec: TableSpec
@@ -55,6 +59,30 @@ class ResolvedTable:
     def key_json(self, alias: str | None = None) -> sql.Composed:
         """The canonical key: a jsonb array of the key's values, as the change log stores it."""
         return sql.SQL("jsonb_build_array({})").format(self.key_list(alias))
+
+    def bucket_expr(self, alias: str | None = None) -> sql.Composed:
+        """Each row's bucket, as vectorsync.bucket_of gives it for the row's jsonb key, computed
+        from the typed column where that function's rules allow: an int2/int4/int8 key of up to
+        18 digits hashes as int8, a text or varchar key as text (sql/functions/bucket_of.sql).
+        Building and hashing a jsonb key per row was most of the cost of the capture triggers."""
+        buckets = sql.Literal(self.spec.buckets)
+        hashed: sql.Composable | None = None
+        if len(self.key) == 1:
+            column = _col(alias, self.key[0].name)
+            oid = self.key[0].type_oid
+            if oid in (INT2_OID, INT4_OID):
+                hashed = sql.SQL("hashint8extended({}::int8, 0)").format(column)
+            elif oid == INT8_OID:
+                hashed = sql.SQL(
+                    "CASE WHEN {c} BETWEEN -999999999999999999 AND 999999999999999999 "
+                    "THEN hashint8extended({c}, 0) ELSE jsonb_hash_extended(jsonb_build_array({c}), 0) END"
+                ).format(c=column)
+            elif oid in (TEXT_OID, VARCHAR_OID):
+                hashed = sql.SQL('hashtextextended({}::text COLLATE "C", 0)').format(column)
+        if hashed is None:
+            return sql.SQL("vectorsync.bucket_of({}, {})").format(self.key_json(alias), buckets)
+        # mod(), not %, which psycopg would read as a placeholder in a statement with parameters.
+        return sql.SQL("mod(({}) & 2147483647, {})::int").format(hashed, buckets)
 
     def key_from_json(self, expression: sql.Composable) -> sql.Composed:
         """Typed key values out of a jsonb key array, for joins against the source or store."""

@@ -761,7 +761,7 @@ class _Queries:
             [key_text, t.key_list("s")]
             + [sql.Identifier("s", c.name) for c in t.text_columns]
         )
-        bucket_expr = sql.SQL("vectorsync.bucket_of({}, {})").format(t.key_json("s"), sql.Literal(t.spec.buckets))
+        bucket_expr = t.bucket_expr("s")
         swept_columns = sql.SQL(", ").join(
             [key_text, bucket_expr, t.key_list("s")]
             + [sql.Identifier("s", c.name) for c in t.text_columns]

@@ -148,6 +148,65 @@ def test_composite_key_and_unicode(make_table, conn: psycopg.Connection) -> None
     assert set(t.stored()) == {("ja", 1), ("en", 1)}
 
 
+@pytest.mark.parametrize(("key_sql", "keys"), [
+    ("id int", [1, -7, 2147483647]),
+    ("id smallint", [3, -32768]),
+    # 18 digits hash as int8; 19 do not fit bucket_of's integer rule and hash as jsonb, both sides.
+    ("id bigint", [5, -999999999999999999, 999999999999999999, 1000000000000000000, -9223372036854775808]),
+    ("id text", ["plain", "Grüße 🚀", "", "with 'quote' and \\ backslash"]),
+    ("id varchar(40)", ["v1", "ÄÖÜ"]),
+    ("id uuid", ["4a1b2c3d-0000-4000-8000-000000000001", "ffffffff-ffff-4fff-bfff-ffffffffffff"]),
+    ("id numeric", [5, "5.5", "-2.000", "12345678901234567890123"]),
+    ("id date", ["2026-11-29", "1999-01-01"]),
+])
+def test_triggers_sweeps_and_bucket_of_put_each_key_in_the_same_bucket(
+    make_table, conn: psycopg.Connection, key_sql: str, keys: list
+) -> None:
+    """The triggers and sweeps bucket the typed key column, everything else bucket_of on the jsonb
+    key: for every key type, all three must agree, or a change lands where no run looks for it."""
+    t = make_table(f"{key_sql} PRIMARY KEY, body text", template="{body}", buckets=16)
+    with conn.cursor() as cur:
+        cur.executemany(sql.SQL("INSERT INTO {} VALUES (%s, 'text of ' || %s::text)").format(t.table.source),
+                        [(k, str(k)) for k in keys])
+    logged = conn.execute(
+        sql.SQL("SELECT e.k, q.bucket, vectorsync.bucket_of(e.k, 16) FROM {} q, unnest(q.row_keys) AS e(k)")
+        .format(t.table.queue)
+    ).fetchall()
+    assert len(logged) == len(keys)
+    assert all(trigger == canonical for _, trigger, canonical in logged), logged
+    t.sync(full=True)
+    stored = conn.execute(
+        sql.SQL("SELECT {}, bucket, vectorsync.bucket_of({}, 16) FROM {}").format(
+            t.table.key_json(), t.table.key_json(), t.table.store)
+    ).fetchall()
+    assert len(stored) == len(keys) and all(sweep == canonical for _, sweep, canonical in stored), stored
+    assert len({b for _, b, _ in stored}) > 1 or len(keys) < 3  # the keys do spread
+    # Equal keys spelled differently in jsonb share a bucket.
+    assert conn.execute("SELECT vectorsync.bucket_of('[5]', 16) = vectorsync.bucket_of('[5.000]', 16)").fetchone()[0]
+    # An UPDATE that changes a key logs the old key and the new one, each in its own bucket.
+    conn.execute(sql.SQL("TRUNCATE {}").format(t.table.queue))
+    conn.execute(sql.SQL("UPDATE {} SET body = body || '!'").format(t.table.source))
+    conn.execute(sql.SQL("DELETE FROM {} WHERE body LIKE %s").format(t.table.source), (f"text of {keys[0]}%",))
+    for _, bucket, canonical in conn.execute(
+        sql.SQL("SELECT e.k, q.bucket, vectorsync.bucket_of(e.k, 16) FROM {} q, unnest(q.row_keys) AS e(k)")
+        .format(t.table.queue)
+    ).fetchall():
+        assert bucket == canonical
+
+
+def test_an_updated_key_is_logged_under_the_bucket_of_each_of_its_values(make_table, conn: psycopg.Connection) -> None:
+    t = make_table("id int PRIMARY KEY, body text", template="{body}", buckets=16)
+    conn.execute(sql.SQL("INSERT INTO {} SELECT g, 'row ' || g FROM generate_series(1, 50) g").format(t.table.source))
+    conn.execute(sql.SQL("TRUNCATE {}").format(t.table.queue))
+    conn.execute(sql.SQL("UPDATE {} SET id = id + 1000").format(t.table.source))
+    logged = conn.execute(
+        sql.SQL("SELECT (e.k ->> 0)::int, q.bucket, vectorsync.bucket_of(e.k, 16) FROM {} q, unnest(q.row_keys) AS e(k)")
+        .format(t.table.queue)
+    ).fetchall()
+    assert sorted(k for k, _, _ in logged) == [*range(1, 51), *range(1001, 1051)]
+    assert all(bucket == canonical for _, bucket, canonical in logged)
+
+
 def test_null_and_empty_content_is_skipped_with_a_reason(make_table, conn: psycopg.Connection) -> None:
     t = make_table(DOCS, template="# {title}\n\n{body}")
     conn.execute(sql.SQL("INSERT INTO {} VALUES (1, NULL, NULL), (2, '', '  '), (3, 'ok', NULL)").format(t.table.source))

@@ -1,33 +1,33 @@
 -- Idempotent, per declared table: statement-level change capture with transition tables.
 -- An UPDATE is logged only for rows whose embedded columns (or key) really changed, so edits of
 -- other columns cost one join and no embedding work. Each statement logs one entry per bucket it
--- touched, with the array of its keys there. TRUNCATE logs one sweep request per bucket.
+-- touched, with the array of its keys there, bucketed from the typed key columns where possible
+-- (catalog.ResolvedTable.bucket_expr, equal to vectorsync.bucket_of of the jsonb key). TRUNCATE
+-- logs one sweep request per bucket. work_mem is raised for the function alone: the UPDATE's join
+-- of 100k old and new rows spilled to disk at the default 4MB (64MB is a cap, not an allocation).
 CREATE OR REPLACE FUNCTION {capture_function}() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET work_mem = '64MB'
 AS $body$
 BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO {queue} (bucket, row_keys)
-        SELECT vectorsync.bucket_of(k, {buckets}), array_agg(k)
-        FROM (SELECT {new_key} AS k FROM new_rows n) c
-        GROUP BY 1;
+        SELECT {new_bucket}, array_agg({new_key}) FROM new_rows n GROUP BY 1;
     ELSIF TG_OP = 'UPDATE' THEN
         -- One full join finds rows whose text changed, new keys and vanished keys (a key update
         -- logs both its old and its new key).
         INSERT INTO {queue} (bucket, row_keys)
-        SELECT vectorsync.bucket_of(k, {buckets}), array_agg(k)
+        SELECT b, array_agg(k)
         FROM (
-            SELECT CASE WHEN n.{first_key} IS NULL THEN {old_key} ELSE {new_key} END AS k
+            SELECT CASE WHEN n.{first_key} IS NULL THEN {old_bucket} ELSE {new_bucket} END AS b,
+                   CASE WHEN n.{first_key} IS NULL THEN {old_key} ELSE {new_key} END AS k
             FROM new_rows n FULL JOIN old_rows o ON {old_new_join}
             WHERE n.{first_key} IS NULL OR o.{first_key} IS NULL
                OR ({old_values}) IS DISTINCT FROM ({new_values})
         ) c
-        GROUP BY 1;
+        GROUP BY b;
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO {queue} (bucket, row_keys)
-        SELECT vectorsync.bucket_of(k, {buckets}), array_agg(k)
-        FROM (SELECT {old_key} AS k FROM old_rows o) c
-        GROUP BY 1;
+        SELECT {old_bucket}, array_agg({old_key}) FROM old_rows o GROUP BY 1;
     ELSIF TG_OP = 'TRUNCATE' THEN
         INSERT INTO {queue} (bucket, row_keys)
         SELECT b, NULL FROM generate_series(0, {buckets} - 1) b;
