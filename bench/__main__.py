@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help=f"benchmarks to run (default: all): {', '.join(registry)}")
     parser.add_argument("--quick", action="store_true", help="small sizes and 1 round: a smoke check")
-    parser.add_argument("--rounds", type=int, help="rounds per side (default 3, --quick 1)")
+    parser.add_argument("--rounds", type=int,
+                        help="rounds per side (default: each benchmark's own, 3 for most; --quick 1)")
     parser.add_argument("--rows", type=int, help="row count for every selected benchmark that has one")
     parser.add_argument("-o", "--option", action="append", default=[], metavar="[NAME.]KEY=VALUE",
                         help="override a parameter, e.g. -o e.batch_size=32 or -o chars=1000")
@@ -107,7 +108,6 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(url),
         "benchmarks": {},
     }
-    rounds = args.rounds or (1 if args.quick else 3)
     exit_code = 0
     try:
         for b in selected:
@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             params.update({k: v for k, v in overrides.get("*", {}).items() if k in params})
             params.update(overrides.get(b.name, {}))
             print(f"\n== {b.name}: {b.title}  {params}", flush=True)
+            rounds = args.rounds or (1 if args.quick else b.rounds)
             ctx = Context(url=url, rounds=rounds, params=params, quick=args.quick)
             began = time.perf_counter()
             load_before = os.getloadavg()

@@ -25,7 +25,8 @@ from assets.spec import TableSpec, parse_spec
 @dataclass(frozen=True)
 class Benchmark:
     """One benchmark, found by bench/__main__.py in any module of this package that defines
-    `BENCHMARK`. `defaults` are the issue's sizes; `quick` overrides them for a smoke check."""
+    `BENCHMARK`. `defaults` are the issue's sizes; `quick` overrides them for a smoke check;
+    `rounds` per side, more for a quick benchmark whose rounds vary more than its target's margin."""
 
     name: str
     title: str
@@ -33,6 +34,7 @@ class Benchmark:
     run: Callable[[Context], Result]
     defaults: dict[str, Any] = field(default_factory=dict)
     quick: dict[str, Any] = field(default_factory=dict)
+    rounds: int = 3
 
 
 @dataclass

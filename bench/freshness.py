@@ -115,11 +115,17 @@ def _phase(ctx: Context, base_url: str, continuous: bool, work: Path) -> dict[st
         idle_cpu = None
         if continuous:
             worker = _continuous_process(home, name)
-            if worker is not None:
-                before = worker.cpu_times()
-                time.sleep(p["idle_seconds"])
-                after = worker.cpu_times()
-                idle_cpu = 100.0 * ((after.user + after.system) - (before.user + before.system)) / p["idle_seconds"]
+            try:
+                if worker is not None:
+                    before = worker.cpu_times()
+                    time.sleep(p["idle_seconds"])
+                    after = worker.cpu_times()
+                    idle_cpu = 100.0 * ((after.user + after.system) - (before.user + before.system)) / p["idle_seconds"]
+            except psutil.NoSuchProcess:
+                # Reported as missing, with the runs' statuses, rather than ending the benchmark.
+                ctx.log(f"the continuous run's process {worker.pid} ended while idle; runs: "
+                        f"{[(r.dagster_run.run_id[:8], r.dagster_run.status.value) for r in _runs(home, name)]}; "
+                        f"log: {dagster.log_tail(1500)}")
         else:
             time.sleep(25)  # the last change run lingers, then ends by itself
         records = _runs(home, name)

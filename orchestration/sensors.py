@@ -2,10 +2,12 @@
 keeps the continuous-mode run alive; and one that records every failed run in the control schema."""
 
 
+import hashlib
 import json
 import time
 import uuid
 from collections.abc import Iterable
+from pathlib import Path
 
 import dagster as dg
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
@@ -15,6 +17,7 @@ from assets.factory import bucket_partition_key, continuous_lock_held, embedding
 from assets.spec import TableSpec
 from assets.status import estimated_rows
 
+from .database import PROJECT_DIR, tables_dir
 from .resources import VectorsyncDatabase
 
 # A bucket whose changes are still pending this long after its last request, with no run covering
@@ -42,9 +45,25 @@ SOURCE_OBSERVATION_SECONDS = 600.0
 # start a run every few seconds and flood the run list.
 CONTINUOUS_RESTART_FIRST_SECONDS = 10.0
 CONTINUOUS_RESTART_MAX_SECONDS = 600.0
-# Identifies this load of the code location: a continuous run started by an earlier load is
-# replaced, so it runs the code and declarations now in effect.
-CODE_LOAD_ID = uuid.uuid4().hex[:12]
+
+
+def code_fingerprint(project: Path = PROJECT_DIR, declarations: Path | None = None) -> str:
+    """Identifies the code and declarations a code location loaded: vectorsync's Python and SQL,
+    the YAML declarations and Dagster's version. A continuous run started under another
+    fingerprint is replaced, so it runs what is now in effect; a reload (or a code server
+    restarted by Dagster) that changed none of them keeps the run."""
+    digest = hashlib.sha256(dg.__version__.encode())
+    files = [p for folder in ("assets", "orchestration", "sql") for p in (project / folder).rglob("*")
+             if p.suffix in (".py", ".sql") and p.is_file()]
+    declarations = declarations or tables_dir()
+    files += [p for p in declarations.glob("*") if p.suffix in (".yaml", ".yml") and p.is_file()]
+    for path in sorted(files):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+CODE_LOAD_ID = code_fingerprint()
 
 
 def _buckets_of_run(run: dg.DagsterRun, spec: TableSpec) -> set[int]:
@@ -220,7 +239,8 @@ def _restart_wait(instance: dg.DagsterInstance, job_name: str, now: float) -> tu
 
 def continuous_keeper(spec: TableSpec, job: dg.JobDefinition, interval_seconds: int = 5) -> dg.SensorDefinition:
     """Keeps exactly one continuous run of the table: starts it when missing, replaces it when the
-    code location was reloaded since it started, and waits longer after each failure in a row.
+    code or the declarations changed since it started (code_fingerprint), and waits longer after
+    each failure in a row.
     (A run stuck starting or canceling is failed by Dagster's run monitoring; see instance.py.)"""
 
     @dg.sensor(
@@ -229,7 +249,7 @@ def continuous_keeper(spec: TableSpec, job: dg.JobDefinition, interval_seconds: 
         minimum_interval_seconds=interval_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=f"Keeps one continuous-mode run of {spec.name} alive: starts it when none is "
-        "running and replaces a run started by an earlier load of the code. Stop this sensor to "
+        "running and replaces a run started under other code or declarations. Stop this sensor to "
         "stop continuous mode. A failed run is replaced at once; after two or more failures in a row "
         "it waits 10 s, 20 s, 40 s, ... up to 10 min.",
     )

@@ -360,3 +360,14 @@ def test_backfill_loop_looks_out_for_backfills_only_its_daemon_can_move_on(insta
     assert backfill_id in backfills_waiting_on_the_daemon(instance)
     instance.update_backfill(backfill.with_status(BulkActionStatus.CANCELED))
     assert backfill_id not in backfills_waiting_on_the_daemon(instance)
+
+
+def test_a_continuous_run_is_replaced_only_when_code_or_declarations_changed(tmp_path) -> None:
+    from orchestration.sensors import code_fingerprint
+
+    declaration = tmp_path / "notes.yaml"
+    declaration.write_text("name: notes\nsource: public.notes\ncolumns: [body]\n")
+    first = code_fingerprint(declarations=tmp_path)
+    assert code_fingerprint(declarations=tmp_path) == first  # a reload with nothing changed
+    declaration.write_text("name: notes\nsource: public.notes\ncolumns: [body, title]\n")
+    assert code_fingerprint(declarations=tmp_path) != first
