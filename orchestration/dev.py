@@ -67,16 +67,18 @@ def run(workspace: str, host: str, port: int) -> int:
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, request_stop)
-    children = [subprocess.Popen(command, preexec_fn=prepare_child) for command in child_commands(workspace, host, port)]
+    children = [subprocess.Popen(command, preexec_fn=prepare_child)
+                for command in child_commands(workspace, host, port)]
+    ended: subprocess.Popen | None = None
     try:
-        while not stop_requested and all(c.poll() is None for c in children):
+        while not stop_requested and ended is None:
+            ended = next((c for c in children if c.poll() is not None), None)
             time.sleep(0.2)
     finally:
         _stop(children)
-    if stop_requested:
+    if ended is None or stop_requested:
         return 0
-    ended = next(c for c in children if c.returncode is not None)
-    print(f"{ended.args[0]} ended with status {ended.returncode}; stopped the rest", file=sys.stderr)
+    print(f"{' '.join(ended.args[:3])} ended with status {ended.returncode}; stopped the rest", file=sys.stderr)
     return ended.returncode or 1
 
 
