@@ -64,7 +64,7 @@ class ResolvedTable:
         """Each row's bucket, as vectorsync.bucket_of gives it for the row's jsonb key, computed
         from the typed column where that function's rules allow: an int2/int4/int8 key of up to
         18 digits hashes as int8, a text or varchar key as text (sql/functions/bucket_of.sql).
-        Building and hashing a jsonb key per row was most of the cost of the capture triggers."""
+        Hashing a jsonb key per row was a large part of the capture triggers' cost."""
         buckets = sql.Literal(self.spec.buckets)
         hashed: sql.Composable | None = None
         if len(self.key) == 1:

@@ -119,15 +119,15 @@ def _start_cost(instance: dg.DagsterInstance, run_id: str, launched_at: float) -
     in the run queue until a worker process was launched, from there to the first step, and in
     the step until the engine began its sweep (resolving the table, building the provider)."""
     record = instance.get_run_record_by_id(run_id)
-    first_step = min((e.timestamp for e in instance.all_logs(run_id)
-                      if e.dagster_event is not None and e.dagster_event.event_type_value == "STEP_START"),
-                     default=float("nan"))
+    first: dict[str, float] = {}  # the log is in order: the first entry of each kind is its earliest
+    for entry in instance.all_logs(run_id):
+        kind = entry.dagster_event.event_type_value if entry.dagster_event is not None else None
+        if "sweeping buckets" in (entry.user_message or ""):
+            kind = "sweep"
+        if kind in ("PIPELINE_STARTING", "STEP_START", "sweep"):
+            first.setdefault(kind, entry.timestamp)
     created = record.create_timestamp.timestamp()
-    launched = next((e.timestamp for e in instance.all_logs(run_id)
-                     if e.dagster_event is not None and e.dagster_event.event_type_value == "PIPELINE_STARTING"),
-                    float("nan"))
-    sweep = min((e.timestamp for e in instance.all_logs(run_id) if "sweeping buckets" in (e.user_message or "")),
-                default=float("nan"))
+    launched, first_step, sweep = (first.get(k, float("nan")) for k in ("PIPELINE_STARTING", "STEP_START", "sweep"))
     return {
         "launch_to_run_created": round(created - launched_at, 2),
         "queued": round(launched - created, 2),

@@ -54,15 +54,15 @@ def backfills_waiting_on_the_daemon(instance: Any) -> list[str]:
     import dagster as dg
     from dagster._core.execution.backfill import BulkActionsFilter, BulkActionStatus
 
-    in_flight = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
-                 dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
+    from .instance import IN_FLIGHT
+
     backfills = instance.get_backfills(
         filters=BulkActionsFilter(statuses=[BulkActionStatus.REQUESTED, BulkActionStatus.CANCELING])
     )
     return [
         b.backfill_id for b in backfills
         if not instance.get_run_ids(filters=dg.RunsFilter(tags={"dagster/backfill": b.backfill_id},
-                                                          statuses=in_flight), limit=1)
+                                                          statuses=IN_FLIGHT), limit=1)
     ]
 
 

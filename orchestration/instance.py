@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
+import dagster as dg
 import psycopg
 import yaml
 from psycopg import sql
@@ -14,6 +15,14 @@ from .database import vectorsync_home
 
 DAGSTER_DATABASE = "dagster"
 PASSWORD_ENV = "PGPASSWORD"
+# A run in one of these is not over: queued, starting, running or stopping.
+IN_FLIGHT = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+]
 
 
 def dagster_home() -> Path:

@@ -18,6 +18,7 @@ from assets.spec import TableSpec
 from assets.status import estimated_rows
 
 from .database import PROJECT_DIR, tables_dir
+from .instance import IN_FLIGHT
 from .resources import VectorsyncDatabase
 
 # A bucket whose changes are still pending this long after its last request, with no run covering
@@ -25,13 +26,6 @@ from .resources import VectorsyncDatabase
 REREQUEST_AFTER_SECONDS = 60.0
 # A change-triggered run keeps draining new changes in its buckets until they pause this long.
 LINGER_SECONDS = 20.0
-IN_FLIGHT = [
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-    dg.DagsterRunStatus.CANCELING,
-]
 # A continuous run has this long after it starts to take its lock before it is judged dead.
 CONTINUOUS_START_GRACE_SECONDS = 20.0
 # A change run in flight longer than this no longer counts as covering its buckets: its process
