@@ -123,7 +123,9 @@ def run(ctx: Context) -> Result:
     return Result(
         measures=measures, params=p, extra={"cores_used_per_round": {str(c): v for c, v in cpu.items()}},
         notes=[(f"ideal = concurrency x {batch} inputs / {latency} s; the server (tests/openai_server.py) "
-               "runs in its own process; every round re-embeds an emptied store over all buckets"),
+               f"runs in its own process and answers each request {latency} s after reading it, its own "
+               "work included; it sends base64 vectors when asked, as api.openai.com does; every round "
+               "re-embeds an emptied store over all buckets"),
                ("provider alone: the same number of requests of the same size through the same provider "
                "object and concurrency with no database, measured in the same round: what the client, "
                "the server and this machine allow"),

@@ -14,6 +14,7 @@ input gets HTTP 400, the way one over-long or rejected input fails a whole batch
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import socket
@@ -44,6 +45,8 @@ class Fault:
     nan: put a NaN in the first vector.
     reverse_order: list the vectors last-first, each keeping its right `index` (the API does not
         promise order, so a client must sort by index).
+    floats_only: answer lists of floats even when base64 was asked for, as some compatible
+        servers do.
     """
 
     status: int | None = None
@@ -55,6 +58,7 @@ class Fault:
     dimensions: int | None = None
     nan: bool = False
     reverse_order: bool = False
+    floats_only: bool = False
     message: str = "injected fault"
 
 
@@ -114,7 +118,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.owner._handle(self)
 
     def do_GET(self) -> None:  # noqa: N802
-        self.server.owner._send_error(self, 404, "not found")
+        self.server.owner._send(self, *self.server.owner._error(404, "not found"))
 
 
 class OpenAIServer:
@@ -235,6 +239,7 @@ class OpenAIServer:
     def _handle(self, handler: _Handler) -> None:
         length = int(handler.headers.get("Content-Length") or 0)
         raw = handler.rfile.read(length) if length else b""
+        received_at = time.monotonic()
         try:
             body: Any = json.loads(raw) if raw else None
         except ValueError:
@@ -248,43 +253,50 @@ class OpenAIServer:
                 path=path,
                 headers={k.lower(): v for k, v in handler.headers.items()},
                 body=body,
-                received_at=time.monotonic(),
+                received_at=received_at,
                 fault=fault,
             )
             self._requests.append(record)
 
-        wait = self.latency + (fault.delay if fault else 0.0)
-        if wait and self._stopping.wait(wait):
+        status, payload, headers = self._answer(path, body, record.inputs, fault)
+        # The latency counts from the moment the request was read and includes the work of
+        # answering it, as a remote provider's does: a slow answer is not made slower still.
+        wait = record.received_at + self.latency + (fault.delay if fault else 0.0) - time.monotonic()
+        if wait > 0 and self._stopping.wait(wait):
             return  # stopping: drop the answer, the client gave up or the test is over
+        self._send(handler, status, payload, headers)
 
+    def _answer(
+        self, path: str, body: Any, inputs: list[str], fault: Fault | None
+    ) -> tuple[int, bytes, dict[str, str]]:
         if path not in EMBEDDING_PATHS:
-            self._send_error(handler, 404, f"no route for {path}")
-            return
-        inputs = record.inputs
+            return self._error(404, f"no route for {path}")
         if not isinstance(body, dict) or not inputs or not all(isinstance(t, str) for t in inputs):
-            self._send_error(handler, 400, "'input' must be a string or a non-empty list of strings")
-            return
+            return self._error(400, "'input' must be a string or a non-empty list of strings")
         if fault is not None and fault.status is not None:
-            self._send_error(handler, fault.status, fault.message, fault)
-            return
+            return self._error(fault.status, fault.message, fault)
         if self.poison is not None and any(self.poison(t) for t in inputs):
-            self._send_error(handler, 400, "an input was rejected")
-            return
+            return self._error(400, "an input was rejected")
         if fault is not None and fault.malformed:
-            self._send(handler, 200, b'{"object": "list", "data": [{"embedding": [0.1,', {})
-            return
-        self._send_json(handler, 200, self._embeddings(inputs, str(body.get("model", "")), fault))
+            return 200, b'{"object": "list", "data": [{"embedding": [0.1,', {}
+        as_base64 = body.get("encoding_format") == "base64" and not (fault is not None and fault.floats_only)
+        payload = self._embeddings(inputs, str(body.get("model", "")), fault, as_base64)
+        return 200, json.dumps(payload).encode("utf-8"), {}
 
-    def _embeddings(self, inputs: list[str], model: str, fault: Fault | None) -> dict[str, Any]:
+    def _embeddings(self, inputs: list[str], model: str, fault: Fault | None, as_base64: bool) -> dict[str, Any]:
         dimensions = fault.dimensions if fault and fault.dimensions is not None else self.dimensions
         count = max(0, len(inputs) + (fault.vector_count_delta if fault else 0))
         # Extra vectors repeat the inputs cyclically, so they are valid vectors of the wrong count.
-        vectors = [vector_for(inputs[i % len(inputs)], dimensions).tolist() for i in range(count)]
+        vectors = [vector_for(inputs[i % len(inputs)], dimensions) for i in range(count)]
         if fault is not None and fault.nan and vectors:
-            vectors[0][0] = float("nan")  # json.dumps writes NaN, which Python's json reads back
+            vectors[0] = vectors[0].copy()
+            vectors[0][0] = np.nan  # json.dumps writes NaN, which Python's json reads back
+        # base64 carries the little-endian float32 bytes, as api.openai.com sends them.
+        encoded = [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") if as_base64 else v.tolist()
+                   for v in vectors]
         # Whitespace-split words stand in for tokens: deterministic, and never zero for a real text.
         tokens = sum(max(1, len(t.split())) for t in inputs)
-        data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
+        data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(encoded)]
         if fault is not None and fault.reverse_order:
             data.reverse()
         return {
@@ -294,19 +306,14 @@ class OpenAIServer:
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
 
-    def _send_error(self, handler: _Handler, status: int, message: str, fault: Fault | None = None) -> None:
+    def _error(self, status: int, message: str, fault: Fault | None = None) -> tuple[int, bytes, dict[str, str]]:
         headers: dict[str, str] = {}
         if fault is not None and fault.retry_after is not None:
             headers["Retry-After"] = fault.retry_after
         if fault is not None and fault.retry_after_ms is not None:
             headers["retry-after-ms"] = fault.retry_after_ms
         error = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
-        self._send_json(handler, status, error, headers)
-
-    def _send_json(
-        self, handler: _Handler, status: int, payload: Any, headers: dict[str, str] | None = None
-    ) -> None:
-        self._send(handler, status, json.dumps(payload).encode("utf-8"), headers or {})
+        return status, json.dumps(error).encode("utf-8"), headers
 
     def _send(self, handler: _Handler, status: int, body: bytes, headers: dict[str, str]) -> None:
         try:

@@ -95,8 +95,22 @@ def test_vectors_come_back_in_input_order_with_usage_tokens(server: OpenAIServer
     assert request.path == "/v1/embeddings"
     assert request.inputs == texts
     assert request.body["model"] == "test-embed"
-    assert request.body["encoding_format"] == "float"
+    assert request.body["encoding_format"] == "base64"  # as the official client asks by default
     assert "dimensions" not in request.body  # send_dimensions is off by default
+
+
+def test_a_server_that_answers_floats_when_base64_was_asked_is_read_too(
+    server: OpenAIServer, make_provider: MakeProvider
+) -> None:
+    provider = make_provider(server.base_url)
+    texts = ["one", "two"]
+    server.fail_next(Fault(floats_only=True))
+
+    result = provider.embed(texts)
+
+    assert isinstance(server.requests[0].body, dict)
+    for row, text in zip(result.vectors, texts):
+        np.testing.assert_allclose(row, server.vector_for(text), rtol=1e-6)
 
 
 def test_vectors_are_matched_by_index_not_by_position(server: OpenAIServer, make_provider: MakeProvider) -> None:
