@@ -135,6 +135,9 @@ def install_responsive_backfill_loop() -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     install_responsive_backfill_loop()
+    from .run_launcher import keep_warm_parent
+
+    keep_warm_parent()
     from dagster._daemon.cli import cli as dagster_daemon
 
     dagster_daemon(args=sys.argv[1:] if argv is None else argv, prog_name="dagster-daemon", obj={})

@@ -55,6 +55,8 @@ def instance_config(url: str, max_concurrent_runs: int = 4, pool_limit: int = 2)
             "class": "QueuedRunCoordinator",
             "config": {"dequeue_interval_seconds": 1},
         },
+        # Runs are forked from a warm parent in the daemon: they start without seconds of imports.
+        "run_launcher": {"module": "orchestration.run_launcher", "class": "WarmRunLauncher"},
         "concurrency": {
             "runs": {"max_concurrent_runs": max_concurrent_runs},
             # Each provider is a pool (see the asset's `pool`): parallel runs share one rate limit.

@@ -19,6 +19,7 @@ from psycopg import sql
 
 from openai_server import Fault, OpenAIServer
 from orchestration.local_dagster import LocalDagster
+from orchestration.run_launcher import WORKER_TAG
 
 from conftest import unique
 
@@ -80,6 +81,12 @@ def runs_of(home: Path, table: str) -> list[dg.DagsterRun]:
         return list(instance.get_runs(filters=dg.RunsFilter(tags={"vectorsync/table": table})))
 
 
+def worker_start(instance: dg.DagsterInstance, run_id: str) -> str:
+    """What the launcher said about how it started the run's worker."""
+    return " ".join(e.message for e in instance.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT)
+                    if "Run worker" in e.message)
+
+
 def test_changes_reach_the_store_through_sensor_queue_and_runs(
     db_url: str, conn: psycopg.Connection, tmp_path: Path, server: OpenAIServer
 ) -> None:
@@ -132,6 +139,11 @@ def test_changes_reach_the_store_through_sensor_queue_and_runs(
         assert (backfill_runs[0].tags[ASSET_PARTITION_RANGE_START_TAG],
                 backfill_runs[0].tags[ASSET_PARTITION_RANGE_END_TAG]) == ("000", f"{decl['buckets'] - 1:03d}")
     assert runs and all(r.tags.get("vectorsync/trigger") == "changes" for r in runs)
+    # Every run worker is recorded for health checks and termination; once the daemon's warm parent
+    # has imported its libraries, runs are forked from it rather than started as new interpreters.
+    assert all(WORKER_TAG in r.tags for r in [*runs, *backfill_runs])
+    with dg.DagsterInstance.from_config(str(tmp_path / "home")) as instance:
+        assert "forked from the warm parent" in worker_start(instance, backfill_runs[0].run_id)
     assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs), [(r.run_id, r.status) for r in runs]
     print(f"second round reached the store in {seconds:.1f}s through {len(runs)} runs")
 
@@ -193,6 +205,8 @@ def test_continuous_run_follows_changes_without_sensor_ticks(
                                dagster, "a new continuous run embedding the rows of and after the kill")
         runs = runs_of(home, decl["name"])
         assert runs[-1].status == dg.DagsterRunStatus.FAILURE  # the killed one, oldest last
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            assert "forked from the warm parent" in worker_start(instance, runs[0].run_id)
         live = [r for r in runs if r.status == dg.DagsterRunStatus.STARTED]
         assert [r.tags.get("vectorsync/trigger") for r in live] == ["continuous"]
 

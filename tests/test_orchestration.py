@@ -371,3 +371,28 @@ def test_a_continuous_run_is_replaced_only_when_code_or_declarations_changed(tmp
     assert code_fingerprint(declarations=tmp_path) == first  # a reload with nothing changed
     declaration.write_text("name: notes\nsource: public.notes\ncolumns: [body, title]\n")
     assert code_fingerprint(declarations=tmp_path) != first
+
+
+def test_run_worker_health_follows_the_worker_process_and_never_a_recycled_pid() -> None:
+    import subprocess
+    import sys
+
+    from dagster._core.launcher import WorkerStatus
+
+    from orchestration.run_launcher import WORKER_TAG, WarmRunLauncher, _identity
+
+    launcher = WarmRunLauncher()
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        identity = _identity(worker.pid)
+        run = dg.DagsterRun(job_name="embeddings", run_id=unique("run"), tags={WORKER_TAG: identity})
+        assert launcher.check_run_worker_health(run).status == WorkerStatus.RUNNING
+        # The same pid with another start time is another process: the worker is gone.
+        other = run.with_tags({WORKER_TAG: f"{worker.pid}@1.00"})
+        assert launcher.check_run_worker_health(other).status == WorkerStatus.FAILED
+    finally:
+        worker.kill()
+        worker.wait()
+    assert launcher.check_run_worker_health(run).status == WorkerStatus.FAILED
+    untagged = dg.DagsterRun(job_name="embeddings", run_id=unique("run"))
+    assert launcher.check_run_worker_health(untagged).status == WorkerStatus.UNKNOWN
