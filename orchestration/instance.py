@@ -48,7 +48,9 @@ def instance_config(url: str, max_concurrent_runs: int = 4, pool_limit: int = 2)
     if params:
         db["params"] = params
     return {
-        "storage": {"postgres": {"postgres_db": db}},
+        # prepare_instance creates the tables once; every process that loads the instance (each
+        # sensor evaluation builds one) would otherwise reflect the schema over 3 new connections.
+        "storage": {"postgres": {"postgres_db": db, "should_autocreate_tables": False}},
         # Runs wait in the queue for at most a second: freshness is measured in seconds.
         "run_coordinator": {
             "module": "dagster.core.run_coordinator",
@@ -84,8 +86,24 @@ def prepare_instance(url: str, home: Path | None = None) -> Path:
     if password and not os.environ.get(PASSWORD_ENV):
         # Processes started from here (dagster dev, the daemon, their runs) inherit it.
         os.environ[PASSWORD_ENV] = unquote(password)
-    (home / "dagster.yaml").write_text(yaml.safe_dump(instance_config(url), sort_keys=False))
+    config = instance_config(url)
+    _create_dagster_tables(config)
+    (home / "dagster.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     nux = home / ".nux"
     nux.mkdir(exist_ok=True)
     (nux / "nux.yaml").write_text("seen: 1\n")  # no community pop-up on the first visit
     return home
+
+
+def _create_dagster_tables(config: dict) -> None:
+    """Create Dagster's tables if missing (what dagster-postgres does on every start when
+    should_autocreate_tables is on). A schema migration after a Dagster upgrade is still
+    `dagster instance migrate`, as with the default."""
+    from dagster_postgres import DagsterPostgresStorage
+    from dagster_postgres.utils import pg_url_from_config
+
+    db = dict(config["storage"]["postgres"]["postgres_db"])
+    if isinstance(db.get("password"), dict):
+        db["password"] = os.environ[PASSWORD_ENV]
+    storage = DagsterPostgresStorage(pg_url_from_config({"postgres_db": db}), should_autocreate_tables=True)
+    storage.event_log_storage.dispose()  # the only part that holds a connection (its LISTEN watcher)

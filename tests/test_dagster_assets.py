@@ -113,8 +113,10 @@ def test_change_sensor_requests_only_buckets_with_new_changes(instance, declared
     resources = {"database": VectorsyncDatabase(url=db_url)}
 
     def tick(cursor=None):
-        return sensor(dg.build_sensor_context(instance=instance, definitions=defs, cursor=cursor,
-                                              resources=resources))
+        # Closed after the tick: the instance the sensor opens through the context goes with it.
+        with dg.build_sensor_context(instance=instance, definitions=defs, cursor=cursor,
+                                     resources=resources) as context:
+            return sensor(context)
 
     first = tick()
     pending = {b for (b,) in conn.execute(sql.SQL("SELECT DISTINCT bucket FROM {}").format(

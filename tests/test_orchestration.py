@@ -69,13 +69,18 @@ def store_matches_source(conn: psycopg.Connection, spec, source: sql.Identifier)
     assert stored == expected
 
 
-def schedule_context(instance, resources_url: str) -> dg.ScheduleEvaluationContext:
-    return dg.build_schedule_context(instance=instance, resources={"database": VectorsyncDatabase(url=resources_url)})
+def evaluate(schedule, instance, resources_url: str):
+    """One tick of `schedule`, in a context that is closed afterwards: a context that reads
+    `context.instance` opens an instance of its own, which must not outlive the tick."""
+    with dg.build_schedule_context(
+        instance=instance, resources={"database": VectorsyncDatabase(url=resources_url)}
+    ) as context:
+        return schedule(context)
 
 
 def test_reconcile_schedule_requests_a_full_sweep_of_every_bucket(instance, conn, db_url: str) -> None:
     spec, _ = declare(conn)
-    request = reconcile_schedule(spec)(schedule_context(instance, db_url))
+    request = evaluate(reconcile_schedule(spec), instance, db_url)
     assert isinstance(request, dg.RunRequest)
     assert requested_buckets(request) == set(range(spec.buckets))
     config = request.run_config["ops"][embeddings_asset_key(spec).to_python_identifier()]["config"]
@@ -112,7 +117,7 @@ def test_reconcile_repairs_writes_the_triggers_did_not_see(instance, conn, db_ur
 def test_retry_schedule_asks_only_for_buckets_with_due_failures(instance, conn, db_url: str) -> None:
     spec, _ = declare(conn, rows=4)
     tick = retry_schedule(spec)
-    assert isinstance(tick(schedule_context(instance, db_url)), dg.SkipReason)
+    assert isinstance(evaluate(tick, instance, db_url), dg.SkipReason)
     # Two failed rows, one due and one not yet: only the due row's bucket is asked for. The rows'
     # inserts are not pending any more, so whatever bucket the later row hashes to, only the
     # ledger can bring it back.
@@ -127,7 +132,7 @@ def test_retry_schedule_asks_only_for_buckets_with_due_failures(instance, conn, 
             .format(sql.SQL(when)),
             (spec.name, key, key, spec.buckets),
         )
-    request = tick(schedule_context(instance, db_url))
+    request = evaluate(tick, instance, db_url)
     assert isinstance(request, dg.RunRequest)
     assert requested_buckets(request) == {due_bucket}
     config = request.run_config["ops"][embeddings_asset_key(spec).to_python_identifier()]["config"]
@@ -149,10 +154,10 @@ def test_index_upkeep_builds_the_index_once_the_store_is_large_enough(instance, 
     schedule = index_upkeep_schedule(spec, "test.yaml", job)
     table = resolve(conn, spec, "test.yaml")
     assert not index_state(conn, table).exists  # install no longer builds it
-    skip = schedule(schedule_context(instance, db_url))
+    skip = evaluate(schedule, instance, db_url)
     assert isinstance(skip, dg.SkipReason) and "0 of the 25" in skip.skip_message
     assert materialize_all(instance, spec, db_url, full_sweep=False).success
-    request = schedule(schedule_context(instance, db_url))
+    request = evaluate(schedule, instance, db_url)
     assert isinstance(request, dg.RunRequest)
     result = job.execute_in_process(
         instance=instance, run_config=request.run_config, resources={"database": VectorsyncDatabase(url=db_url)}
@@ -160,7 +165,7 @@ def test_index_upkeep_builds_the_index_once_the_store_is_large_enough(instance, 
     assert result.success
     state = index_state(conn, table)
     assert state.exists and state.valid
-    assert isinstance(schedule(schedule_context(instance, db_url)), dg.SkipReason)
+    assert isinstance(evaluate(schedule, instance, db_url), dg.SkipReason)
     conn.execute("SET enable_seqscan = off")
     try:
         plan = " ".join(r[0] for r in conn.execute(
@@ -194,7 +199,7 @@ def test_index_upkeep_leaves_a_build_in_progress_alone(instance, conn, db_url: s
         builder.execute("SELECT pg_advisory_lock(hashtext('vectorsync-index:' || %s))", (spec.name,))
         state = index_state(conn, table)
         assert state.building and state.exists and not state.valid and not state.needs_build
-        skip = schedule(schedule_context(instance, db_url))
+        skip = evaluate(schedule, instance, db_url)
         assert isinstance(skip, dg.SkipReason) and "being built" in skip.skip_message
         assert run().success
         assert conn.execute("SELECT %s::regclass::oid", (index.as_string(conn),)).fetchone()[0] == oid
@@ -204,7 +209,7 @@ def test_index_upkeep_leaves_a_build_in_progress_alone(instance, conn, db_url: s
     while (state := index_state(conn, table)).building and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not state.building and state.needs_build
-    assert isinstance(schedule(schedule_context(instance, db_url)), dg.RunRequest)
+    assert isinstance(evaluate(schedule, instance, db_url), dg.RunRequest)
     assert run().success
     state = index_state(conn, table)
     assert state.exists and state.valid
