@@ -130,6 +130,8 @@ def keep_warm_parent() -> None:
     """Start this process's warm parent now (it takes a few seconds to import), so that the first
     run is already forked from it. Called by orchestration.daemon."""
     global _warm_parent
+    if not sys.platform.startswith("linux"):
+        return  # fork() after these imports is only known safe on Linux; elsewhere runs start cold
     if _warm_parent is None:
         _warm_parent = WarmParent()
     _warm_parent.start()
