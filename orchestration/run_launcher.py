@@ -33,8 +33,9 @@ from dagster._serdes import ConfigurableClass, ConfigurableClassData, serialize_
 
 # The run worker's process, as "pid@start time", so a recycled pid is never taken for it.
 WORKER_TAG = "vectorsync/run_worker"
-# Imported once by the warm parent: what every run imports and costs seconds. Never vectorsync's
-# own modules (a run must read the code on disk); optional ones that are missing are skipped.
+# Imported once by the warm parent: what every run imports and costs seconds (see also
+# preload_for_declarations). Never vectorsync's own modules (a run must read the code on disk);
+# optional ones that are missing are skipped.
 DEFAULT_PRELOAD = [
     "dagster", "dagster._cli", "dagster._cli.api", "dagster._core.execution.api", "dagster_postgres",
     "openai", "psycopg", "pgvector.psycopg", "numpy", "yaml", "psutil",
@@ -133,8 +134,26 @@ def keep_warm_parent() -> None:
     if not sys.platform.startswith("linux"):
         return  # fork() after these imports is only known safe on Linux; elsewhere runs start cold
     if _warm_parent is None:
-        _warm_parent = WarmParent()
+        _warm_parent = WarmParent(preload_for_declarations())
     _warm_parent.start()
+
+
+def preload_for_declarations() -> list[str]:
+    """DEFAULT_PRELOAD, plus the local model's libraries when a declared table uses them: torch
+    and sentence-transformers take ~12 s to import, which every run of such a table would pay.
+    Only imported, never run, in the parent: torch starts its thread pools at first use, so the
+    forked workers start theirs afresh."""
+    try:
+        from assets.spec import load_spec_dir
+
+        from .database import tables_dir
+
+        specs = load_spec_dir(tables_dir())
+    except Exception:  # noqa: BLE001 - a broken declaration is the code location's to report
+        return list(DEFAULT_PRELOAD)
+    if any(spec.provider.kind == "sentence-transformers" for spec, _ in specs):
+        return [*DEFAULT_PRELOAD, "torch", "sentence_transformers"]
+    return list(DEFAULT_PRELOAD)
 
 
 class WarmRunLauncher(RunLauncher, ConfigurableClass):

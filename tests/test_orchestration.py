@@ -401,3 +401,19 @@ def test_run_worker_health_follows_the_worker_process_and_never_a_recycled_pid()
     assert launcher.check_run_worker_health(run).status == WorkerStatus.FAILED
     untagged = dg.DagsterRun(job_name="embeddings", run_id=unique("run"))
     assert launcher.check_run_worker_health(untagged).status == WorkerStatus.UNKNOWN
+
+
+def test_the_warm_parent_preloads_the_local_model_only_when_a_table_uses_it(tmp_path, monkeypatch) -> None:
+    import yaml
+
+    from orchestration.run_launcher import DEFAULT_PRELOAD, preload_for_declarations
+
+    monkeypatch.setenv("VECTORSYNC_TABLES", str(tmp_path))
+    remote = {"name": "remote_notes", "source": "s.notes", "columns": ["body"],
+              "provider": {"kind": "openai", "model": "text-embedding-3-small", "dimensions": 1536}}
+    (tmp_path / "remote.yaml").write_text(yaml.safe_dump(remote))
+    assert preload_for_declarations() == DEFAULT_PRELOAD
+    (tmp_path / "local.yaml").write_text(yaml.safe_dump({"name": "local_notes", "source": "s.notes", "columns": ["body"]}))
+    assert preload_for_declarations() == [*DEFAULT_PRELOAD, "torch", "sentence_transformers"]
+    (tmp_path / "broken.yaml").write_text("name: [unclosed")
+    assert preload_for_declarations() == DEFAULT_PRELOAD  # the code location reports a broken declaration
