@@ -78,6 +78,12 @@ def main(argv: list[str]) -> None:
                 _child(execute_run_args, request, reply)
             reply.write(f"{pid}\n")
             reply.flush()
+    # The daemon is gone: leave at once, without the seconds an interpreter holding torch and
+    # Dagster takes to tear down, during which its process group would still look alive to
+    # whatever stopped the daemon.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
