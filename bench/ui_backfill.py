@@ -77,12 +77,12 @@ def _wait_for_ui(port: int, timeout: float = 240.0) -> None:
     raise RuntimeError(f"the Dagster webserver on port {port} did not answer within {timeout:.0f}s")
 
 
-def _step_seconds(instance: dg.DagsterInstance, run_id: str) -> tuple[float, dict[str, float]]:
+def _step_seconds(log: list) -> tuple[float, dict[str, float]]:
     """From the first step's start to the last step's end (the asset, then its checks), and each
-    step's own seconds."""
+    step's own seconds, from a run's event log."""
     starts: dict[str, float] = {}
     ends: dict[str, float] = {}
-    for entry in instance.all_logs(run_id):
+    for entry in log:
         event = entry.dagster_event
         if event is None:
             continue
@@ -134,13 +134,15 @@ def _resident_cpu(root: int, before: dict[tuple[int, str], float] | None = None)
     return used
 
 
-def _start_cost(instance: dg.DagsterInstance, run_id: str, launched_at: float) -> dict[str, float]:
+def _start_cost(
+    instance: dg.DagsterInstance, run_id: str, log: list, launched_at: float
+) -> dict[str, float]:
     """Where the time before the engine started went: until the backfill daemon created the run,
     in the run queue until a worker process was launched, from there to the first step, and in
     the step until the engine began its sweep (resolving the table, building the provider)."""
     record = instance.get_run_record_by_id(run_id)
     first: dict[str, float] = {}  # the log is in order: the first entry of each kind is its earliest
-    for entry in instance.all_logs(run_id):
+    for entry in log:
         kind = entry.dagster_event.event_type_value if entry.dagster_event is not None else None
         if "sweeping buckets" in (entry.user_message or ""):
             kind = "sweep"
@@ -248,10 +250,11 @@ def run(ctx: Context) -> Result:
                                            f"stored; runs {[(r.run_id, r.status) for r in runs]}")
                     dagster_samples.append(total)
                     runs_per_backfill.append(len(runs))
-                    steps = [_step_seconds(instance, run.run_id) for run in runs]
+                    logs = {run.run_id: instance.all_logs(run.run_id) for run in runs}
+                    steps = [_step_seconds(logs[run.run_id]) for run in runs]
                     step_samples.append(sum(total_s for total_s, _ in steps))
                     steps_per_round.append({k: v for _, each in steps for k, v in each.items()})
-                    start_costs.append(_start_cost(instance, runs[-1].run_id, launched_at))
+                    start_costs.append(_start_cost(instance, runs[-1].run_id, logs[runs[-1].run_id], launched_at))
                     ctx.log(f"round {r + 1}: engine {seconds:.1f}s; UI backfill {total:.1f}s end to end in "
                             f"{len(runs)} run(s), of which the engine's step took {step_samples[-1]:.1f}s")
     conn.close()

@@ -1,5 +1,6 @@
 """Dagster's webserver and daemon on this machine, as `dagster dev` runs them, but with vectorsync's
-daemon (orchestration/daemon.py), whose backfill loop runs every 2 s instead of every 30 s:
+daemon (orchestration/daemon.py), which notices a new backfill within a second instead of up to
+30 s, keeps its database connections open and forks runs from a warm parent:
 
     python -m orchestration.dev -w workspace.yaml -h 127.0.0.1 -p 3000
 

@@ -87,10 +87,6 @@ class WarmParent:
             if self._process is None:
                 self._start()
 
-    def stop(self) -> None:
-        with self._lock:
-            self._stop()
-
     def _start(self) -> None:
         self._stop()
         request_read, request_write = os.pipe()

@@ -177,7 +177,8 @@ def _continuous_run_is_dead(
     context: dg.SensorEvaluationContext, database: VectorsyncDatabase, spec: TableSpec, run: dg.DagsterRun
 ) -> bool:
     """A run that has been started a while but holds no continuous lock lost its process (killed,
-    or its machine died); Dagster's default launcher cannot tell, so the keeper marks it failed."""
+    or its machine died). Run monitoring notices a dead local worker only at its next pass (every
+    120 s), and not at all under launchers without health checks, so the keeper marks it failed."""
     if run.status != dg.DagsterRunStatus.STARTED:
         return False
     record = context.instance.get_run_record_by_id(run.run_id)
