@@ -35,6 +35,7 @@ from psycopg import sql
 
 from .catalog import ResolvedTable
 from .providers.base import ROW_LEVEL_KINDS, EmbeddingProvider, ProviderError
+from .spec import TableSpec
 from .text import chunk, fit_to_token_limit, render, text_hash
 
 # A cap on the pipeline's read-ahead, in source rows (see EmbeddingEngine._max_pages).
@@ -75,6 +76,13 @@ class RetryPolicy:
     max_attempts: int = 6
     base_seconds: float = 30.0
     max_seconds: float = 6 * 3600.0
+
+
+def retry_policy(spec: TableSpec) -> RetryPolicy:
+    """The retry policy from the declaration's `retry:` block: every engine of a table, whichever
+    run or command builds it, must retry and give up on rows the same way."""
+    r = spec.retry
+    return RetryPolicy(max_attempts=r.max_attempts, base_seconds=r.base_seconds, max_seconds=r.max_seconds)
 
 
 @dataclass

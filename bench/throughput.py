@@ -22,7 +22,7 @@ SCHEMA = "bench_throughput"
 
 def run(ctx: Context) -> Result:
     from assets.engine import EmbeddingEngine
-    from assets.factory import provider_for
+    from assets.providers import provider_for
     from assets.text import render
 
     rows, chars = ctx.params["rows"], ctx.params["chars"]

@@ -78,7 +78,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from assets.factory import provider_for
+    from assets.providers import provider_for
     from assets.search import SearchError, hybrid_search, search
 
     # --where values stay text: the search casts each to its column's type, so `id=7` compares as
@@ -119,8 +119,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_sync(args: argparse.Namespace) -> int:
     """Run the engine directly, without Dagster (for scripts and debugging)."""
-    from assets.engine import EmbeddingEngine, SyncStats
-    from assets.factory import provider_for, retry_policy
+    from assets.engine import EmbeddingEngine, SyncStats, retry_policy
+    from assets.providers import provider_for
 
     spec, origin = _find(args, args.name)
     buckets = [args.bucket] if args.bucket is not None else list(range(spec.buckets))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets.checks import embeddings_checks
-from assets.factory import continuous_job, embeddings_asset, source_asset_spec
+from orchestration.checks import embeddings_checks
+from orchestration.embedding_assets import continuous_job, embeddings_asset, source_asset_spec
 from assets.spec import load_spec_dir
 
 from .database import tables_dir

@@ -42,17 +42,12 @@ from dagster._core.storage.tags import (
 )
 
 from assets.catalog import resolve
-from assets.factory import (
-    GROUP,
-    SOURCE_GROUP,
-    embeddings_asset_key,
-    partitions_for,
-    provider_for,
-)
 from assets.install import install
+from assets.providers import provider_for
 from assets.search import search
 from assets.spec import TableSpec, load_spec_dir
 from assets.status import TableStatus, table_status
+from orchestration.embedding_assets import GROUP, SOURCE_GROUP, embeddings_asset_key, partitions_for
 
 from .corpus import load_python_docs
 from .database import PROJECT_DIR, connect, database_url, tables_dir

@@ -13,7 +13,7 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 from pydantic import Field
 
 from assets.catalog import resolve
-from assets.factory import bucket_partition_key, embeddings_asset_key
+from orchestration.embedding_assets import bucket_partition_key, embeddings_asset_key
 from assets.index import build_index, index_state
 from assets.spec import TableSpec
 

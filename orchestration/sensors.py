@@ -13,7 +13,7 @@ import dagster as dg
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 from psycopg import sql
 
-from assets.factory import bucket_partition_key, continuous_lock_held, embeddings_asset_key, source_asset_key
+from orchestration.embedding_assets import bucket_partition_key, continuous_lock_held, embeddings_asset_key, source_asset_key
 from assets.spec import TableSpec
 from assets.status import estimated_rows
 

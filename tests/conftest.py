@@ -43,7 +43,7 @@ def conn(db_url: str) -> Iterator[psycopg.Connection]:
 
 @pytest.fixture(scope="session")
 def local_provider() -> EmbeddingProvider:
-    from assets.factory import provider_for
+    from assets.providers import provider_for
     from assets.spec import ProviderSpec
 
     return provider_for(ProviderSpec())

@@ -20,8 +20,8 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 from openai_server import OpenAIServer
 from psycopg import sql
 
-from assets.checks import embeddings_checks
-from assets.factory import embeddings_asset, embeddings_asset_key
+from orchestration.checks import embeddings_checks
+from orchestration.embedding_assets import embeddings_asset, embeddings_asset_key
 from assets.install import install
 from assets.spec import SpecError, TableSpec, load_spec_file
 from orchestration.instance import prepare_instance

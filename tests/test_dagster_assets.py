@@ -13,8 +13,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from assets.checks import embeddings_checks
-from assets.factory import (
+from orchestration.checks import embeddings_checks
+from orchestration.embedding_assets import (
     embeddings_asset,
     embeddings_asset_key,
     source_asset_key,
@@ -174,7 +174,7 @@ def test_continuous_reporter_keeps_no_event_once_it_is_written(instance) -> None
     """The continuous run's op never returns, so the events it logs must not pile up in its
     context: each is in the event log as soon as it is written, and nowhere else."""
     from assets.engine import SyncStats
-    from assets.factory import _BatchReporter
+    from orchestration.embedding_assets import _BatchReporter
 
     key = dg.AssetKey(["embeddings", unique("reporter")])
     retained: list[bool] = []

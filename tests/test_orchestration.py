@@ -12,7 +12,7 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 from psycopg import sql
 
 from assets.catalog import resolve
-from assets.factory import embeddings_asset, embeddings_asset_key, source_asset_spec
+from orchestration.embedding_assets import embeddings_asset, embeddings_asset_key, source_asset_spec
 from assets.index import index_state
 from assets.install import install
 from assets.spec import parse_spec
@@ -246,7 +246,7 @@ def test_run_failure_sensor_records_the_failed_run(instance, conn, db_url: str) 
 def test_a_model_change_keeps_search_answering_until_the_backfill_replaces_each_row(
     instance, conn, db_url: str, local_provider
 ) -> None:
-    from assets.checks import embeddings_checks
+    from orchestration.checks import embeddings_checks
     from assets.search import search
 
     spec, source = declare(conn, rows=24)

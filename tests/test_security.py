@@ -18,9 +18,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from reliability_support import audit, create_source, openai_spec
 
 from assets.catalog import resolve
-from assets.checks import embeddings_checks
+from orchestration.checks import embeddings_checks
 from assets.engine import EmbeddingEngine
-from assets.factory import bucket_partition_key, embeddings_asset
+from orchestration.embedding_assets import bucket_partition_key, embeddings_asset
 from assets.install import install
 from assets.providers import build_provider
 from assets.spec import SpecError, parse_spec

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from ..spec import ProviderSpec
 from .base import EmbeddingProvider, ProviderError
 
@@ -17,4 +19,10 @@ def build_provider(spec: ProviderSpec) -> EmbeddingProvider:
     return OpenAICompatibleProvider(spec)
 
 
-__all__ = ["EmbeddingProvider", "ProviderError", "build_provider"]
+@lru_cache(maxsize=8)
+def provider_for(spec: ProviderSpec) -> EmbeddingProvider:
+    """One provider per process and model: loading a local model takes seconds."""
+    return build_provider(spec)
+
+
+__all__ = ["EmbeddingProvider", "ProviderError", "build_provider", "provider_for"]

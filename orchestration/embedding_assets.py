@@ -7,22 +7,21 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from functools import lru_cache
 
 import dagster as dg
 import psycopg
 from psycopg import sql
 from pydantic import Field
 
-from orchestration.resources import VectorsyncDatabase
+from assets.catalog import ResolvedTable, resolve
+from assets.continuous import CHANNEL, ChangeListener, follow_changes
+from assets.engine import BucketBusy, EmbeddingEngine, SyncStats, retry_policy
+from assets.locks import held_elsewhere, try_lock
+from assets.providers import provider_for
+from assets.spec import TableSpec
+from assets.status import change_backlog, estimated_rows
 
-from .catalog import ResolvedTable, resolve
-from .continuous import CHANNEL, ChangeListener, follow_changes
-from .engine import BucketBusy, EmbeddingEngine, RetryPolicy, SyncStats
-from .locks import held_elsewhere, try_lock
-from .providers import EmbeddingProvider, build_provider
-from .spec import ProviderSpec, TableSpec
-from .status import change_backlog, estimated_rows
+from .resources import VectorsyncDatabase
 
 GROUP = "embeddings"
 # A run's step is tried again this many times after a transient failure, about this long apart.
@@ -45,19 +44,6 @@ def source_asset_key(spec: TableSpec) -> dg.AssetKey:
 
 def embeddings_asset_key(spec: TableSpec) -> dg.AssetKey:
     return dg.AssetKey(["embeddings", spec.name])
-
-
-@lru_cache(maxsize=8)
-def provider_for(spec: ProviderSpec) -> EmbeddingProvider:
-    """One provider per process and model: loading a local model takes seconds."""
-    return build_provider(spec)
-
-
-def retry_policy(spec: TableSpec) -> RetryPolicy:
-    """The engine's retry policy from the declaration's `retry:` block: every engine of a table,
-    whichever run or command builds it, must retry and give up on rows the same way."""
-    r = spec.retry
-    return RetryPolicy(max_attempts=r.max_attempts, base_seconds=r.base_seconds, max_seconds=r.max_seconds)
 
 
 class EmbeddingRunConfig(dg.Config):

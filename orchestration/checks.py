@@ -15,11 +15,12 @@ import dagster as dg
 import psycopg
 from psycopg import sql
 
-from orchestration.resources import VectorsyncDatabase
+from assets.spec import TableSpec
+from assets.status import change_backlog
 
-from .factory import embeddings_asset_key
-from .spec import TableSpec
-from .status import change_backlog
+from .embedding_assets import embeddings_asset_key
+from .resources import VectorsyncDatabase
+
 
 
 def _store(spec: TableSpec) -> sql.Identifier:
