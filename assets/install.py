@@ -124,7 +124,7 @@ def install_table(conn: psycopg.Connection, table: ResolvedTable) -> bool:
     so rows that predate the triggers or carry an old fingerprint get embedded)."""
     spec = table.spec
     objects = table_objects(table)
-    store_existed = _check_existing_store(conn, table)
+    store_existed = check_existing_store(conn, table)
     for name in ("store.sql", "capture.sql"):
         conn.execute(sql.SQL((SQL_DIR / "table" / name).read_text()).format(**objects))
     _drop_index_of_another_distance(conn, table)
@@ -177,7 +177,7 @@ def _buckets_stale(conn: psycopg.Connection, table: ResolvedTable) -> bool:
     return bool(found and found[0])
 
 
-def _check_existing_store(conn: psycopg.Connection, table: ResolvedTable) -> bool:
+def check_existing_store(conn: psycopg.Connection, table: ResolvedTable) -> bool:
     """Whether the store exists already; refuses a declaration whose vectors no longer fit it
     (another size or type), before any DDL, rather than letting every run fail on write."""
     spec = table.spec

@@ -158,6 +158,27 @@ class RetrySpec(_Strict):
         return value
 
 
+DAGSTER_NAME_PATTERN = r"^[A-Za-z0-9_]+$"
+
+
+class AssetPresentation(_Strict):
+    """How the table's assets appear in Dagster (the translator of dagster-dbt and dagster-sling):
+    key prefixes, group, owners, tags and extra kinds. It names things, it does not shape vectors,
+    so it is not part of the fingerprint."""
+
+    # The embeddings asset is key_prefix + [name]; the source table's is source_key_prefix +
+    # [schema, table] (spelled as valid Dagster names, see orchestration/names.py).
+    key_prefix: list[Annotated[str, Field(pattern=DAGSTER_NAME_PATTERN)]] = ["embeddings"]
+    source_key_prefix: list[Annotated[str, Field(pattern=DAGSTER_NAME_PATTERN)]] = ["postgres"]
+    group_name: Annotated[str, Field(pattern=DAGSTER_NAME_PATTERN)] = "embeddings"
+    source_group_name: Annotated[str, Field(pattern=DAGSTER_NAME_PATTERN)] = "sources"
+    # Owners as Dagster takes them: an e-mail address or "team:name".
+    owners: list[str] = []
+    tags: dict[str, str] = {}
+    # Shown beside the default kinds (postgres, pgvector and the provider's).
+    kinds: list[str] = []
+
+
 class SourceRef(_Strict):
     schema_: str = Field("public", alias="schema", min_length=1, max_length=63)
     table: str = Field(min_length=1, max_length=63)
@@ -171,7 +192,8 @@ class TableSpec(_Strict):
     """One embedding table. See docs/declaring-a-table.md for every field and its default."""
 
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
-    source: SourceRef
+    # "schema.table" or {schema: ..., table: ...}; the str form is turned into a SourceRef on load.
+    source: SourceRef | str
     primary_key: list[str] | None = None
     columns: list[str] | None = None
     template: str | None = None
@@ -197,6 +219,8 @@ class TableSpec(_Strict):
     continuous: bool = False
     # When failed rows are retried and when they are given up on (see RetrySpec).
     retry: RetrySpec = RetrySpec()
+    # How the table's assets appear in Dagster (see AssetPresentation); not in the fingerprint.
+    asset: AssetPresentation = AssetPresentation()
 
     @field_validator("source", mode="before")
     @classmethod
@@ -316,18 +340,3 @@ def load_spec_file(path: Path) -> TableSpec:
     except yaml.YAMLError as exc:
         raise SpecError(str(path), "", f"not valid YAML: {exc}") from None
     return parse_spec(data, str(path))
-
-
-def load_spec_dir(directory: Path) -> list[tuple[TableSpec, str]]:
-    """Every `*.yaml` declaration in a directory, with the file it came from; names must be unique."""
-    if not directory.is_dir():
-        raise SpecError(str(directory), "", "the table declarations directory does not exist")
-    specs: list[tuple[TableSpec, str]] = []
-    seen: dict[str, Path] = {}
-    for path in sorted(directory.glob("*.y*ml")):
-        spec = load_spec_file(path)
-        if spec.name in seen:
-            raise SpecError(str(path), "name", f"{spec.name!r} is already declared in {seen[spec.name]}")
-        seen[spec.name] = path
-        specs.append((spec, str(path)))
-    return specs

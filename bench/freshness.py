@@ -32,7 +32,7 @@ def _free_port() -> int:
 
 def _declare(ctx: Context, tables_dir: Path, name: str, base_url: str, continuous: bool) -> sql.Identifier:
     from assets.install import install
-    from assets.spec import load_spec_dir
+    from assets.declarations import load_declarations
 
     conn = ctx.connect()
     create_source(conn, name, "id int PRIMARY KEY, body text, inserted_at timestamptz")
@@ -45,7 +45,7 @@ def _declare(ctx: Context, tables_dir: Path, name: str, base_url: str, continuou
     for old in tables_dir.glob("*.yaml"):
         old.unlink()
     (tables_dir / f"{name}.yaml").write_text(yaml.safe_dump(declaration))
-    install(conn, load_spec_dir(tables_dir))
+    install(conn, load_declarations(tables_dir))
     conn.close()
     return sql.Identifier(name, "docs")
 

@@ -163,7 +163,7 @@ def run(ctx: Context) -> Result:
     from assets.engine import EmbeddingEngine
     from assets.install import install
     from assets.providers import build_provider
-    from assets.spec import load_spec_dir
+    from assets.declarations import load_declarations
     from orchestration.local_dagster import LocalDagster
 
     p = ctx.params
@@ -192,7 +192,7 @@ def run(ctx: Context) -> Result:
                          "base_url": base_url, "api_key_env": KEY_ENV, "max_concurrency": 4},
         }
         (tables_dir / f"{name}.yaml").write_text(yaml.safe_dump(declaration))
-        specs = load_spec_dir(tables_dir)
+        specs = load_declarations(tables_dir)
         install(conn, specs)
         spec, origin = specs[0]
         table = resolve(conn, spec, origin)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from assets.catalog import resolve
 from assets.install import install
-from assets.spec import SpecError, TableSpec, load_spec_dir
+from assets.declarations import load_declarations
+from assets.spec import SpecError, TableSpec
 from assets.status import installed_tables, table_status
 
 from .database import connect, database_url, tables_dir
@@ -22,7 +23,7 @@ DEMO_QUERIES = (
 
 
 def _specs(args: argparse.Namespace) -> list[tuple[TableSpec, str]]:
-    return load_spec_dir(Path(args.tables) if args.tables else tables_dir())
+    return load_declarations(Path(args.tables) if args.tables else tables_dir())
 
 
 def _find(args: argparse.Namespace, name: str) -> tuple[TableSpec, str]:

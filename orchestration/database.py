@@ -19,8 +19,9 @@ def vectorsync_home() -> Path:
 
 
 def tables_dir() -> Path:
-    """Where the YAML declarations live: $VECTORSYNC_TABLES, or assets/tables in this project."""
-    return Path(os.environ.get("VECTORSYNC_TABLES", PROJECT_DIR / "assets" / "tables"))
+    """Where the table declarations live: $VECTORSYNC_TABLES, or this project's dg defs folder,
+    orchestration/defs (one folder per table with its defs.yaml)."""
+    return Path(os.environ.get("VECTORSYNC_TABLES", PROJECT_DIR / "orchestration" / "defs"))
 
 
 def embedded_server_dir() -> Path:

@@ -1,54 +1,99 @@
-"""The Dagster code location: every declared table becomes a source asset, an embeddings asset,
-its checks, its change sensor and its schedules (and, in continuous mode, a long-lived job)."""
+"""The Dagster code location: every declared table (an EmbeddingTable component, see
+orchestration/components.py) with its assets, checks, sensor, schedules and jobs, plus what all
+tables share: the database resource and the sensor that records failed runs.
+
+A declaration that cannot be loaded is shown in the UI as an asset of its own, in the group
+`vectorsync_declaration_errors`, with the error as its description, and the other tables load as
+usual: one bad table never takes the code location down. Under `dg check defs` (Dagster sets
+DAGSTER_IS_DEFS_VALIDATION_CLI) the same error fails the check instead, and each declaration is
+also checked against the database: the table and columns exist, the store's vectors fit.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import dagster as dg
 
-from orchestration.checks import embeddings_checks
-from orchestration.embedding_assets import continuous_job, embeddings_asset, source_asset_spec
-from assets.spec import load_spec_dir
+from assets.declarations import load_declarations_isolated
+from assets.spec import TableSpec
 
+from .components import EmbeddingTable
 from .database import tables_dir
+from .embedding_assets import source_asset_key
+from .names import dagster_name_part
 from .resources import database_resource
-from .schedules import index_upkeep_job, index_upkeep_schedule, reconcile_schedule, retry_schedule
-from .sensors import changes_sensor, continuous_keeper, record_run_failures
+from .sensors import record_run_failures
+
+log = logging.getLogger(__name__)
+ERROR_GROUP = "vectorsync_declaration_errors"
+
+
+def validating() -> bool:
+    """Whether Dagster is validating definitions (`dg check defs`, `dagster definitions validate`)."""
+    return os.environ.get("DAGSTER_IS_DEFS_VALIDATION_CLI") == "1"
+
+
+def check_against_database(specs: list[tuple[TableSpec, str]]) -> None:
+    """Under `dg check defs`: each table and its columns exist, and an existing store's vectors
+    are the declared size and type. An unreachable database is reported, not failed: a
+    declaration can be checked before its database exists."""
+    import psycopg
+
+    from assets.catalog import resolve
+    from assets.install import check_existing_store
+
+    from .database import connect
+
+    try:
+        conn = connect(database_resource().resolved_url())
+    except psycopg.OperationalError as exc:
+        log.warning(f"declarations not checked against the database, which cannot be reached: {exc}")
+        return
+    with conn:
+        for spec, origin in specs:
+            check_existing_store(conn, resolve(conn, spec, origin))
+
+
+def _error_asset(error: Exception, origin: str) -> dg.AssetSpec:
+    return dg.AssetSpec(
+        key=dg.AssetKey([ERROR_GROUP, dagster_name_part(origin)]),
+        group_name=ERROR_GROUP,
+        description=f"This declaration cannot be loaded, so its table is not kept embedded: {error}",
+        metadata={"declared_in": origin, "error": str(error)},
+    )
 
 
 def build_definitions(directory: Path) -> dg.Definitions:
-    specs = load_spec_dir(directory)
-    assets: list = []
-    checks: list = []
-    jobs: list = []
-    sensors: list = [record_run_failures]
-    schedules: list = []
-    index_job = index_upkeep_job(specs)
-    seen_sources = set()
+    specs, errors = load_declarations_isolated(directory)
+    failures: list[tuple[Exception, str]] = [(e, e.source) for e in errors]
+    parts: list[dg.Definitions] = []
+    seen_sources: set[dg.AssetKey] = set()
     for spec, origin in specs:
-        if spec.source.qualified not in seen_sources:  # two models may share one source table
-            seen_sources.add(spec.source.qualified)
-            assets.append(source_asset_spec(spec))
-        assets.append(embeddings_asset(spec, origin))
-        checks.extend(embeddings_checks(spec))
-        sensors.append(changes_sensor(spec))
-        schedules += [reconcile_schedule(spec), retry_schedule(spec), index_upkeep_schedule(spec, origin, index_job)]
-        if spec.continuous:
-            job = continuous_job(spec, origin)
-            jobs.append(job)
-            sensors.append(continuous_keeper(spec, job))
-    return dg.Definitions(
-        assets=assets,
-        asset_checks=checks,
-        jobs=[index_job, *jobs],
-        sensors=sensors,
-        schedules=schedules,
+        key = source_asset_key(spec)
+        try:
+            # Two tables (two models, say) may embed one source table: it is declared once.
+            parts.append(EmbeddingTable(spec, origin, include_source=key not in seen_sources).build_defs(None))
+            seen_sources.add(key)
+        except Exception as exc:  # noqa: BLE001 - any failure of one table stays that table's
+            failures.append((exc, origin))
+    if validating():
+        if failures:
+            raise failures[0][0]
+        check_against_database(specs)
+    for error, origin in failures:
+        log.error(f"{origin}: table not loaded: {error}")
+    shared = dg.Definitions(
+        assets=[_error_asset(error, origin) for error, origin in failures],
+        sensors=[record_run_failures],
         resources={"database": database_resource()},
         # Runs execute in their own process already; a second process per step would double the
         # start cost of every change-triggered run.
         executor=dg.in_process_executor,
     )
+    return dg.Definitions.merge(shared, *parts)
 
 
 defs = build_definitions(tables_dir())

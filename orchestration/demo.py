@@ -36,23 +36,20 @@ import dagster as dg
 # something a demo user can act on.
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-from dagster._core.storage.tags import (
-    ASSET_PARTITION_RANGE_END_TAG,
-    ASSET_PARTITION_RANGE_START_TAG,
-)
 
 from assets.catalog import resolve
 from assets.install import install
 from assets.providers import provider_for
 from assets.search import search
-from assets.spec import TableSpec, load_spec_dir
+from assets.declarations import load_declarations
+from assets.spec import TableSpec
 from assets.status import TableStatus, table_status
 from orchestration.embedding_assets import GROUP, SOURCE_GROUP, embeddings_asset_key, partitions_for
 
 from .corpus import load_python_docs
 from .database import PROJECT_DIR, connect, database_url, tables_dir
-from .dev import prepare_child
 from .instance import prepare_instance
+from .names import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
 from .resources import database_resource
 
 DEMO_TABLE = "python_docs"
@@ -204,8 +201,8 @@ def _embed_through_dagster(url: str, spec: TableSpec) -> None:
                 # The run's info lines come back through RunProgress; the console keeps warnings.
                 run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
                 tags={
-                    ASSET_PARTITION_RANGE_START_TAG: partition_keys[0],
-                    ASSET_PARTITION_RANGE_END_TAG: partition_keys[-1],
+                    PARTITION_RANGE_START_TAG: partition_keys[0],
+                    PARTITION_RANGE_END_TAG: partition_keys[-1],
                     "vectorsync/trigger": "demo",
                     DEMO_RUN_TAG: session,
                 },
@@ -265,7 +262,7 @@ def run_demo(queries: Sequence[str], serve: bool = True, port: int = 3000, limit
         return 1
     url = database_url()
     print(f"database: {url}")
-    specs = load_spec_dir(tables_dir())
+    specs = load_declarations(tables_dir())
     spec, origin = next((s, o) for s, o in specs if s.name == DEMO_TABLE)
     with connect(url) as conn:
         changed = load_python_docs(conn, limit=limit)

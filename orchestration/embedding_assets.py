@@ -21,6 +21,7 @@ from assets.providers import provider_for
 from assets.spec import TableSpec
 from assets.status import change_backlog, estimated_rows
 
+from .names import dagster_name_part
 from .resources import VectorsyncDatabase
 
 GROUP = "embeddings"
@@ -39,11 +40,13 @@ def partitions_for(spec: TableSpec) -> dg.StaticPartitionsDefinition:
 
 
 def source_asset_key(spec: TableSpec) -> dg.AssetKey:
-    return dg.AssetKey(["postgres", spec.source.schema_, spec.source.table])
+    """The source table's key: any PostgreSQL identifier, spelled as valid Dagster names."""
+    parts = [dagster_name_part(spec.source.schema_), dagster_name_part(spec.source.table)]
+    return dg.AssetKey([*spec.asset.source_key_prefix, *parts])
 
 
 def embeddings_asset_key(spec: TableSpec) -> dg.AssetKey:
-    return dg.AssetKey(["embeddings", spec.name])
+    return dg.AssetKey([*spec.asset.key_prefix, spec.name])
 
 
 class EmbeddingRunConfig(dg.Config):
@@ -72,7 +75,7 @@ class EmbeddingRunConfig(dg.Config):
 def source_asset_spec(spec: TableSpec) -> dg.AssetSpec:
     return dg.AssetSpec(
         key=source_asset_key(spec),
-        group_name=SOURCE_GROUP,
+        group_name=spec.asset.source_group_name,
         kinds={"postgres"},
         description=f"The PostgreSQL table {spec.source.qualified}, owned by your application. "
         "vectorsync only reads it; triggers record which rows change.",
@@ -97,8 +100,9 @@ def embeddings_asset(spec: TableSpec, origin: str) -> dg.AssetsDefinition:
         deps=[source_asset_key(spec)],
         partitions_def=partitions_for(spec),
         backfill_policy=dg.BackfillPolicy.single_run(),
-        group_name=GROUP,
-        kinds={"postgres", "pgvector", provider.kind},
+        group_name=spec.asset.group_name,
+        kinds={"postgres", "pgvector", provider.kind, *spec.asset.kinds},
+        owners=spec.asset.owners,
         description=description,
         pool=f"vectorsync_{provider.kind}".replace("-", "_"),
         metadata={
@@ -107,7 +111,7 @@ def embeddings_asset(spec: TableSpec, origin: str) -> dg.AssetsDefinition:
             "model": provider.model,
             "model_fingerprint": spec.fingerprint,
         },
-        tags={"vectorsync/table": spec.name},
+        tags={**spec.asset.tags, "vectorsync/table": spec.name},
     )
     def _embeddings(
         context: dg.AssetExecutionContext, config: EmbeddingRunConfig, database: VectorsyncDatabase
@@ -125,6 +129,8 @@ def embeddings_asset(spec: TableSpec, origin: str) -> dg.AssetsDefinition:
         context: dg.AssetExecutionContext, config: EmbeddingRunConfig, database: VectorsyncDatabase
     ) -> dg.MaterializeResult:
         buckets = [int(k) for k in context.partition_keys]
+        # Which process works on the run: what an operator (or the kill test) looks for.
+        context.log.info(f"{spec.name}: run worker pid {os.getpid()} on buckets {buckets[0]}..{buckets[-1]}")
         total = SyncStats()
         with database.connect() as conn:
             table = resolve(conn, spec, origin)

@@ -14,6 +14,10 @@ from psycopg import sql
 from .database import vectorsync_home
 
 DAGSTER_DATABASE = "dagster"
+# How often Dagster's monitoring daemon looks at runs, and how long after a run ended its pool
+# slots are freed if it still holds them (its worker was killed before it could free them).
+RUN_MONITORING_POLL_SECONDS = 5
+FREE_SLOTS_AFTER_RUN_END_SECONDS = 1
 PASSWORD_ENV = "PGPASSWORD"
 # A run in one of these is not over: queued, starting, running or stopping.
 IN_FLIGHT = [
@@ -57,16 +61,24 @@ def instance_config(url: str, max_concurrent_runs: int = 4, pool_limit: int = 2)
             "class": "QueuedRunCoordinator",
             "config": {"dequeue_interval_seconds": 1},
         },
-        # Runs are forked from a warm parent in the daemon: they start without seconds of imports.
-        "run_launcher": {"module": "orchestration.run_launcher", "class": "WarmRunLauncher"},
+        # Dagster's default run launcher: each run worker is a process of the code server, which
+        # notices within a second when one dies (an OOM kill, a SIGKILL) and fails its run.
         "concurrency": {
             "runs": {"max_concurrent_runs": max_concurrent_runs},
             # Each provider is a pool (see the asset's `pool`): parallel runs share one rate limit.
             "pools": {"default_limit": pool_limit},
         },
-        # A run stuck starting or canceling (its process gone before it could say so) is failed,
-        # so the continuous keeper and the change sensor stop waiting on it.
-        "run_monitoring": {"enabled": True, "start_timeout_seconds": 180, "cancel_timeout_seconds": 120},
+        "run_monitoring": {
+            "enabled": True,
+            # A run stuck starting or canceling (its process gone before it could say so) is failed,
+            # so the continuous keeper and the change sensor stop waiting on it.
+            "start_timeout_seconds": 180,
+            "cancel_timeout_seconds": 120,
+            # A killed run worker never gives its pool slots back: the monitoring daemon frees the
+            # slots of runs that ended, looking every few seconds (Dagster's default is 120 s).
+            "poll_interval_seconds": RUN_MONITORING_POLL_SECONDS,
+            "free_slots_after_run_end_seconds": FREE_SLOTS_AFTER_RUN_END_SECONDS,
+        },
         "telemetry": {"enabled": False},
     }
 

@@ -35,11 +35,12 @@ class LocalDagster:
 
     def start(self) -> LocalDagster:
         prepare_instance(self.url, self.home)
-        # vectorsync's daemon and dev (orchestration/daemon.py): backfills start within seconds.
+        # Stock Dagster, as users run it: the daemon alone, or `dagster dev` (webserver + daemon).
+        bin_dir = Path(sys.executable).parent
         if self.port is None:
-            command = [sys.executable, "-m", "orchestration.daemon", "run", "-w", "workspace.yaml"]
+            command = [str(bin_dir / "dagster-daemon"), "run", "-w", "workspace.yaml"]
         else:
-            command = [sys.executable, "-m", "orchestration.dev", "-w", "workspace.yaml", "-h", "127.0.0.1",
+            command = [str(bin_dir / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1",
                        "-p", str(self.port)]
         env = {**os.environ, "DAGSTER_HOME": str(self.home), "DATABASE_URL": self.url, **self.extra_env}
         if self.tables_dir is not None:

@@ -9,21 +9,20 @@ index_upkeep    a run of the index job once the store is large enough for its HN
 
 
 import dagster as dg
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
-from pydantic import Field
 
 from assets.catalog import resolve
 from orchestration.embedding_assets import bucket_partition_key, embeddings_asset_key
 from assets.index import build_index, index_state
 from assets.spec import TableSpec
 
+from .names import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
 from .resources import VectorsyncDatabase
 
 
 def _all_buckets(spec: TableSpec) -> dict[str, str]:
     return {
-        ASSET_PARTITION_RANGE_START_TAG: bucket_partition_key(0),
-        ASSET_PARTITION_RANGE_END_TAG: bucket_partition_key(spec.buckets - 1),
+        PARTITION_RANGE_START_TAG: bucket_partition_key(0),
+        PARTITION_RANGE_END_TAG: bucket_partition_key(spec.buckets - 1),
     }
 
 
@@ -90,8 +89,8 @@ def retry_schedule(spec: TableSpec) -> dg.ScheduleDefinition:
         partition = (
             {"partition_key": bucket_partition_key(first)}
             if first == last
-            else {"tags": {ASSET_PARTITION_RANGE_START_TAG: bucket_partition_key(first),
-                           ASSET_PARTITION_RANGE_END_TAG: bucket_partition_key(last)}}
+            else {"tags": {PARTITION_RANGE_START_TAG: bucket_partition_key(first),
+                           PARTITION_RANGE_END_TAG: bucket_partition_key(last)}}
         )
         return dg.RunRequest(
             asset_selection=[key],
@@ -105,22 +104,17 @@ def retry_schedule(spec: TableSpec) -> dg.ScheduleDefinition:
     return _schedule
 
 
-class IndexUpkeepConfig(dg.Config):
-    table: str = Field(description="The declared table whose vector index to build.")
-
-
-def index_upkeep_job(specs: list[tuple[TableSpec, str]]) -> dg.JobDefinition:
-    by_name = dict((s.name, (s, o)) for s, o in specs)
+def index_upkeep_job(spec: TableSpec, origin: str) -> dg.JobDefinition:
+    """The job that builds one table's vector index (one per table, so each table's definitions
+    stand on their own)."""
 
     @dg.op(
-        name="build_vector_index",
-        description="Builds the table's HNSW index with CREATE INDEX CONCURRENTLY (runs keep writing "
-        "meanwhile), replacing an invalid index left by an interrupted build.",
+        name=f"build_{spec.name}_vector_index",
+        description=f"Builds the HNSW index of {spec.name}'s store with CREATE INDEX CONCURRENTLY "
+        "(runs keep writing meanwhile), replacing an invalid index left by an interrupted build.",
+        tags={"vectorsync/table": spec.name},
     )
-    def build(context: dg.OpExecutionContext, config: IndexUpkeepConfig, database: VectorsyncDatabase) -> None:
-        if config.table not in by_name:
-            raise dg.Failure(f"table {config.table!r} is not declared")
-        spec, origin = by_name[config.table]
+    def build(context: dg.OpExecutionContext, database: VectorsyncDatabase) -> None:
         with database.connect() as conn:
             state = build_index(conn, resolve(conn, spec, origin))
         context.log.info(
@@ -133,9 +127,10 @@ def index_upkeep_job(specs: list[tuple[TableSpec, str]]) -> dg.JobDefinition:
             raise dg.Failure(f"table {spec.name}: index {state.index} is still missing or invalid")
 
     @dg.job(
-        name="vectorsync_index_upkeep",
-        description="Builds a table's vector index once its store is large enough.",
+        name=f"{spec.name}_vector_index",
+        description=f"Builds the vector index of {spec.name} once its store is large enough.",
         executor_def=dg.in_process_executor,
+        tags={"vectorsync/table": spec.name},
     )
     def _job() -> None:
         build()
@@ -165,9 +160,7 @@ def index_upkeep_schedule(spec: TableSpec, origin: str, job: dg.JobDefinition) -
                 f"store has {'at least ' if state.store_rows_at_least >= state.min_rows else ''}"
                 f"{state.store_rows_at_least} of the {state.min_rows} chunks needed"
             )
-        return dg.RunRequest(
-            run_config=dg.RunConfig(ops={"build_vector_index": IndexUpkeepConfig(table=spec.name)}),
-            tags={"vectorsync/table": spec.name, "vectorsync/trigger": "index_upkeep"},
+        return dg.RunRequest(tags={"vectorsync/table": spec.name, "vectorsync/trigger": "index_upkeep"},
         )
 
     return _schedule

@@ -10,7 +10,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import dagster as dg
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 from psycopg import sql
 
 from orchestration.embedding_assets import bucket_partition_key, continuous_lock_held, embeddings_asset_key, source_asset_key
@@ -19,6 +18,7 @@ from assets.status import estimated_rows
 
 from .database import PROJECT_DIR, tables_dir
 from .instance import IN_FLIGHT
+from .names import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
 from .resources import VectorsyncDatabase
 
 # A bucket whose changes are still pending this long after its last request, with no run covering
@@ -50,9 +50,9 @@ def code_fingerprint(project: Path = PROJECT_DIR, declarations: Path | None = No
     files = [p for folder in ("assets", "orchestration", "sql") for p in (project / folder).rglob("*")
              if p.suffix in (".py", ".sql") and p.is_file()]
     declarations = declarations or tables_dir()
-    files += [p for p in declarations.glob("*") if p.suffix in (".yaml", ".yml") and p.is_file()]
+    files += [p for p in declarations.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file()]
     for path in sorted(files):
-        digest.update(path.name.encode())
+        digest.update(str(path).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
 
@@ -63,7 +63,7 @@ CODE_LOAD_ID = code_fingerprint()
 def _buckets_of_run(run: dg.DagsterRun, spec: TableSpec) -> set[int]:
     if run.tags.get("vectorsync/trigger") == "continuous":
         return set(range(spec.buckets))
-    start, end = run.tags.get(ASSET_PARTITION_RANGE_START_TAG), run.tags.get(ASSET_PARTITION_RANGE_END_TAG)
+    start, end = run.tags.get(PARTITION_RANGE_START_TAG), run.tags.get(PARTITION_RANGE_END_TAG)
     if start is not None and end is not None:
         return set(range(int(start), int(end) + 1))
     partition = run.tags.get("dagster/partition")
@@ -140,8 +140,8 @@ def changes_sensor(spec: TableSpec, interval_seconds: int = 2) -> dg.SensorDefin
             partition = (
                 {"partition_key": bucket_partition_key(first)}
                 if first == last
-                else {"tags": {ASSET_PARTITION_RANGE_START_TAG: bucket_partition_key(first),
-                               ASSET_PARTITION_RANGE_END_TAG: bucket_partition_key(last)}}
+                else {"tags": {PARTITION_RANGE_START_TAG: bucket_partition_key(first),
+                               PARTITION_RANGE_END_TAG: bucket_partition_key(last)}}
             )
             tags = {"vectorsync/table": spec.name, "vectorsync/trigger": "changes", **partition.pop("tags", {})}
             requests.append(
@@ -298,7 +298,7 @@ def _error_chain(error) -> str:
 )
 def record_run_failures(context: dg.RunFailureSensorContext, database: VectorsyncDatabase) -> None:
     run = context.dagster_run
-    start, end = run.tags.get(ASSET_PARTITION_RANGE_START_TAG), run.tags.get(ASSET_PARTITION_RANGE_END_TAG)
+    start, end = run.tags.get(PARTITION_RANGE_START_TAG), run.tags.get(PARTITION_RANGE_END_TAG)
     partitions = f"{start}..{end}" if start else run.tags.get("dagster/partition")
     step_errors = [
         f"{e.step_key}: {_error_chain(e.event_specific_data.error)}"

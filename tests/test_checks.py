@@ -16,7 +16,6 @@ import dagster as dg
 import psycopg
 import pytest
 import yaml
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 from openai_server import OpenAIServer
 from psycopg import sql
 
@@ -25,6 +24,7 @@ from orchestration.embedding_assets import embeddings_asset, embeddings_asset_ke
 from assets.install import install
 from assets.spec import SpecError, TableSpec, load_spec_file
 from orchestration.instance import prepare_instance
+from orchestration.names import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
 from orchestration.resources import VectorsyncDatabase
 
 from conftest import unique
@@ -67,8 +67,8 @@ class Declared:
             instance=self.instance,
             resources=self.resources,
             run_config={"ops": {key.to_python_identifier(): {"config": {"full_sweep": True}}}},
-            tags={ASSET_PARTITION_RANGE_START_TAG: "000",
-                  ASSET_PARTITION_RANGE_END_TAG: f"{self.spec.buckets - 1:03d}"},
+            tags={PARTITION_RANGE_START_TAG: "000",
+                  PARTITION_RANGE_END_TAG: f"{self.spec.buckets - 1:03d}"},
         )
 
     def checks(self) -> dict[str, dg.AssetCheckEvaluation]:

@@ -5,13 +5,13 @@ run the keeper sensor starts, follows changes with no sensor tick in between."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dagster as dg
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 import psycopg
 import pytest
 import yaml
@@ -19,7 +19,7 @@ from psycopg import sql
 
 from openai_server import Fault, OpenAIServer
 from orchestration.local_dagster import LocalDagster
-from orchestration.run_launcher import WORKER_TAG
+from orchestration.names import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
 
 from conftest import unique
 
@@ -45,13 +45,17 @@ def declare(conn: psycopg.Connection, tables_dir: Path, server: OpenAIServer, **
         **fields,
     }
     tables_dir.mkdir(exist_ok=True)
-    (tables_dir / f"{declaration['name']}.yaml").write_text(yaml.safe_dump(declaration))
+    # Declared as users declare tables: an EmbeddingTable component in a folder of its own.
+    folder = tables_dir / declaration["name"]
+    folder.mkdir()
+    component = {"type": "orchestration.components.EmbeddingTable", "attributes": declaration}
+    (folder / "defs.yaml").write_text(yaml.safe_dump(component))
     return declaration, source
 
 
 def install_dir(db_url: str, tables_dir: Path) -> None:
     from assets.install import install
-    from assets.spec import load_spec_dir
+    from assets.declarations import load_declarations as load_spec_dir
     from orchestration.database import connect
 
     with connect(db_url) as c:
@@ -81,10 +85,14 @@ def runs_of(home: Path, table: str) -> list[dg.DagsterRun]:
         return list(instance.get_runs(filters=dg.RunsFilter(tags={"vectorsync/table": table})))
 
 
-def worker_start(instance: dg.DagsterInstance, run_id: str) -> str:
-    """What the launcher said about how it started the run's worker."""
-    return " ".join(e.message for e in instance.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT)
-                    if "Run worker" in e.message)
+def worker_pid(home: Path, run_id: str) -> int | None:
+    """The pid of the process that works on the run, as the asset logs it."""
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        for entry in instance.all_logs(run_id):
+            match = re.search(r"run worker pid (\d+)", entry.user_message or "")
+            if match:
+                return int(match.group(1))
+    return None
 
 
 def test_changes_reach_the_store_through_sensor_queue_and_runs(
@@ -115,8 +123,8 @@ def test_changes_reach_the_store_through_sensor_queue_and_runs(
         stored = stored_bodies(conn, decl, schema)
         assert stored[1] == "edited post 1" and 7 not in stored and stored[33] == "new post 33"
 
-        # A backfill of every partition, as the UI launches one: vectorsync's daemon loop hands it
-        # to Dagster's backfill pass, which starts one run for all buckets, and marks it done.
+        # A backfill of every partition, as the UI launches one: Dagster's own backfill daemon
+        # starts one run for all buckets (its passes are 30 s apart) and marks it done.
         from dagster._core.execution.backfill import BulkActionStatus, PartitionBackfill
 
         from orchestration.definitions import build_definitions
@@ -136,14 +144,9 @@ def test_changes_reach_the_store_through_sensor_queue_and_runs(
             backfill_runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/backfill": backfill_id}))
         assert stored_bodies(conn, decl, schema) == source_bodies(conn, source)
         assert len(backfill_runs) == 1 and backfill_runs[0].status == dg.DagsterRunStatus.SUCCESS
-        assert (backfill_runs[0].tags[ASSET_PARTITION_RANGE_START_TAG],
-                backfill_runs[0].tags[ASSET_PARTITION_RANGE_END_TAG]) == ("000", f"{decl['buckets'] - 1:03d}")
+        assert (backfill_runs[0].tags[PARTITION_RANGE_START_TAG],
+                backfill_runs[0].tags[PARTITION_RANGE_END_TAG]) == ("000", f"{decl['buckets'] - 1:03d}")
     assert runs and all(r.tags.get("vectorsync/trigger") == "changes" for r in runs)
-    # Every run worker is recorded for health checks and termination; once the daemon's warm parent
-    # has imported its libraries, runs are forked from it rather than started as new interpreters.
-    assert all(WORKER_TAG in r.tags for r in [*runs, *backfill_runs])
-    with dg.DagsterInstance.from_config(str(tmp_path / "home")) as instance:
-        assert "forked from the warm parent" in worker_start(instance, backfill_runs[0].run_id)
     assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs), [(r.run_id, r.status) for r in runs]
     print(f"second round reached the store in {seconds:.1f}s through {len(runs)} runs")
 
@@ -205,8 +208,6 @@ def test_continuous_run_follows_changes_without_sensor_ticks(
                                dagster, "a new continuous run embedding the rows of and after the kill")
         runs = runs_of(home, decl["name"])
         assert runs[-1].status == dg.DagsterRunStatus.FAILURE  # the killed one, oldest last
-        with dg.DagsterInstance.from_config(str(home)) as instance:
-            assert "forked from the warm parent" in worker_start(instance, runs[0].run_id)
         live = [r for r in runs if r.status == dg.DagsterRunStatus.STARTED]
         assert [r.tags.get("vectorsync/trigger") for r in live] == ["continuous"]
 
@@ -219,3 +220,48 @@ def test_continuous_run_follows_changes_without_sensor_ticks(
             stopped = time.monotonic() - asked
     print(f"continuous mode: insert, update, delete stored after {', '.join(f'{s:.2f}s' for s in latencies)}; "
           f"recovered {recovered:.0f}s after a SIGKILL; stopped {stopped:.1f}s after a termination request")
+
+
+def test_killed_run_workers_free_their_pool_slots_with_no_manual_step(
+    db_url: str, conn: psycopg.Connection, tmp_path: Path, server: OpenAIServer
+) -> None:
+    """SIGKILL a change run's worker process (as an OOM kill or a pod eviction would) in the middle
+    of its provider request, twice in a row, with the default pool limit of 2: each run is marked
+    failed within 30 s, its pool slot is freed, the sensor asks again for its buckets, and every
+    change reaches the store, with no one touching the UI."""
+    tables = tmp_path / "tables"
+    decl, source = declare(conn, tables, server, buckets=1)
+    schema = decl["source"].split(".")[0]
+    install_dir(db_url, tables)
+    home = tmp_path / "home"
+    with LocalDagster(db_url, home, tables, env={KEY_ENV: "sk-daemon-test"}) as dagster:
+        killed: list[tuple[str, float]] = []
+        for round_ in (1, 2):
+            # The provider holds the request for a minute: the run is mid-request when killed.
+            server.fail_next(Fault(delay=60.0))
+            text = f"row of kill round {round_}"
+            conn.execute(sql.SQL("INSERT INTO {} VALUES (%s, %s)").format(source), (round_, text))
+            wait_until(lambda: any(text in t for r in server.requests for t in r.inputs), 120, dagster,
+                       f"round {round_}: a change run sending the row to the provider")
+            run = next(r for r in runs_of(home, decl["name"]) if r.status == dg.DagsterRunStatus.STARTED)
+            pid = worker_pid(home, run.run_id)
+            assert pid is not None and pid != os.getpid()
+            os.kill(pid, signal.SIGKILL)
+            killed.append((run.run_id, time.monotonic()))
+            failed_after = wait_until(
+                lambda: next(r for r in runs_of(home, decl["name"]) if r.run_id == run.run_id).status
+                == dg.DagsterRunStatus.FAILURE, 30, dagster, f"round {round_}: the killed run being marked failed")
+            print(f"round {round_}: killed run marked failed {failed_after:.1f}s after the SIGKILL")
+        server.clear_faults()
+        conn.execute(sql.SQL("INSERT INTO {} VALUES (3, 'written after both kills')").format(source))
+        # Both killed runs held a slot of the provider's pool (limit 2): later runs get one only
+        # once run monitoring has freed them.
+        recovered = wait_until(lambda: stored_bodies(conn, decl, schema) == source_bodies(conn, source), 180,
+                               dagster, "every change reaching the store after two killed runs")
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            pool = "vectorsync_openai"
+            info = instance.event_log_storage.get_concurrency_info(pool)
+            held_by_killed = info.active_run_ids & {run_id for run_id, _ in killed}
+            assert not held_by_killed, f"slots of killed runs still claimed: {held_by_killed}"
+    assert stored_bodies(conn, decl, schema)[1] == "row of kill round 1"
+    print(f"all changes stored {recovered:.1f}s after the last insert")

@@ -8,7 +8,6 @@ import time
 import dagster as dg
 import psycopg
 import pytest
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 from psycopg import sql
 
 from assets.catalog import resolve
@@ -18,6 +17,7 @@ from assets.install import install
 from assets.spec import parse_spec
 from assets.text import chunk, render, text_hash
 from orchestration.instance import prepare_instance
+from orchestration.names import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
 from orchestration.resources import VectorsyncDatabase
 from orchestration.schedules import index_upkeep_job, index_upkeep_schedule, reconcile_schedule, retry_schedule
 from orchestration.sensors import record_run_failures
@@ -52,7 +52,7 @@ def materialize_all(instance, spec, db_url: str, full_sweep: bool = True) -> dg.
         instance=instance,
         resources={"database": VectorsyncDatabase(url=db_url)},
         run_config={"ops": {key.to_python_identifier(): {"config": {"full_sweep": full_sweep}}}},
-        tags={ASSET_PARTITION_RANGE_START_TAG: "000", ASSET_PARTITION_RANGE_END_TAG: f"{spec.buckets - 1:03d}"},
+        tags={PARTITION_RANGE_START_TAG: "000", PARTITION_RANGE_END_TAG: f"{spec.buckets - 1:03d}"},
     )
 
 
@@ -150,7 +150,7 @@ def test_retry_schedule_asks_only_for_buckets_with_due_failures(instance, conn, 
 
 def test_index_upkeep_builds_the_index_once_the_store_is_large_enough(instance, conn, db_url: str) -> None:
     spec, _ = declare(conn, rows=30, index={"min_rows": 25})
-    job = index_upkeep_job([(spec, "test.yaml")])
+    job = index_upkeep_job(spec, "test.yaml")
     schedule = index_upkeep_schedule(spec, "test.yaml", job)
     table = resolve(conn, spec, "test.yaml")
     assert not index_state(conn, table).exists  # install no longer builds it
@@ -184,11 +184,10 @@ def test_index_upkeep_leaves_a_build_in_progress_alone(instance, conn, db_url: s
     spec, _ = declare(conn, rows=30, index={"min_rows": 25})
     assert materialize_all(instance, spec, db_url, full_sweep=False).success
     table = resolve(conn, spec, "test.yaml")
-    job = index_upkeep_job([(spec, "test.yaml")])
+    job = index_upkeep_job(spec, "test.yaml")
     schedule = index_upkeep_schedule(spec, "test.yaml", job)
     run = lambda: job.execute_in_process(  # noqa: E731
-        instance=instance, run_config={"ops": {"build_vector_index": {"config": {"table": spec.name}}}},
-        resources={"database": VectorsyncDatabase(url=db_url)},
+        instance=instance, resources={"database": VectorsyncDatabase(url=db_url)},
     )
     assert run().success
     index = sql.Identifier(spec.store_schema, index_state(conn, table).index)
@@ -330,43 +329,6 @@ def test_continuous_keeper_waits_longer_after_each_failure_in_a_row(instance) ->
     assert _restart_wait(instance, continuous.name, time.time()) == (0, 0.0)
 
 
-def test_backfill_loop_looks_out_for_backfills_only_its_daemon_can_move_on(instance, monkeypatch) -> None:
-    """vectorsync's backfill loop passes at once over a backfill that is new, between runs or
-    canceling, and leaves one whose run is queued or running to Dagster's 30 s passes."""
-    import dagster._daemon.daemon as dagster_daemon
-    from dagster._core.execution.backfill import BulkActionStatus, PartitionBackfill
-
-    from orchestration.daemon import backfills_waiting_on_the_daemon, install_responsive_backfill_loop, responsive_backfill_loop
-
-    monkeypatch.setattr(dagster_daemon, "execute_backfill_iteration_loop", dagster_daemon.execute_backfill_iteration_loop)
-    assert install_responsive_backfill_loop(), "this Dagster's backfill loop is no longer the one replaced"
-    assert dagster_daemon.execute_backfill_iteration_loop is responsive_backfill_loop
-
-    @dg.asset(name=unique("parts"), partitions_def=dg.StaticPartitionsDefinition(["a", "b"]))
-    def parts() -> None: ...
-
-    backfill_id = unique("bf")
-    backfill = PartitionBackfill.from_asset_partitions(
-        backfill_id=backfill_id, asset_graph=dg.Definitions(assets=[parts]).resolve_asset_graph(),
-        partition_names=["a", "b"], asset_selection=[parts.key], backfill_timestamp=time.time(), tags={},
-        dynamic_partitions_store=instance, all_partitions=False, title=None, description=None, run_config=None,
-    )
-    instance.add_backfill(backfill)
-    assert backfill_id in backfills_waiting_on_the_daemon(instance)  # new
-
-    run = instance.add_run(dg.DagsterRun(job_name="__ASSET_JOB", run_id=unique("run").replace("_", "-"),
-                                         status=dg.DagsterRunStatus.STARTING, tags={"dagster/backfill": backfill_id}))
-    assert backfill_id not in backfills_waiting_on_the_daemon(instance)  # its run moves it on
-
-    instance.report_run_failed(run)
-    assert backfill_id in backfills_waiting_on_the_daemon(instance)  # between runs: its next pass decides
-
-    instance.update_backfill(backfill.with_status(BulkActionStatus.CANCELING))
-    assert backfill_id in backfills_waiting_on_the_daemon(instance)
-    instance.update_backfill(backfill.with_status(BulkActionStatus.CANCELED))
-    assert backfill_id not in backfills_waiting_on_the_daemon(instance)
-
-
 def test_a_continuous_run_is_replaced_only_when_code_or_declarations_changed(tmp_path) -> None:
     from orchestration.sensors import code_fingerprint
 
@@ -376,44 +338,3 @@ def test_a_continuous_run_is_replaced_only_when_code_or_declarations_changed(tmp
     assert code_fingerprint(declarations=tmp_path) == first  # a reload with nothing changed
     declaration.write_text("name: notes\nsource: public.notes\ncolumns: [body, title]\n")
     assert code_fingerprint(declarations=tmp_path) != first
-
-
-def test_run_worker_health_follows_the_worker_process_and_never_a_recycled_pid() -> None:
-    import subprocess
-    import sys
-
-    from dagster._core.launcher import WorkerStatus
-
-    from orchestration.run_launcher import WORKER_TAG, WarmRunLauncher, _identity
-
-    launcher = WarmRunLauncher()
-    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        identity = _identity(worker.pid)
-        run = dg.DagsterRun(job_name="embeddings", run_id=unique("run"), tags={WORKER_TAG: identity})
-        assert launcher.check_run_worker_health(run).status == WorkerStatus.RUNNING
-        # The same pid with another start time is another process: the worker is gone.
-        other = run.with_tags({WORKER_TAG: f"{worker.pid}@1.00"})
-        assert launcher.check_run_worker_health(other).status == WorkerStatus.FAILED
-    finally:
-        worker.kill()
-        worker.wait()
-    assert launcher.check_run_worker_health(run).status == WorkerStatus.FAILED
-    untagged = dg.DagsterRun(job_name="embeddings", run_id=unique("run"))
-    assert launcher.check_run_worker_health(untagged).status == WorkerStatus.UNKNOWN
-
-
-def test_the_warm_parent_preloads_the_local_model_only_when_a_table_uses_it(tmp_path, monkeypatch) -> None:
-    import yaml
-
-    from orchestration.run_launcher import DEFAULT_PRELOAD, preload_for_declarations
-
-    monkeypatch.setenv("VECTORSYNC_TABLES", str(tmp_path))
-    remote = {"name": "remote_notes", "source": "s.notes", "columns": ["body"],
-              "provider": {"kind": "openai", "model": "text-embedding-3-small", "dimensions": 1536}}
-    (tmp_path / "remote.yaml").write_text(yaml.safe_dump(remote))
-    assert preload_for_declarations() == DEFAULT_PRELOAD
-    (tmp_path / "local.yaml").write_text(yaml.safe_dump({"name": "local_notes", "source": "s.notes", "columns": ["body"]}))
-    assert preload_for_declarations() == [*DEFAULT_PRELOAD, "torch", "sentence_transformers"]
-    (tmp_path / "broken.yaml").write_text("name: [unclosed")
-    assert preload_for_declarations() == DEFAULT_PRELOAD  # the code location reports a broken declaration
