@@ -48,7 +48,7 @@ def check_against_database(specs: list[tuple[TableSpec, str]]) -> None:
     from .database import connect
 
     try:
-        conn = connect(database_resource().resolved_url())
+        conn = connect()
     except psycopg.OperationalError as exc:
         log.warning(f"declarations not checked against the database, which cannot be reached: {exc}")
         return
@@ -57,9 +57,16 @@ def check_against_database(specs: list[tuple[TableSpec, str]]) -> None:
             check_existing_store(conn, resolve(conn, spec, origin))
 
 
-def _error_asset(error: Exception, origin: str) -> dg.AssetSpec:
+def _error_asset(error: Exception, origin: str, directory: Path) -> dg.AssetSpec:
+    # Named after the declaration's folder (or legacy file), as the user named it.
+    path = Path(origin)
+    try:
+        path = path.relative_to(directory)
+    except ValueError:
+        pass
+    name = str(path.parent) if path.name == "defs.yaml" else path.stem
     return dg.AssetSpec(
-        key=dg.AssetKey([ERROR_GROUP, dagster_name_part(origin)]),
+        key=dg.AssetKey([ERROR_GROUP, dagster_name_part(name)]),
         group_name=ERROR_GROUP,
         description=f"This declaration cannot be loaded, so its table is not kept embedded: {error}",
         metadata={"declared_in": origin, "error": str(error)},
@@ -86,7 +93,7 @@ def build_definitions(directory: Path) -> dg.Definitions:
     for error, origin in failures:
         log.error(f"{origin}: table not loaded: {error}")
     shared = dg.Definitions(
-        assets=[_error_asset(error, origin) for error, origin in failures],
+        assets=[_error_asset(error, origin, directory) for error, origin in failures],
         sensors=[record_run_failures],
         resources={"database": database_resource()},
         # Runs execute in their own process already; a second process per step would double the
