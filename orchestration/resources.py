@@ -3,11 +3,38 @@
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import dagster as dg
 import psycopg
+from psycopg_pool import ConnectionPool
 
 from .database import connect, database_url
+
+# One small pool per database per process: a sensor is evaluated every few seconds in the code
+# server, and opening a connection for each tick (a PostgreSQL backend forked, authenticated and
+# torn down) was most of the idle stack's CPU. Runs keep their own connections.
+_pools: dict[str, ConnectionPool] = {}
+_pools_lock = threading.Lock()
+
+
+def _configure(conn: psycopg.Connection) -> None:
+    conn.execute("SET application_name = 'vectorsync sensors'")
+
+
+def _pool(url: str) -> ConnectionPool:
+    with _pools_lock:
+        pool = _pools.get(url)
+        if pool is None:
+            # check= tests a pooled connection before lending it: a database restart between
+            # ticks costs one reconnect, not a failed tick.
+            pool = ConnectionPool(url, min_size=0, max_size=4, max_idle=300, kwargs={"autocommit": True},
+                                  configure=_configure, check=ConnectionPool.check_connection, open=True,
+                                  name="vectorsync-sensors")
+            _pools[url] = pool
+        return pool
 
 
 class VectorsyncDatabase(dg.ConfigurableResource):
@@ -18,6 +45,13 @@ class VectorsyncDatabase(dg.ConfigurableResource):
 
     def connect(self) -> psycopg.Connection:
         return connect(self.url)
+
+    @contextmanager
+    def pooled(self) -> Iterator[psycopg.Connection]:
+        """A connection kept open between calls, for sensors and schedules that query a little
+        every few seconds; give it back in the state it was lent (autocommit, no open transaction)."""
+        with _pool(self.resolved_url()).connection() as conn:
+            yield conn
 
     def resolved_url(self) -> str:
         return self.url or database_url()

@@ -21,6 +21,9 @@ from .instance import IN_FLIGHT
 from .names import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
 from .resources import VectorsyncDatabase
 
+# How often the change sensor looks at the change log. Dagster's sensor daemon evaluates sensors
+# about every 5 s whatever a shorter interval asks, so this is what a tick really costs and gives.
+CHANGES_SENSOR_SECONDS = 5
 # A bucket whose changes are still pending this long after its last request, with no run covering
 # it, is asked for again: the earlier run failed or was killed before it cleared them.
 REREQUEST_AFTER_SECONDS = 60.0
@@ -85,7 +88,12 @@ def _in_flight(instance: dg.DagsterInstance, spec: TableSpec, triggers: set[str]
     return [r for r in runs if r.tags.get("vectorsync/trigger") in triggers]
 
 
-def changes_sensor(spec: TableSpec, interval_seconds: int = 2) -> dg.SensorDefinition:
+def observation_due(cursor: dict) -> bool:
+    """Whether the source asset's periodic observation is due (see _source_observation)."""
+    return time.time() - cursor.get("_observed", [0.0])[0] >= SOURCE_OBSERVATION_SECONDS
+
+
+def changes_sensor(spec: TableSpec, interval_seconds: int = CHANGES_SENSOR_SECONDS) -> dg.SensorDefinition:
     key = embeddings_asset_key(spec)
     queue = sql.Identifier("vectorsync", spec.queue_name)
 
@@ -102,7 +110,7 @@ def changes_sensor(spec: TableSpec, interval_seconds: int = 2) -> dg.SensorDefin
     def _sensor(context: dg.SensorEvaluationContext, database: VectorsyncDatabase) -> dg.SensorResult:
         # cursor: bucket -> [highest change id already requested, when requested]
         cursor: dict[str, list[float]] = json.loads(context.cursor or "{}")
-        with database.connect() as conn:
+        with database.pooled() as conn:
             if conn.execute("SELECT to_regclass(%s)", (f"vectorsync.{spec.queue_name}",)).fetchone()[0] is None:
                 return dg.SensorResult(skip_reason=f"{spec.name} is not installed; run `vectorsync install`")
             pending = conn.execute(
@@ -113,14 +121,19 @@ def changes_sensor(spec: TableSpec, interval_seconds: int = 2) -> dg.SensorDefin
                        FROM {} GROUP BY bucket ORDER BY bucket"""
                 ).format(queue)
             ).fetchall()
-            source_rows = estimated_rows(conn, sql.Identifier(spec.source.schema_, spec.source.table))
+            observe = observation_due(cursor)
+            source_rows = (estimated_rows(conn, sql.Identifier(spec.source.schema_, spec.source.table))
+                           if pending or observe else None)
         all_pending = pending
         if spec.continuous:
             # The continuous run drains the log; this sensor only stands in when changes wait
             # longer than it would ever leave them (the run is down, or stopped on purpose).
             pending = [p for p in pending if p[2] > REREQUEST_AFTER_SECONDS]
+        if not pending and not observe:
+            # The common, idle tick: nothing to ask for, so the run storage is not read at all.
+            return dg.SensorResult(skip_reason="no new changes", cursor=json.dumps(cursor))
         covered: set[int] = set()
-        for run in _in_flight(context.instance, spec, {"changes", "continuous"}):
+        for run in _in_flight(context.instance, spec, {"changes", "continuous"}) if pending else []:
             record = context.instance.get_run_record_by_id(run.run_id)
             if record is not None and time.time() - record.create_timestamp.timestamp() < CHANGE_RUN_TRUST_SECONDS:
                 covered |= _buckets_of_run(run, spec)
@@ -160,7 +173,7 @@ def changes_sensor(spec: TableSpec, interval_seconds: int = 2) -> dg.SensorDefin
                 )
             )
         events = []
-        if requests or now - cursor.get("_observed", [0.0])[0] >= SOURCE_OBSERVATION_SECONDS:
+        if requests or observe:
             events.append(_source_observation(spec, all_pending, source_rows))
             cursor["_observed"] = [now]
         if not requests:
@@ -184,7 +197,7 @@ def _continuous_run_is_dead(
     record = context.instance.get_run_record_by_id(run.run_id)
     if record is None or record.start_time is None or time.time() - record.start_time < CONTINUOUS_START_GRACE_SECONDS:
         return False
-    with database.connect() as conn:
+    with database.pooled() as conn:
         if continuous_lock_held(conn, spec.name):
             return False
     context.instance.report_run_failed(run, f"table {spec.name}: the continuous run's process is gone")
@@ -232,6 +245,12 @@ def _restart_wait(instance: dg.DagsterInstance, job_name: str, now: float) -> tu
     return failures, max(0.0, ended + continuous_restart_delay(failures) - now)
 
 
+# table -> the continuous run of this code load last seen running. Sensors are evaluated in the
+# long-lived code server, so this spares the run storage a read on every tick while that run
+# holds its lock; a run that loses its lock (killed, stopped) sends the keeper down the full path.
+_current_continuous_run: dict[str, str] = {}
+
+
 def continuous_keeper(spec: TableSpec, job: dg.JobDefinition, interval_seconds: int = 5) -> dg.SensorDefinition:
     """Keeps exactly one continuous run of the table: starts it when missing, replaces it when the
     code or the declarations changed since it started (code_fingerprint), and waits longer after
@@ -249,6 +268,14 @@ def continuous_keeper(spec: TableSpec, job: dg.JobDefinition, interval_seconds: 
         "it waits 10 s, 20 s, 40 s, ... up to 10 min.",
     )
     def _sensor(context: dg.SensorEvaluationContext, database: VectorsyncDatabase) -> dg.SensorResult:
+        known = _current_continuous_run.get(spec.name)
+        if known is not None:
+            with database.pooled() as conn:
+                if continuous_lock_held(conn, spec.name):
+                    # The run this code load started (or adopted) still holds the table's lock:
+                    # alive, and current. The common tick, answered without reading run storage.
+                    return dg.SensorResult(skip_reason=f"continuous run {known[:8]} is running")
+            _current_continuous_run.pop(spec.name, None)
         runs = _in_flight(context.instance, spec, {"continuous"})
         runs = [r for r in runs if not _continuous_run_is_dead(context, database, spec, r)]
         current = [r for r in runs if r.tags.get("vectorsync/code_load") == CODE_LOAD_ID]
@@ -256,6 +283,8 @@ def continuous_keeper(spec: TableSpec, job: dg.JobDefinition, interval_seconds: 
             if run not in current and run.status != dg.DagsterRunStatus.CANCELING:
                 context.instance.run_coordinator.cancel_run(run.run_id)
         if current:
+            if current[0].status == dg.DagsterRunStatus.STARTED:
+                _current_continuous_run[spec.name] = current[0].run_id
             return dg.SensorResult(
                 skip_reason=f"continuous run {current[0].run_id[:8]} is {current[0].status.value.lower()}"
             )
