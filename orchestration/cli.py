@@ -154,7 +154,7 @@ def _print_table(header: tuple, rows: list[tuple]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vectorsync", description=__doc__)
     parser.add_argument("--tables", help="directory of table declarations (default: $VECTORSYNC_TABLES "
-                        "or assets/tables)")
+                        "or orchestration/defs: a folder per table with its defs.yaml)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("install", help="create or update the control schema and every declared table")
     p.add_argument("--grant", action="append", metavar="ROLE", help="also grant this existing role what runs "
