@@ -161,6 +161,17 @@ class RetrySpec(_Strict):
 DAGSTER_NAME_PATTERN = r"^[A-Za-z0-9_]+$"
 
 
+class BackfillSpec(_Strict):
+    """How a backfill of many partitions is split into runs. Each run is an ordinary run (its own
+    process, or its own pod under the Kubernetes run launcher) that Dagster's queue and the
+    provider's pool run in parallel. 4 buckets a run splits the default 16 buckets into 4 runs:
+    enough to spread a backfill over the default pool limit of 2 (and over more workers where the
+    pool allows), while each run still keeps the provider busy across its buckets and pays its
+    start-up (a new process, ~3-4 s) once for several buckets."""
+
+    buckets_per_run: int = Field(4, ge=1, le=1024)
+
+
 class AssetPresentation(_Strict):
     """How the table's assets appear in Dagster (the translator of dagster-dbt and dagster-sling):
     key prefixes, group, owners, tags and extra kinds. It names things, it does not shape vectors,
@@ -221,6 +232,8 @@ class TableSpec(_Strict):
     retry: RetrySpec = RetrySpec()
     # How the table's assets appear in Dagster (see AssetPresentation); not in the fingerprint.
     asset: AssetPresentation = AssetPresentation()
+    # How a backfill is split into runs (see BackfillSpec); not in the fingerprint.
+    backfill: BackfillSpec = BackfillSpec()
 
     @field_validator("source", mode="before")
     @classmethod

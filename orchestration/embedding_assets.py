@@ -99,7 +99,8 @@ def embeddings_asset(spec: TableSpec, origin: str) -> dg.AssetsDefinition:
         key=embeddings_asset_key(spec),
         deps=[source_asset_key(spec)],
         partitions_def=partitions_for(spec),
-        backfill_policy=dg.BackfillPolicy.single_run(),
+        # A UI backfill of every partition becomes runs of `backfill.buckets_per_run` buckets each.
+        backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=spec.backfill.buckets_per_run),
         group_name=spec.asset.group_name,
         kinds={"postgres", "pgvector", provider.kind, *spec.asset.kinds},
         owners=spec.asset.owners,
