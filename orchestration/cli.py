@@ -139,6 +139,22 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dagster_instance(args: argparse.Namespace) -> int:
+    """Write $DAGSTER_HOME/dagster.yaml for the database at DATABASE_URL (or the embedded one), or
+    print it. The URL comes from the environment, never the command line, where `ps` shows it."""
+    import yaml
+
+    from .instance import dagster_home, instance_config, prepare_instance
+
+    url = database_url()
+    if args.print:
+        print(yaml.safe_dump(instance_config(url), sort_keys=False), end="")
+        return 0
+    home = prepare_instance(url, Path(args.home) if args.home else dagster_home())
+    print(f"wrote {home / 'dagster.yaml'} (storage in the database `dagster` on the same server)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -181,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=3000)
     p.add_argument("--limit", type=int, help="load only this many documents")
     sub.add_parser("database-url", help="print the database URL (starting the embedded server)")
+    p = sub.add_parser("dagster-instance", help="write $DAGSTER_HOME/dagster.yaml (storage on the database at "
+                       "DATABASE_URL, in a database named dagster, created if missing) and Dagster's tables")
+    p.add_argument("--home", help="the Dagster home to write (default: $DAGSTER_HOME or .vectorsync/dagster_home)")
+    p.add_argument("--print", action="store_true", help="print the dagster.yaml instead; touch nothing")
     return parser
 
 
@@ -189,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "install": cmd_install, "status": cmd_status, "search": cmd_search, "sync": cmd_sync,
         "demo": cmd_demo, "database-url": lambda a: print(database_url()) or 0,
+        "dagster-instance": cmd_dagster_instance,
     }
     try:
         return commands[args.command](args)
