@@ -265,7 +265,7 @@ def _configuration(ctx: Context, base_url: str, work: Path, tables: int, continu
             LocalDagster(ctx.url, home, tables_dir, env={KEY_ENV: "sk-bench"}, port=port) as dagster:
         _wait(lambda: _graphql_up(port), 300, "the webserver answering")
         if continuous:
-            _wait(lambda: len(_started_runs(home, names)) >= tables, 300, f"{tables} continuous runs starting")
+            _wait(lambda: len(_started_runs(home, names)) >= tables, 600, f"{tables} continuous runs starting")
         up = time.monotonic() - began
         ctx.log(f"{label}: stack up after {up:.0f}s; settling {p['settle_seconds']}s")
         time.sleep(p["settle_seconds"])
