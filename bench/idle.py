@@ -220,6 +220,7 @@ def _connections(processes: dict[int, str], seconds: int, out: Path) -> dict[str
     for pid in processes:
         with contextlib.suppress(psutil.Error):
             threads.update({t.id: pid for t in psutil.Process(pid).threads()})
+    names = _thread_names(list(processes))
     result = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
     if not log.exists():
         return {"error": (result.stderr or "no output").strip()[-400:]}
@@ -233,8 +234,50 @@ def _connections(processes: dict[int, str], seconds: int, out: Path) -> dict[str
             with contextlib.suppress(OSError, ValueError, StopIteration):
                 status = Path(f"/proc/{tid}/status").read_text().splitlines()
                 pid = int(next(s for s in status if s.startswith("Tgid:")).split()[1])
-        counts[processes.get(pid, f"pid {pid} (a child)")] += 1
-    return {role: round(60 * n / seconds, 1) for role, n in counts.most_common()}
+        role = processes.get(pid, f"pid {pid} (a child)")
+        # The daemon runs each of its daemons in a thread of its own ("dagster-daemon-SENSOR").
+        counts[f"{role}: {names[tid]}" if tid in names else role] += 1
+    return {who: round(60 * n / seconds, 1) for who, n in counts.most_common()}
+
+
+def _thread_times(stack: psutil.Process) -> dict[int, dict[int, float]]:
+    """CPU seconds of each thread of each process in the stack's group."""
+    times: dict[int, dict[int, float]] = {}
+    for process in [stack, *stack.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            times[process.pid] = {t.id: t.user_time + t.system_time for t in process.threads()}
+    return times
+
+
+def _by_thread(before: dict[int, dict[int, float]], after: dict[int, dict[int, float]], window: float,
+               roles: dict[int, str]) -> dict[str, float]:
+    """% of a core per named thread over the window ("daemon: dagster-daemon-SENSOR"); a thread
+    that ended within the window is not in it (its process's total still is)."""
+    names = _thread_names([pid for pid in after if pid in roles and "log capture" not in roles[pid]])
+    shares: dict[str, float] = {}
+    for pid, threads in after.items():
+        role = roles.get(pid, str(pid))
+        for tid, seconds in threads.items():
+            used = seconds - before.get(pid, {}).get(tid, 0.0)
+            name = names.get(tid, "a short-lived thread" if tid not in before.get(pid, {}) else f"thread {tid}")
+            key = f"{role}: {name}"
+            shares[key] = shares.get(key, 0.0) + 100 * used / window
+    return {k: round(v, 2) for k, v in sorted(shares.items(), key=lambda kv: -kv[1]) if v >= 0.01}
+
+
+def _thread_names(pids: list[int]) -> dict[int, str]:
+    """Python thread names by OS thread id, from `py-spy dump` (without stopping the process)."""
+    spy = Path(sys.executable).parent / "py-spy"
+    names: dict[int, str] = {}
+    if not spy.exists():
+        return names
+    for pid in pids:
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            dump = subprocess.run([str(spy), "dump", "--pid", str(pid), "--nonblocking"], capture_output=True,
+                                  text=True, timeout=30).stdout
+            for match in re.finditer(r'^Thread (\d+) \([^)]*\): "(.*)"$', dump, re.MULTILINE):
+                names[int(match.group(1))] = match.group(2)
+    return names
 
 
 def _short(frame: str) -> str:
@@ -272,9 +315,11 @@ def _configuration(ctx: Context, base_url: str, work: Path, tables: int, continu
         stack, postmaster = psutil.Process(dagster.process.pid), postmaster_of(ctx.url)
         sessions_before = _sessions(ctx)
         before = cpu_snapshot(stack, postmaster)
+        threads_before = _thread_times(stack)
         started = time.monotonic()
         time.sleep(p["seconds"])
         after = cpu_snapshot(stack, postmaster)
+        threads_after = _thread_times(stack)
         window = time.monotonic() - started
         sessions_after = _sessions(ctx)
         load = list(psutil.getloadavg())
@@ -291,8 +336,10 @@ def _configuration(ctx: Context, base_url: str, work: Path, tables: int, continu
             with contextlib.suppress(psutil.Error):
                 commands[pid] = " ".join(psutil.Process(pid).cmdline())[:200]
         busiest = [pid for pid, _, share in per_process[: p["profile_processes"]] if share > 0]
+        by_thread = _by_thread(threads_before, threads_after, window, {pid: role for pid, role, _ in per_process})
         ctx.log(f"{label}: {total}% of a core in all ({pg}% PostgreSQL) over {window:.0f}s, load {load}; "
                 f"by role {percent}")
+        ctx.log(f"  by thread (% of a core): {dict(list(by_thread.items())[:14])}")
         profiles: dict[int, dict[str, Any]] = {}
         connects: dict[str, Any] = {}
         if p["profile_seconds"]:
@@ -318,6 +365,7 @@ def _configuration(ctx: Context, base_url: str, work: Path, tables: int, continu
                         for pid, role, share in per_process],
         "postgres_sessions_and_commits": sessions, "runs": runs, "load_average": load,
         "new_postgres_connections_per_minute": connects,
+        "percent_of_a_core_by_thread": by_thread,
         "py_spy": {str(pid): found for pid, found in profiles.items()},
     }
 
