@@ -33,10 +33,11 @@ import psycopg
 from pgvector.psycopg import register_vector
 from psycopg import sql
 
-from .catalog import ResolvedTable
+from .catalog import ResolvedTable, use_key_text_settings
 from .providers.base import ROW_LEVEL_KINDS, EmbeddingProvider, ProviderError
 from .spec import TableSpec
-from .text import chunk, fit_to_token_limit, render, text_hash
+from .text import RenderError, chunk, fit_to_token_limit, render, text_hash
+from .values import tolerant_cursor
 
 # A cap on the pipeline's read-ahead, in source rows (see EmbeddingEngine._max_pages).
 _MAX_ROWS_IN_FLIGHT = 20_000
@@ -88,7 +89,7 @@ def retry_policy(spec: TableSpec) -> RetryPolicy:
 @dataclass
 class _Row:
     key_json: str  # the key as jsonb prints it: the identity of a row everywhere in the engine
-    key_values: tuple[Any, ...]
+    key_values: tuple[bytes, ...]  # each key column in its type's binary form (catalog.Column.send_function)
     values: dict[str, Any]
     bucket: int = 0
     pieces: list[str] = field(default_factory=list)
@@ -120,6 +121,7 @@ class _Page:
     change_ids: list[int] = field(default_factory=list)
     stats: dict[int, SyncStats] = field(default_factory=dict)
     skipped: list[tuple[_Row, str]] = field(default_factory=list)
+    unprocessable: list[tuple[_Row, str]] = field(default_factory=list)  # rows that cannot be rendered
     changed: list[_Row] = field(default_factory=list)
     unchanged: list[_Row] = field(default_factory=list)
     vectors: dict[bytes, np.ndarray] = field(default_factory=dict)
@@ -173,9 +175,11 @@ class EmbeddingEngine:
         self.lock_wait_seconds = lock_wait_seconds
         self.fingerprint = self.spec.fingerprint
         register_vector(conn)
+        self._template = self.spec.template_parts
         self._pool = ThreadPoolExecutor(max_workers=provider.max_concurrency)
         self._queries = _Queries(table)
-        self._copy_types = [c.type_oid for c in table.key] + ["int4", "text", "bytea", "text", "int4", "bytea"]
+        # Key columns are copied in their binary form, as read (bytea carries those bytes as they are).
+        self._copy_types = ["bytea"] * len(table.key) + ["int4", "text", "bytea", "text", "int4", "bytea"]
         self._vector_format = ">f2" if self.spec.vector_type == "halfvec" else ">f4"
         # Pages in flight: enough requests queued to keep every concurrent slot busy three times
         # over (so slots never idle while the oldest page is written and the next ones are read),
@@ -219,6 +223,8 @@ class EmbeddingEngine:
         stats = {b: SyncStats() for b in wanted}
         if not wanted:
             return stats
+        # Again on every call: the caller may have changed its session's time zone in between.
+        use_key_text_settings(self.conn)
         try:
             with ExitStack() as locks:
                 # Ascending order: two runs over overlapping sets never wait on each other in a cycle.
@@ -243,6 +249,7 @@ class EmbeddingEngine:
     def requeue_due_failures(self) -> int:
         """Put rows whose next attempt is due back in the change log (the retry schedule);
         returns how many."""
+        use_key_text_settings(self.conn)
         with self.conn.transaction():
             return self.conn.execute(
                 sql.SQL(
@@ -324,7 +331,8 @@ class EmbeddingEngine:
         return markers
 
     def _load_rows(self, key_jsons: list[str]) -> list[_Row]:
-        return self._rows(self.conn.execute(self._queries.load_by_keys, (_key_array(key_jsons),)), with_bucket=False)
+        cur = tolerant_cursor(self.conn, self.table.text_columns)
+        return self._rows(cur.execute(self._queries.load_by_keys, (_key_array(key_jsons),)), with_bucket=False)
 
     def _rows(self, cursor: psycopg.Cursor, with_bucket: bool) -> list[_Row]:
         nkey = len(self.table.key)
@@ -355,7 +363,8 @@ class EmbeddingEngine:
             after: str | None = None
             while not should_stop():
                 params = {"buckets": buckets, "after": after, "limit": self.spec.page_size}
-                cur = self.conn.execute(q.sweep_first if after is None else q.sweep_next, params)
+                cur = tolerant_cursor(self.conn, self.table.text_columns)
+                cur.execute(q.sweep_first if after is None else q.sweep_next, params)
                 rows = self._rows(cur, with_bucket=True)
                 if not rows:
                     finished[0] = True
@@ -425,7 +434,12 @@ class EmbeddingEngine:
         and submit the misses to the provider."""
         candidates: list[_Row] = []
         for row in page.rows:
-            text = render(self.spec.text_template, row.values)
+            try:
+                text = render(self._template, row.values)
+            except RenderError as exc:
+                # Never stored as something else: the row goes to the ledger with its column.
+                page.unprocessable.append((row, f"cannot render the template: {exc}"))
+                continue
             if not text.strip() or all(v is None or not str(v).strip() for v in row.values.values()):
                 page.skipped.append((row, "no content: every text column is NULL or empty"))
                 continue
@@ -439,7 +453,9 @@ class EmbeddingEngine:
         page.keys = [r.key_json for r in page.rows] + [k for k, _ in page.absent]
         in_flight = {k for k in page.keys if k in pending}
         # One lookup of what is stored, and one of the failure ledger, serve every row of the page.
-        stored = self._stored_hashes([r.key_json for r in candidates] + [r.key_json for r, _ in page.skipped])
+        stored = self._stored_hashes(
+            [r.key_json for r in candidates] + [r.key_json for r, _ in page.skipped + page.unprocessable]
+        )
         failures = self._failure_kinds(page.keys)
         # Only these keys can have chunks to delete or ledger entries to clear when the page is
         # written: a backfill into an empty store then skips both statements.
@@ -571,7 +587,7 @@ class EmbeddingEngine:
         for name, buckets in (
             ("rows_written", [r.bucket for r in written]),
             ("rows_skipped", [r.bucket for r, _ in page.skipped]),
-            ("rows_failed", [r.bucket for r, _ in failed]),
+            ("rows_failed", [r.bucket for r, _ in failed] + [r.bucket for r, _ in page.unprocessable]),
             ("rows_seen", [r.bucket for r in page.rows] + [b for _, b in page.absent]),
         ):
             for bucket, n in Counter(buckets).items():
@@ -639,7 +655,8 @@ class EmbeddingEngine:
         q = self._queries
         absent = [k for k, _ in page.absent]
         replaced = absent + [
-            k for k in [r.key_json for r in written] + [r.key_json for r, _ in page.skipped] if k in page.has_chunks
+            k for k in [r.key_json for r in written] + [r.key_json for r, _ in page.skipped + page.unprocessable]
+            if k in page.has_chunks
         ]
         succeeded = [
             k for k in [r.key_json for r in written] + [r.key_json for r in page.unchanged] + absent
@@ -669,6 +686,10 @@ class EmbeddingEngine:
                 self.conn.execute(q.forget_failures, (self.spec.name, _key_array(succeeded)))
             if page.skipped:
                 self._record_failures([(r, "skipped", reason, 0.0) for r, reason in page.skipped], retry=False)
+            if page.unprocessable:
+                self._record_failures(
+                    [(r, "unprocessable", reason, 0.0) for r, reason in page.unprocessable], retry=False, dead=True
+                )
             if failed:
                 self._record_failures([(r, e.kind, str(e), e.retry_after or 0.0) for r, e in failed], retry=True)
             if page.change_ids:
@@ -679,7 +700,9 @@ class EmbeddingEngine:
         # pgvector's binary input: int16 dimensions, int16 unused, then the big-endian elements.
         return struct.pack(">HH", vector.shape[0], 0) + vector.astype(self._vector_format).tobytes()
 
-    def _record_failures(self, entries: Iterable[tuple[_Row, str, str, float]], retry: bool) -> None:
+    def _record_failures(
+        self, entries: Iterable[tuple[_Row, str, str, float]], retry: bool, dead: bool = False
+    ) -> None:
         r = self.retry
         with self.conn.cursor() as cur:
             cur.executemany(
@@ -688,7 +711,7 @@ class EmbeddingEngine:
                     {
                         "table": self.spec.name, "key": row.key_json, "bucket": row.bucket, "kind": kind,
                         "error": f"table {self.spec.name}, row {row.key_json}: {message}"[:2000],
-                        "retry": retry, "counts": kind in ROW_LEVEL_KINDS,
+                        "retry": retry, "counts": kind in ROW_LEVEL_KINDS, "give_up": dead,
                         "max": r.max_attempts, "base": r.base_seconds, "cap": r.max_seconds,
                         "at_least": at_least,
                     }
@@ -765,13 +788,17 @@ class _Queries:
             )
 
         key_text = sql.SQL("{}::text").format(t.key_json("s"))
+        # Each key column in its binary form, so no key value is ever a Python object.
+        key_sent = sql.SQL(", ").join(
+            sql.SQL("{}({})").format(sql.SQL(c.send_function), sql.Identifier("s", c.name)) for c in t.key
+        )
         select_columns = sql.SQL(", ").join(
-            [key_text, t.key_list("s")]
+            [key_text, key_sent]
             + [sql.Identifier("s", c.name) for c in t.text_columns]
         )
         bucket_expr = t.bucket_expr("s")
         swept_columns = sql.SQL(", ").join(
-            [key_text, bucket_expr, t.key_list("s")]
+            [key_text, bucket_expr, key_sent]
             + [sql.Identifier("s", c.name) for c in t.text_columns]
         )
         # One scan in key order serves every requested bucket: a backfill of all buckets reads the
@@ -843,6 +870,8 @@ class _Queries:
             """DELETE FROM vectorsync.failures f WHERE f.table_name = %s AND f.bucket = ANY(%s::int[])
                AND NOT EXISTS (SELECT 1 FROM {} s WHERE ({}) = ({}))"""
         ).format(t.source, t.key_list("s"), t.key_from_json(sql.SQL("f.row_key")))
+        # %(give_up)s: a row that cannot be processed as it is (its template does not render) is dead at
+        # once, so the dead_letters check shows it; a change to the row brings it back by the log.
         # A skipped row (no content) is not an attempt: a later real failure counts from one. The
         # next attempt waits the jittered backoff, capped, and at least what the provider asked for.
         # Only errors a row can cause (%(counts)s) make it dead: an outage of the provider would
@@ -855,7 +884,7 @@ class _Queries:
                        CASE WHEN %(retry)s AND (%(max)s > 1 OR NOT %(counts)s)
                             THEN now() + make_interval(secs => greatest(
                                 %(at_least)s, least(%(cap)s, %(base)s * (0.8 + random() * 0.4)))) END,
-                       %(retry)s AND %(counts)s AND %(max)s <= 1)
+                       %(give_up)s OR (%(retry)s AND %(counts)s AND %(max)s <= 1))
                ON CONFLICT (table_name, row_key) DO UPDATE SET
                    bucket = excluded.bucket,
                    error_kind = excluded.error_kind,
@@ -863,7 +892,7 @@ class _Queries:
                    last_failed_at = now(),
                    first_failed_at = CASE WHEN f.error_kind = 'skipped' THEN now() ELSE f.first_failed_at END,
                    attempts = {attempts},
-                   dead = %(retry)s AND %(counts)s AND {attempts} >= %(max)s,
+                   dead = %(give_up)s OR (%(retry)s AND %(counts)s AND {attempts} >= %(max)s),
                    next_attempt_at = CASE
                        WHEN NOT %(retry)s OR (%(counts)s AND {attempts} >= %(max)s) THEN NULL
                        ELSE now() + make_interval(secs => greatest(%(at_least)s, least(%(cap)s,

@@ -48,7 +48,7 @@ class IndexState:
 
 
 def index_name(table: ResolvedTable) -> str:
-    return f"{table.spec.store_name}_hnsw"
+    return table.spec.object_names["hnsw_index"]
 
 
 def _build_lock(table: ResolvedTable) -> str:
