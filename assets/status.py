@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+from .spec import TableSpec
+
 
 @dataclass(frozen=True)
 class TableStatus:
@@ -21,6 +23,24 @@ class TableStatus:
     failed_rows: int
     dead_rows: int
     skipped_rows: int
+
+
+def require_installed(conn: psycopg.Connection, spec: TableSpec) -> None:
+    """Raise LookupError, naming the table, unless `spec` is installed as declared (registered,
+    with its store and change log): commands check this before any slow step such as a model load."""
+    registered = conn.execute("SELECT to_regclass('vectorsync.embedding_tables')").fetchone()[0] is not None
+    if registered:
+        registered = conn.execute(
+            "SELECT 1 FROM vectorsync.embedding_tables WHERE name = %s", (spec.name,)
+        ).fetchone() is not None
+    if not registered:
+        raise LookupError(f"table {spec.name} is declared but not installed; run `vectorsync install`")
+    for schema, name, what in ((spec.store_schema, spec.store_name, "store"),
+                               ("vectorsync", spec.queue_name, "change log")):
+        relation = sql.Identifier(schema, name).as_string(conn)
+        if conn.execute("SELECT to_regclass(%s)", (relation,)).fetchone()[0] is None:
+            raise LookupError(f"table {spec.name}: its {what} {relation} does not exist; "
+                              "run `vectorsync install`")
 
 
 def table_status(conn: psycopg.Connection, name: str) -> TableStatus:

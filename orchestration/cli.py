@@ -9,7 +9,7 @@ from pathlib import Path
 from assets.catalog import resolve
 from assets.install import install
 from assets.spec import SpecError, TableSpec, load_spec_dir
-from assets.status import installed_tables, table_status
+from assets.status import installed_tables, require_installed, table_status
 
 from .database import connect, database_url, tables_dir
 
@@ -95,6 +95,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     try:
         with connect() as conn:
             table = resolve(conn, spec, origin)
+            require_installed(conn, spec)  # before the model load, which takes seconds
             provider = provider_for(spec.provider)
             if args.hybrid:
                 hits = hybrid_search(conn, table, provider, args.query, k=args.k, where=where,
@@ -126,9 +127,9 @@ def cmd_sync(args: argparse.Namespace) -> int:
     buckets = [args.bucket] if args.bucket is not None else list(range(spec.buckets))
     total = SyncStats()
     with connect() as conn:
-        engine = EmbeddingEngine(
-            conn, resolve(conn, spec, origin), provider_for(spec.provider), retry=retry_policy(spec)
-        )
+        table = resolve(conn, spec, origin)
+        require_installed(conn, spec)
+        engine = EmbeddingEngine(conn, table, provider_for(spec.provider), retry=retry_policy(spec))
         try:
             for bucket in buckets:
                 total.merge(engine.sync_bucket(bucket, full=args.full))
