@@ -15,6 +15,7 @@ from pydantic import Field
 from assets.catalog import resolve
 from orchestration.embedding_assets import bucket_partition_key, embeddings_asset_key
 from assets.index import build_index, index_state
+from assets.ledger import due_buckets
 from assets.spec import TableSpec
 
 from .resources import VectorsyncDatabase
@@ -76,13 +77,7 @@ def retry_schedule(spec: TableSpec) -> dg.ScheduleDefinition:
         if not _installed(database, spec):
             return dg.SkipReason(f"{spec.name} is not installed; run `vectorsync install`")
         with database.connect() as conn:
-            due = [
-                b for (b,) in conn.execute(
-                    """SELECT DISTINCT bucket FROM vectorsync.failures
-                       WHERE table_name = %s AND NOT dead AND next_attempt_at <= now() ORDER BY 1""",
-                    (spec.name,),
-                )
-            ]
+            due = due_buckets(conn, spec.name)
         if not due:
             return dg.SkipReason(f"no failed row of {spec.name} is due for a retry")
         # One run from the first to the last due bucket: a bucket with nothing due costs a query.
