@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -62,26 +63,49 @@ class ResolvedTable:
     key: tuple[Column, ...]
     text_columns: tuple[Column, ...]
     all_columns: tuple[Column, ...]
+    # Whether the fragments below go into statements executed with parameters (see
+    # with_parameters); only the engine's statements are.
+    parameterized: bool = False
+
+    def with_parameters(self) -> ResolvedTable:
+        """This table, composing fragments for statements executed with parameters: psycopg reads
+        every % in such a statement as a placeholder, the % of a name like "100%" included, so
+        names and catalog types double it (psycopg turns %% back into % when it merges the
+        parameters). A statement run without parameters (the DDL) must use the table as resolved."""
+        return replace(self, parameterized=True)
+
+    def without_parameters(self) -> ResolvedTable:
+        return replace(self, parameterized=False)
+
+    def ident(self, *parts: str) -> sql.Identifier:
+        return _ParameterSafeIdentifier(*parts) if self.parameterized else sql.Identifier(*parts)
+
+    def raw(self, text: str) -> sql.SQL:
+        """A fragment from the catalog (a type or function name as PostgreSQL quotes it)."""
+        return sql.SQL(text.replace("%", "%%") if self.parameterized else text)
+
+    def _col(self, alias: str | None, name: str) -> sql.Identifier:
+        return self.ident(alias, name) if alias else self.ident(name)
 
     # Composed SQL fragments, all identifiers quoted --------------------------------------------
     @property
     def source(self) -> sql.Identifier:
-        return sql.Identifier(self.spec.source.schema_, self.spec.source.table)
+        return self.ident(self.spec.source.schema_, self.spec.source.table)
 
     @property
     def store(self) -> sql.Identifier:
-        return sql.Identifier(self.spec.store_schema, self.spec.store_name)
+        return self.ident(self.spec.store_schema, self.spec.store_name)
 
     @property
     def view(self) -> sql.Identifier:
-        return sql.Identifier(self.spec.store_schema, self.spec.view_name)
+        return self.ident(self.spec.store_schema, self.spec.view_name)
 
     @property
     def queue(self) -> sql.Identifier:
-        return sql.Identifier("vectorsync", self.spec.queue_name)
+        return self.ident("vectorsync", self.spec.queue_name)
 
     def key_list(self, alias: str | None = None) -> sql.Composed:
-        return sql.SQL(", ").join(_col(alias, c.name) for c in self.key)
+        return sql.SQL(", ").join(self._col(alias, c.name) for c in self.key)
 
     def key_json(self, alias: str | None = None) -> sql.Composed:
         """The canonical key: a jsonb array of the key's values, as the change log stores it."""
@@ -95,7 +119,7 @@ class ResolvedTable:
         buckets = sql.Literal(self.spec.buckets)
         hashed: sql.Composable | None = None
         if len(self.key) == 1:
-            column = _col(alias, self.key[0].name)
+            column = self._col(alias, self.key[0].name)
             oid = self.key[0].type_oid
             if oid in (INT2_OID, INT4_OID):
                 hashed = sql.SQL("hashint8extended({}::int8, 0)").format(column)
@@ -114,7 +138,7 @@ class ResolvedTable:
     def key_from_json(self, expression: sql.Composable) -> sql.Composed:
         """Typed key values out of a jsonb key array, for joins against the source or store."""
         return sql.SQL(", ").join(
-            sql.SQL("({} ->> {})::{}").format(expression, sql.Literal(i), sql.SQL(c.type_sql))
+            sql.SQL("({} ->> {})::{}").format(expression, sql.Literal(i), self.raw(c.type_sql))
             for i, c in enumerate(self.key)
         )
 
@@ -130,13 +154,13 @@ class ResolvedTable:
     def key_matches(self, alias: str) -> sql.Composed:
         """The typed key columns of `alias` equal to the probed key u.k."""
         return sql.SQL(" AND ").join(
-            sql.SQL("{} = (u.k ->> {})::{}").format(sql.Identifier(alias, c.name), sql.Literal(i), sql.SQL(c.type_sql))
+            sql.SQL("{} = (u.k ->> {})::{}").format(self.ident(alias, c.name), sql.Literal(i), self.raw(c.type_sql))
             for i, c in enumerate(self.key)
         )
 
     def key_equal(self, left: str, right: str) -> sql.Composed:
         return sql.SQL(" AND ").join(
-            sql.SQL("{} = {}").format(_col(left, c.name), _col(right, c.name)) for c in self.key
+            sql.SQL("{} = {}").format(self._col(left, c.name), self._col(right, c.name)) for c in self.key
         )
 
 
@@ -147,8 +171,11 @@ def key_array(key_jsons: Iterable[str]) -> str:
     return "[" + ",".join(key_jsons) + "]"
 
 
-def _col(alias: str | None, name: str) -> sql.Composable:
-    return sql.Identifier(alias, name) if alias else sql.Identifier(name)
+class _ParameterSafeIdentifier(sql.Identifier):
+    """An identifier whose % are doubled, for a statement executed with parameters."""
+
+    def as_bytes(self, context: Any = None) -> bytes:
+        return super().as_bytes(context).replace(b"%", b"%%")
 
 
 def _check_template(spec: TableSpec, columns: dict[str, Column], origin: str) -> None:

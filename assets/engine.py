@@ -58,6 +58,7 @@ class EmbeddingEngine:
         self.retry = retry
         self.lock_wait_seconds = lock_wait_seconds
         register_vector(conn)
+        table = table.with_parameters()  # every statement below runs with parameters
         self.source = SourceReader(conn, table)
         self.changes = ChangeLog(conn, table)
         self.ledger = FailureLedger(conn, table, retry)

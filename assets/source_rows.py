@@ -36,9 +36,9 @@ class SourceReader:
         t = table
         key_text = sql.SQL("{}::text").format(t.key_json("s"))
         key_sent = sql.SQL(", ").join(
-            sql.SQL("{}({})").format(sql.SQL(c.send_function), sql.Identifier("s", c.name)) for c in t.key
+            sql.SQL("{}({})").format(t.raw(c.send_function), t.ident("s", c.name)) for c in t.key
         )
-        text_columns = [sql.Identifier("s", c.name) for c in t.text_columns]
+        text_columns = [t.ident("s", c.name) for c in t.text_columns]
         bucket_expr = t.bucket_expr("s")
         self._by_keys = sql.SQL(
             "SELECT x.* FROM {} CROSS JOIN LATERAL (SELECT {} FROM {} s WHERE {} OFFSET 0) x"

@@ -62,15 +62,16 @@ def table_status(conn: psycopg.Connection, name: str) -> TableStatus:
     keys = sql.SQL(", ").join(sql.Identifier(c) for c in key_columns)
     key_json = sql.SQL("jsonb_build_array({})").format(keys)
     source_rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(source)).fetchone()[0]
+    # The fingerprint as a literal, not a parameter: with parameters, psycopg would read a % in a
+    # table's name as a placeholder.
     embedded, current, chunks = conn.execute(
         sql.SQL(
             """SELECT count(DISTINCT {kj}),
-                      count(DISTINCT {kj}) FILTER (WHERE model = %s AND {kj} NOT IN
+                      count(DISTINCT {kj}) FILTER (WHERE model = {fingerprint} AND {kj} NOT IN
                           (SELECT k FROM {queue} CROSS JOIN LATERAL unnest(row_keys) AS e(k))),
                       count(*)
                FROM {store}"""
-        ).format(kj=key_json, queue=queue, store=store),
-        (fingerprint,),
+        ).format(kj=key_json, queue=queue, store=store, fingerprint=sql.Literal(fingerprint))
     ).fetchone()
     pending, oldest = conn.execute(
         sql.SQL(

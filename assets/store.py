@@ -44,9 +44,11 @@ class Store:
             "DELETE FROM {} e WHERE e.ctid = ANY(ARRAY(SELECT x.ctid FROM {} CROSS JOIN LATERAL "
             "(SELECT d.ctid FROM {} d WHERE {} OFFSET 0) x)) RETURNING {}::text"
         ).format(t.store, t.key_probe(), t.store, t.key_matches("d"), t.key_json("e"))
+        # COPY runs without parameters, so psycopg leaves its % alone: names as resolved.
+        plain = t.without_parameters()
         self._copy = sql.SQL(
             "COPY {} ({}, chunk_seq, chunk, text_hash, model, bucket, embedding) FROM STDIN (FORMAT BINARY)"
-        ).format(t.store, t.key_list())
+        ).format(plain.store, plain.key_list())
 
     def hashes(self, key_jsons: list[str]) -> dict[str, list[tuple[bytes, str]]]:
         """key -> (text hash, model) of each stored chunk, in chunk order."""

@@ -11,9 +11,11 @@ import pytest
 import yaml
 from psycopg import sql
 
+from assets.index import index_state
 from assets.install import install
 from assets.names import fit_identifier
 from assets.spec import SpecError, parse_spec
+from assets.status import table_status
 from orchestration.cli import main
 
 from conftest import TableFixture, unique
@@ -233,3 +235,16 @@ def test_cli_answers_an_uninstalled_or_unknown_table_with_one_line(conn, tmp_pat
         assert time.monotonic() - started < 5
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+
+
+def test_percent_signs_in_names_are_not_placeholders(make_table) -> None:
+    # psycopg reads a % in a statement with parameters as a placeholder, one inside a quoted name too.
+    t = make_table('"k%s" int PRIMARY KEY, "b%b" text', schema=unique("100%s"), table="a%(x)s",
+                   columns=["b%b"], index={"min_rows": 0})
+    t.conn.execute(sql.SQL("INSERT INTO {} VALUES (1, 'one'), (2, 'two')").format(t.table.source))
+    t.sync()
+    t.conn.execute(sql.SQL("DELETE FROM {} WHERE \"k%s\" = 2").format(t.table.source))
+    t.sync(full=True)
+    assert t.stored() == {(1,): ["one"]} and t.pending() == 0
+    assert table_status(t.conn, t.spec.name).rows_current == 1
+    assert index_state(t.conn, t.table).valid
