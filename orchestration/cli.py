@@ -10,7 +10,7 @@ from assets.catalog import resolve
 from assets.install import install
 from assets.declarations import load_declarations
 from assets.spec import SpecError, TableSpec
-from assets.status import installed_tables, table_status
+from assets.status import installed_tables, require_installed, table_status
 
 from .database import connect, database_url, tables_dir
 
@@ -96,6 +96,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     try:
         with connect() as conn:
             table = resolve(conn, spec, origin)
+            require_installed(conn, spec)  # before the model load, which takes seconds
             provider = provider_for(spec.provider)
             if args.hybrid:
                 hits = hybrid_search(conn, table, provider, args.query, k=args.k, where=where,
@@ -127,9 +128,9 @@ def cmd_sync(args: argparse.Namespace) -> int:
     buckets = [args.bucket] if args.bucket is not None else list(range(spec.buckets))
     total = SyncStats()
     with connect() as conn:
-        engine = EmbeddingEngine(
-            conn, resolve(conn, spec, origin), provider_for(spec.provider), retry=retry_policy(spec)
-        )
+        table = resolve(conn, spec, origin)
+        require_installed(conn, spec)
+        engine = EmbeddingEngine(conn, table, provider_for(spec.provider), retry=retry_policy(spec))
         try:
             for bucket in buckets:
                 total.merge(engine.sync_bucket(bucket, full=args.full))

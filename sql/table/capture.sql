@@ -5,8 +5,11 @@
 -- (catalog.ResolvedTable.bucket_expr, equal to vectorsync.bucket_of of the jsonb key). TRUNCATE
 -- logs one sweep request per bucket. work_mem is raised for the function alone: the UPDATE's join
 -- of 100k old and new rows spilled to disk at the default 4MB (64MB is a cap, not an allocation).
+-- The key text settings (catalog.KEY_TEXT_SETTINGS: TimeZone and the like) are the engine's, so a
+-- timestamptz key logged by a session in another time zone is the same key text the engine reads.
 CREATE OR REPLACE FUNCTION {capture_function}() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET work_mem = '64MB'
+{key_text_settings}
 AS $body$
 BEGIN
     IF TG_OP = 'INSERT' THEN
