@@ -3,8 +3,12 @@ rounds and the shape of a result."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -313,6 +317,53 @@ def forget_runs(home: Path) -> None:
     with dg.DagsterInstance.from_config(str(home)) as instance:
         for run in instance.get_runs():
             instance.delete_run(run.run_id)
+
+
+def sessions_and_commits(conn: psycopg.Connection) -> dict[str, tuple[int, int]]:
+    """Per database: sessions opened so far and transactions committed."""
+    # Statistics are cached per transaction; autocommit reads fresh ones.
+    return {d: (s, x) for d, s, x in conn.execute(
+        "SELECT datname, sessions, xact_commit FROM pg_stat_database WHERE datname IS NOT NULL")}
+
+
+def thread_times(stack: psutil.Process) -> dict[int, dict[int, float]]:
+    """CPU seconds of each thread of each process in the stack's group."""
+    times: dict[int, dict[int, float]] = {}
+    for process in [stack, *stack.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            times[process.pid] = {t.id: t.user_time + t.system_time for t in process.threads()}
+    return times
+
+
+def cpu_by_thread(before: dict[int, dict[int, float]], after: dict[int, dict[int, float]], window: float,
+               roles: dict[int, str]) -> dict[str, float]:
+    """% of a core per named thread over the window ("daemon: dagster-daemon-SENSOR"); a thread
+    that ended within the window is not in it (its process's total still is)."""
+    names = thread_names([pid for pid in after if pid in roles and "log capture" not in roles[pid]])
+    shares: dict[str, float] = {}
+    for pid, threads in after.items():
+        role = roles.get(pid, str(pid))
+        for tid, seconds in threads.items():
+            used = seconds - before.get(pid, {}).get(tid, 0.0)
+            name = names.get(tid, "a short-lived thread" if tid not in before.get(pid, {}) else f"thread {tid}")
+            key = f"{role}: {name}"
+            shares[key] = shares.get(key, 0.0) + 100 * used / window
+    return {k: round(v, 2) for k, v in sorted(shares.items(), key=lambda kv: -kv[1]) if v >= 0.01}
+
+
+def thread_names(pids: list[int]) -> dict[int, str]:
+    """Python thread names by OS thread id, from `py-spy dump` (without stopping the process)."""
+    spy = Path(sys.executable).parent / "py-spy"
+    names: dict[int, str] = {}
+    if not spy.exists():
+        return names
+    for pid in pids:
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            dump = subprocess.run([str(spy), "dump", "--pid", str(pid), "--nonblocking"], capture_output=True,
+                                  text=True, timeout=30).stdout
+            for match in re.finditer(r'^Thread (\d+) \([^)]*\): "(.*)"$', dump, re.MULTILINE):
+                names[int(match.group(1))] = match.group(2)
+    return names
 
 
 def drop_hnsw(conn: psycopg.Connection, spec: TableSpec) -> None:

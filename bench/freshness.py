@@ -23,6 +23,7 @@ from bench.common import (
     Measure,
     Result,
     by_role,
+    cpu_by_thread,
     cpu_snapshot,
     cpu_used,
     create_source,
@@ -31,6 +32,8 @@ from bench.common import (
     free_port,
     postmaster_of,
     scratch_dir,
+    sessions_and_commits,
+    thread_times,
     write_component,
 )
 from bench.remote import openai_server
@@ -103,6 +106,7 @@ def _phase(ctx: Context, base_url: str, continuous: bool, work: Path, commit_tim
         total = int(p["rate"] * p["seconds"])
         stack, postmaster = psutil.Process(dagster.process.pid), postmaster_of(ctx.url)
         cpu_before = cpu_snapshot(stack, postmaster)
+        threads_before, sessions_before = thread_times(stack), sessions_and_commits(conn)
         started = time.monotonic()
         for i in range(total):
             delay = started + i * interval - time.monotonic()
@@ -113,8 +117,19 @@ def _phase(ctx: Context, base_url: str, continuous: bool, work: Path, commit_tim
         insert_seconds = time.monotonic() - started
         achieved = total / insert_seconds
         # CPU while the rows came in (PostgreSQL's includes the inserts themselves).
-        cpu_inserting = by_role(cpu_used(cpu_before, cpu_snapshot(stack, postmaster)))
+        cpu_after = cpu_snapshot(stack, postmaster)
+        threads_after, sessions_after = thread_times(stack), sessions_and_commits(conn)
+        cpu_inserting = by_role(cpu_used(cpu_before, cpu_after))
+        roles = {pid: role for (pid, role) in cpu_after if not role.startswith("postgres") and "ended" not in role}
+        # In % of a core: which thread of which process (the run worker's loop, its event
+        # reporter, the daemon's daemons) used the CPU while rows came in.
+        threads_used = dict(list(cpu_by_thread(threads_before, threads_after, insert_seconds, roles).items())[:20])
+        sessions = {db: {"new sessions": after[0] - sessions_before.get(db, (0, 0))[0],
+                         "commits": after[1] - sessions_before.get(db, (0, 0))[1]}
+                    for db, after in sessions_after.items() if db in ("dagster", "postgres")}
         ctx.log(f"CPU seconds over the {insert_seconds:.0f}s of inserts, by role: {cpu_inserting}")
+        ctx.log(f"  by thread (% of a core): {threads_used}")
+        ctx.log(f"  PostgreSQL sessions opened and commits, by database: {sessions}")
         try:
             _wait(lambda: conn.execute(sql.SQL("SELECT count(*) FROM {}").format(store)).fetchone()[0] >= total,
                   120, "every inserted row reaching the store")
@@ -155,6 +170,7 @@ def _phase(ctx: Context, base_url: str, continuous: bool, work: Path, commit_tim
     starts = [r.start_time - r.create_timestamp.timestamp() for r in records if r.start_time]
     return {"lags": lags, "start_lags": start_lags, "missing": missing, "rate": achieved, "runs": len(records),
             "idle_cpu": idle_cpu, "run_start_seconds": starts, "cpu_inserting": cpu_inserting,
+            "cpu_by_thread": threads_used, "sessions": sessions,
             "insert_seconds": insert_seconds}
 
 
@@ -208,6 +224,10 @@ def run(ctx: Context) -> Result:
         extra={"percentiles": percentiles, "commit_timestamps": commit_times,
                "cpu_seconds_while_inserting": {"sensor": sensor["cpu_inserting"],
                                                "continuous": continuous["cpu_inserting"]},
+               "percent_of_a_core_by_thread_while_inserting": {"sensor": sensor["cpu_by_thread"],
+                                                               "continuous": continuous["cpu_by_thread"]},
+               "postgres_sessions_and_commits_while_inserting": {"sensor": sensor["sessions"],
+                                                                 "continuous": continuous["sessions"]},
                "sensor_runs": sensor["runs"], "continuous_runs": continuous["runs"],
                "sensor_rate": sensor["rate"], "continuous_rate": continuous["rate"],
                "missing": {"sensor": sensor["missing"], "continuous": continuous["missing"]}},

@@ -32,6 +32,7 @@ from bench.common import (
     Measure,
     Result,
     by_role,
+    cpu_by_thread,
     cpu_snapshot,
     cpu_used,
     create_source,
@@ -39,6 +40,9 @@ from bench.common import (
     free_port,
     postmaster_of,
     scratch_dir,
+    sessions_and_commits,
+    thread_times,
+    thread_names,
     write_component,
 )
 from bench.remote import openai_server
@@ -91,12 +95,22 @@ def _declare_tables(ctx: Context, tables_dir: Path, prefix: str, count: int, con
 
 
 @contextlib.contextmanager
-def _room_for_runs(runs: int) -> Iterator[None]:
+def _instance_settings(runs: int, overrides: dict[str, Any]) -> Iterator[None]:
     """The instance that LocalDagster writes allows 4 runs at once, fewer than one continuous run
-    per table for 10 tables; for this benchmark it allows `runs`, so that every table follows."""
+    per table for 10 tables; for this benchmark it allows `runs`, so that every table follows.
+    `overrides` (the `instance` parameter) are merged into dagster.yaml, to measure what a
+    setting would save: e.g. -o 'idle.instance={"run_coordinator": {"config":
+    {"dequeue_interval_seconds": 5}}}'."""
     import orchestration.local_dagster as local
 
     original = local.prepare_instance
+
+    def merge(into: dict[str, Any], changes: dict[str, Any]) -> None:
+        for key, value in changes.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = value
 
     def prepare(url: str, home: Path | None = None) -> Path:
         home = original(url, home)
@@ -104,6 +118,7 @@ def _room_for_runs(runs: int) -> Iterator[None]:
         config = yaml.safe_load(path.read_text())
         config["concurrency"]["runs"]["max_concurrent_runs"] = max(
             runs, config["concurrency"]["runs"]["max_concurrent_runs"])
+        merge(config, overrides)
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         return home
 
@@ -123,13 +138,6 @@ def _started_runs(home: Path, names: list[str]) -> list[dg.DagsterRun]:
 def _run_counts(home: Path) -> dict[str, int]:
     with dg.DagsterInstance.from_config(str(home)) as instance:
         return dict(Counter(r.status.value for r in instance.get_runs()))
-
-
-def _sessions(ctx: Context) -> dict[str, tuple[int, int]]:
-    """Per database: sessions opened so far and transactions committed."""
-    with ctx.connect() as conn:
-        return {d: (s, x) for d, s, x in conn.execute(
-            "SELECT datname, sessions, xact_commit FROM pg_stat_database WHERE datname IS NOT NULL")}
 
 
 def _profile(pids: list[int], seconds: int, out: Path) -> dict[int, dict[str, Any]]:
@@ -220,7 +228,7 @@ def _connections(processes: dict[int, str], seconds: int, out: Path) -> dict[str
     for pid in processes:
         with contextlib.suppress(psutil.Error):
             threads.update({t.id: pid for t in psutil.Process(pid).threads()})
-    names = _thread_names(list(processes))
+    names = thread_names(list(processes))
     result = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
     if not log.exists():
         return {"error": (result.stderr or "no output").strip()[-400:]}
@@ -238,46 +246,6 @@ def _connections(processes: dict[int, str], seconds: int, out: Path) -> dict[str
         # The daemon runs each of its daemons in a thread of its own ("dagster-daemon-SENSOR").
         counts[f"{role}: {names[tid]}" if tid in names else role] += 1
     return {who: round(60 * n / seconds, 1) for who, n in counts.most_common()}
-
-
-def _thread_times(stack: psutil.Process) -> dict[int, dict[int, float]]:
-    """CPU seconds of each thread of each process in the stack's group."""
-    times: dict[int, dict[int, float]] = {}
-    for process in [stack, *stack.children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):
-            times[process.pid] = {t.id: t.user_time + t.system_time for t in process.threads()}
-    return times
-
-
-def _by_thread(before: dict[int, dict[int, float]], after: dict[int, dict[int, float]], window: float,
-               roles: dict[int, str]) -> dict[str, float]:
-    """% of a core per named thread over the window ("daemon: dagster-daemon-SENSOR"); a thread
-    that ended within the window is not in it (its process's total still is)."""
-    names = _thread_names([pid for pid in after if pid in roles and "log capture" not in roles[pid]])
-    shares: dict[str, float] = {}
-    for pid, threads in after.items():
-        role = roles.get(pid, str(pid))
-        for tid, seconds in threads.items():
-            used = seconds - before.get(pid, {}).get(tid, 0.0)
-            name = names.get(tid, "a short-lived thread" if tid not in before.get(pid, {}) else f"thread {tid}")
-            key = f"{role}: {name}"
-            shares[key] = shares.get(key, 0.0) + 100 * used / window
-    return {k: round(v, 2) for k, v in sorted(shares.items(), key=lambda kv: -kv[1]) if v >= 0.01}
-
-
-def _thread_names(pids: list[int]) -> dict[int, str]:
-    """Python thread names by OS thread id, from `py-spy dump` (without stopping the process)."""
-    spy = Path(sys.executable).parent / "py-spy"
-    names: dict[int, str] = {}
-    if not spy.exists():
-        return names
-    for pid in pids:
-        with contextlib.suppress(subprocess.SubprocessError, OSError):
-            dump = subprocess.run([str(spy), "dump", "--pid", str(pid), "--nonblocking"], capture_output=True,
-                                  text=True, timeout=30).stdout
-            for match in re.finditer(r'^Thread (\d+) \([^)]*\): "(.*)"$', dump, re.MULTILINE):
-                names[int(match.group(1))] = match.group(2)
-    return names
 
 
 def _short(frame: str) -> str:
@@ -304,7 +272,7 @@ def _configuration(ctx: Context, base_url: str, work: Path, tables: int, continu
     names = _declare_tables(ctx, tables_dir, f"bench_idle_{mode[0]}{tables}", tables, continuous, base_url)
     port = free_port()
     began = time.monotonic()
-    with _room_for_runs(tables + 4), \
+    with _instance_settings(tables + 4, p["instance"]), \
             LocalDagster(ctx.url, home, tables_dir, env={KEY_ENV: "sk-bench"}, port=port) as dagster:
         _wait(lambda: _graphql_up(port), 300, "the webserver answering")
         if continuous:
@@ -313,15 +281,17 @@ def _configuration(ctx: Context, base_url: str, work: Path, tables: int, continu
         ctx.log(f"{label}: stack up after {up:.0f}s; settling {p['settle_seconds']}s")
         time.sleep(p["settle_seconds"])
         stack, postmaster = psutil.Process(dagster.process.pid), postmaster_of(ctx.url)
-        sessions_before = _sessions(ctx)
+        with ctx.connect() as conn:
+            sessions_before = sessions_and_commits(conn)
         before = cpu_snapshot(stack, postmaster)
-        threads_before = _thread_times(stack)
+        threads_before = thread_times(stack)
         started = time.monotonic()
         time.sleep(p["seconds"])
         after = cpu_snapshot(stack, postmaster)
-        threads_after = _thread_times(stack)
+        threads_after = thread_times(stack)
         window = time.monotonic() - started
-        sessions_after = _sessions(ctx)
+        with ctx.connect() as conn:
+            sessions_after = sessions_and_commits(conn)
         load = list(psutil.getloadavg())
         used = cpu_used(before, after)
         percent = {role: round(100 * s / window, 2) for role, s in by_role(used).items()}
@@ -336,7 +306,7 @@ def _configuration(ctx: Context, base_url: str, work: Path, tables: int, continu
             with contextlib.suppress(psutil.Error):
                 commands[pid] = " ".join(psutil.Process(pid).cmdline())[:200]
         busiest = [pid for pid, _, share in per_process[: p["profile_processes"]] if share > 0]
-        by_thread = _by_thread(threads_before, threads_after, window, {pid: role for pid, role, _ in per_process})
+        by_thread = cpu_by_thread(threads_before, threads_after, window, {pid: role for pid, role, _ in per_process})
         ctx.log(f"{label}: {total}% of a core in all ({pg}% PostgreSQL) over {window:.0f}s, load {load}; "
                 f"by role {percent}")
         ctx.log(f"  by thread (% of a core): {dict(list(by_thread.items())[:14])}")
@@ -376,7 +346,7 @@ def run(ctx: Context) -> Result:
     configurations: list[dict[str, Any]] = []
     errors: list[str] = []
     with openai_server(32, 0.0) as (base_url, _):
-        for continuous in (False, True):
+        for continuous in [mode == "continuous" for mode in p["modes"]]:
             for tables in (1, p["tables"]):
                 try:
                     configurations.append(_configuration(ctx, base_url, work, tables, continuous))
@@ -412,7 +382,8 @@ def run(ctx: Context) -> Result:
                "within the window included (the postmaster's children times)",
                f"the instance allows tables + 4 runs at once (LocalDagster's dagster.yaml allows 4, fewer "
                f"than {n} continuous runs)",
-               "the machine is shared: see load_average per configuration"],
+               "the machine is shared: see load_average per configuration",
+               *([f"dagster.yaml changed for this measure: {p['instance']}"] if p["instance"] else [])],
     ).check(lambda m: m.subject_median <= targets[m.target])
 
 
@@ -420,7 +391,8 @@ BENCHMARK = Benchmark(
     name="idle", title="idle CPU of the whole stack (Dagster and PostgreSQL), 1 and 10 tables, both modes",
     target="<= 5% of a core for one table; <= +0.5% per further table; sensor path and continuous mode",
     run=run,
-    defaults={"tables": 10, "settle_seconds": 60, "seconds": 60, "profile_seconds": 20, "profile_processes": 3},
+    defaults={"tables": 10, "settle_seconds": 60, "seconds": 60, "profile_seconds": 20, "profile_processes": 3,
+              "modes": ["sensor", "continuous"], "instance": {}},
     quick={"tables": 3, "settle_seconds": 15, "seconds": 20, "profile_seconds": 5},
     rounds=1,
 )
