@@ -1,8 +1,12 @@
-"""Syncing through an OpenAI-compatible provider: exact token counts fill requests."""
+"""Syncing through an OpenAI-compatible provider: exact token counts fill requests, and the CLI
+keeps the provider's concurrency busy across buckets without importing Dagster."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import psycopg
@@ -84,3 +88,44 @@ def test_exact_counts_put_four_times_the_inputs_in_a_request(
         assert len(requests) <= 14  # ceil(20,000 / 2048) = 10, plus the tails of pages written early
     else:
         assert len(requests) >= 34  # 300k bytes hold about 600 rows of 500 characters
+
+
+def test_cli_syncs_all_buckets_concurrently_and_never_imports_dagster(
+    tmp_path: Path, db_url: str, conn: psycopg.Connection
+) -> None:
+    schema = unique("cli")
+    conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    conn.execute(sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, body text)").format(sql.Identifier(schema, "notes")))
+    # 16 buckets of about 40 rows: each bucket fills less than one request of 64, so only a pass
+    # over all buckets at once can keep 4 requests in flight.
+    conn.execute(sql.SQL("INSERT INTO {} SELECT i, 'note number ' || i FROM generate_series(1, 640) i")
+                 .format(sql.Identifier(schema, "notes")))
+    name = unique("notes")
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    env = {**os.environ, "DATABASE_URL": db_url}
+    env.pop(KEY_ENV, None)
+    with OpenAIServer(dimensions=8, latency=0.2) as server:
+        (tables / "notes.yaml").write_text(
+            f"name: {name}\nsource: {schema}.notes\ncolumns: [body]\nbuckets: 16\n"
+            f"provider: {{kind: openai, model: text-embedding-3-small, dimensions: 8, base_url: '{server.base_url}', "
+            f"api_key_env: {KEY_ENV}, batch_size: 64, max_concurrency: 4}}\n"
+        )
+
+        def run(*args: str) -> str:
+            # The CLI's commands must start without Dagster's ~2.5 s of imports.
+            code = ("import sys\nfrom orchestration.cli import main\n"
+                    f"rc = main({['--tables', str(tables), *args]!r})\n"
+                    "assert 'dagster' not in sys.modules, 'dagster was imported'\nsys.exit(rc)\n")
+            done = subprocess.run([sys.executable, "-c", code], env=env, cwd=PROJECT, capture_output=True,
+                                  text=True, timeout=300)
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        assert name in run("install")
+        out = run("sync", name, "--full")
+        assert "rows_written=640" in out
+        assert server.max_in_flight == 4
+        line = next(row for row in run("status").splitlines() if row.startswith(name))
+        assert line.split()[2:6] == ["640", "640", "640", "640"]
+        assert "note number" in run("search", name, "note number 7", "-k", "1")
