@@ -67,9 +67,8 @@ def _apply_migrations(conn: psycopg.Connection) -> list[str]:
     return applied
 
 
-def table_objects(table: ResolvedTable, partitioned: bool = False) -> dict[str, sql.Composable]:
-    """The placeholders of sql/table/*.sql for one table; `partitioned` when the source is a
-    partitioned table (its UPDATE capture differs, see capture.sql)."""
+def table_objects(table: ResolvedTable) -> dict[str, sql.Composable]:
+    """The placeholders of sql/table/*.sql for one table."""
     spec = table.spec
     store_name = spec.store_name
     vector_type = f"{spec.vector_type}({spec.provider.dimensions})"
@@ -112,12 +111,6 @@ def table_objects(table: ResolvedTable, partitioned: bool = False) -> dict[str, 
         "old_values": compared("o"),
         "new_values": compared("n"),
         "table_name": sql.Literal(spec.name),
-        "partitioned": sql.Literal(partitioned),
-        "row_new_key": table.key_json("new"),
-        "row_new_bucket": table.bucket_expr("new"),
-        "row_old_key_columns": table.key_list("old"),
-        "row_new_key_columns": table.key_list("new"),
-        "key_trigger": sql.Identifier(f"{trigger}_key"),
         "insert_trigger": sql.Identifier(f"{trigger}_insert"),
         "update_trigger": sql.Identifier(f"{trigger}_update"),
         "delete_trigger": sql.Identifier(f"{trigger}_delete"),
@@ -130,10 +123,7 @@ def install_table(conn: psycopg.Connection, table: ResolvedTable) -> bool:
     a sweep of every bucket was requested (first install, or a new model, template or bucket count,
     so rows that predate the triggers or carry an old fingerprint get embedded)."""
     spec = table.spec
-    relkind = conn.execute(
-        "SELECT relkind FROM pg_class WHERE oid = to_regclass(%s)", (table.source.as_string(conn),)
-    ).fetchone()[0]
-    objects = table_objects(table, partitioned=relkind == "p")
+    objects = table_objects(table)
     store_existed = check_existing_store(conn, table)
     for name in ("store.sql", "capture.sql"):
         conn.execute(sql.SQL((SQL_DIR / "table" / name).read_text()).format(**objects))

@@ -1,6 +1,8 @@
-"""Change capture on UPDATE: a plain table captures only the old rows and logs new keys from a
-row-level trigger; a partitioned table, whose cross-partition UPDATE fires no row-level UPDATE
-trigger, keeps both transition tables. Either way exactly the changed keys are logged."""
+"""Change capture on UPDATE logs exactly the changed keys, on a plain and on a partitioned table:
+key changes within and across partitions, through an upsert, and by the user's own BEFORE
+trigger (a cross-partition UPDATE fires no row-level UPDATE trigger, and a BEFORE trigger can
+change a key the statement never names, so neither may be left to a row-level trigger or to a
+column list)."""
 
 from __future__ import annotations
 
@@ -74,8 +76,7 @@ def test_exactly_the_changed_keys_are_logged(conn: psycopg.Connection, table: Ta
 
 
 def test_a_key_changed_by_the_users_before_trigger_is_logged(conn: psycopg.Connection, table: TableFixture) -> None:
-    """A row-level trigger fires on the row as stored, so a key that the user's BEFORE UPDATE
-    trigger changes (the statement never names the key column) is logged too."""
+    """The statement never names the key column: the user's BEFORE UPDATE trigger changes it."""
     t, src = table, table.table.source
     conn.execute(sql.SQL("INSERT INTO {} VALUES (1, 'one'), (2, 'two')").format(src))
     _logged(conn, t)

@@ -1,30 +1,18 @@
 -- Idempotent, per declared table: statement-level change capture with transition tables.
 -- An UPDATE is logged only for rows whose embedded columns (or key) really changed, so edits of
--- other columns cost no embedding work. Each statement logs one entry per bucket it touched, with
--- the array of its keys there, bucketed from the typed key columns where possible
+-- other columns cost one join and no embedding work. Each statement logs one entry per bucket it
+-- touched, with the array of its keys there, bucketed from the typed key columns where possible
 -- (catalog.ResolvedTable.bucket_expr, equal to vectorsync.bucket_of of the jsonb key). TRUNCATE
 -- logs one sweep request per bucket. work_mem is raised for the function alone: the UPDATE's join
 -- of 100k old and new rows spilled to disk at the default 4MB (64MB is a cap, not an allocation).
---
--- UPDATE on a plain table captures only the old rows and compares them with the rows as the
--- statement left them, found by key: a transition table holds whole rows, and capturing the new
--- ones too cost about as much as the rest of the capture (bench b, -o b.floor=true). A row whose
--- key changed is compared under its old key (gone, or now another row's: logged if the text
--- there differs), and its new key is logged by a row-level trigger whose WHEN clause is false,
--- and so costs no call, for every row that keeps its key. A cross-partition UPDATE of a
--- partitioned table fires no row-level UPDATE trigger, so a partitioned table keeps both
--- transition tables and compares them with a full join.
 CREATE OR REPLACE FUNCTION {capture_function}() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET work_mem = '64MB'
 AS $body$
 BEGIN
-    IF TG_LEVEL = 'ROW' THEN
-        -- The new key of a row whose key changed (the statement-level trigger logs the old one).
-        INSERT INTO {queue} (bucket, row_keys) VALUES ({row_new_bucket}, ARRAY[{row_new_key}]);
-    ELSIF TG_OP = 'INSERT' THEN
+    IF TG_OP = 'INSERT' THEN
         INSERT INTO {queue} (bucket, row_keys)
         SELECT {new_bucket}, array_agg({new_key}) FROM new_rows n GROUP BY 1;
-    ELSIF TG_OP = 'UPDATE' AND {partitioned} THEN
+    ELSIF TG_OP = 'UPDATE' THEN
         -- One full join finds rows whose text changed, new keys and vanished keys (a key update
         -- logs both its old and its new key).
         INSERT INTO {queue} (bucket, row_keys)
@@ -37,12 +25,6 @@ BEGIN
                OR ({old_values}) IS DISTINCT FROM ({new_values})
         ) c
         GROUP BY b;
-    ELSIF TG_OP = 'UPDATE' THEN
-        INSERT INTO {queue} (bucket, row_keys)
-        SELECT {old_bucket}, array_agg({old_key})
-        FROM old_rows o LEFT JOIN {source} n ON {old_new_join}
-        WHERE n.{first_key} IS NULL OR ({old_values}) IS DISTINCT FROM ({new_values})
-        GROUP BY 1;
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO {queue} (bucket, row_keys)
         SELECT {old_bucket}, array_agg({old_key}) FROM old_rows o GROUP BY 1;
@@ -57,24 +39,10 @@ $body$;
 
 CREATE OR REPLACE TRIGGER {insert_trigger} AFTER INSERT ON {source}
     REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION {capture_function}();
+CREATE OR REPLACE TRIGGER {update_trigger} AFTER UPDATE ON {source}
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION {capture_function}();
 CREATE OR REPLACE TRIGGER {delete_trigger} AFTER DELETE ON {source}
     REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION {capture_function}();
 CREATE OR REPLACE TRIGGER {truncate_trigger} AFTER TRUNCATE ON {source}
     FOR EACH STATEMENT EXECUTE FUNCTION {capture_function}();
-DO $triggers$
-BEGIN
-    IF {partitioned} THEN
-        CREATE OR REPLACE TRIGGER {update_trigger} AFTER UPDATE ON {source}
-            REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-            FOR EACH STATEMENT EXECUTE FUNCTION {capture_function}();
-        DROP TRIGGER IF EXISTS {key_trigger} ON {source};
-    ELSE
-        CREATE OR REPLACE TRIGGER {update_trigger} AFTER UPDATE ON {source}
-            REFERENCING OLD TABLE AS old_rows
-            FOR EACH STATEMENT EXECUTE FUNCTION {capture_function}();
-        CREATE OR REPLACE TRIGGER {key_trigger} AFTER UPDATE ON {source}
-            FOR EACH ROW WHEN (({row_old_key_columns}) IS DISTINCT FROM ({row_new_key_columns}))
-            EXECUTE FUNCTION {capture_function}();
-    END IF;
-END
-$triggers$;
