@@ -129,3 +129,16 @@ def test_cli_syncs_all_buckets_concurrently_and_never_imports_dagster(
         line = next(row for row in run("status").splitlines() if row.startswith(name))
         assert line.split()[2:6] == ["640", "640", "640", "640"]
         assert "note number" in run("search", name, "note number 7", "-k", "1")
+
+
+def test_a_long_english_text_is_split_only_past_8191_real_tokens() -> None:
+    """About 4,500 tokens in 20,000 characters: one input for OpenAI's models, where bytes made it
+    three."""
+    from assets.text import fit_to_token_limit
+
+    text = "The embedding follows the row, and the row follows the user's edits. " * 290
+    exact = token_counter("text-embedding-3-small")
+    assert 4000 < exact([text])[0] < 8191 < len(text.encode("utf-8"))
+    assert fit_to_token_limit([text], exact, 8191) == [text]
+    pieces = fit_to_token_limit([text], count_bytes, 8191)
+    assert len(pieces) == 3 and "".join(pieces) == text
