@@ -132,8 +132,10 @@ def cmd_sync(args: argparse.Namespace) -> int:
         require_installed(conn, spec)
         engine = EmbeddingEngine(conn, table, provider_for(spec.provider), retry=retry_policy(spec))
         try:
-            for bucket in buckets:
-                total.merge(engine.sync_bucket(bucket, full=args.full))
+            # All buckets in one pass, as a run's sweep does: bucket after bucket would let the
+            # provider's concurrency idle at every bucket's end (a small bucket fills one request).
+            for stats in engine.sync_buckets(buckets, full=args.full).values():
+                total.merge(stats)
         finally:
             engine.close()
     print(", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in total.as_dict().items()))
