@@ -16,7 +16,8 @@ from orchestration.embedding_assets import embeddings_asset, embeddings_asset_ke
 from assets.index import index_state
 from assets.install import install
 from assets.spec import parse_spec
-from assets.text import chunk, render, text_hash
+from assets.template import render
+from assets.text import chunk, text_hash
 from orchestration.instance import prepare_instance
 from orchestration.resources import VectorsyncDatabase
 from orchestration.schedules import index_upkeep_job, index_upkeep_schedule, reconcile_schedule, retry_schedule
