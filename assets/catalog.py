@@ -9,7 +9,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from .spec import TEMPLATE_SYNTAX, SpecError, TableSpec, parse_template
+from .spec import SpecError, TableSpec
+from .template import TEMPLATE_SYNTAX, parse_template
 
 # Columns vectorsync adds to each store row; a source key column may not share these names.
 STORE_COLUMNS = ("chunk_seq", "chunk", "text_hash", "model", "bucket", "embedding", "embedded_at",

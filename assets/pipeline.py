@@ -26,7 +26,8 @@ from .source_rows import Row
 from .spec import TableSpec
 from .store import Store
 from .sync_stats import SyncStats
-from .text import RenderError, chunk, fit_to_token_limit, render, text_hash
+from .template import RenderError, render
+from .text import chunk, fit_to_token_limit, text_hash
 
 # A cap on the pipeline's read-ahead, in source rows (see Pipeline.max_pages).
 _MAX_ROWS_IN_FLIGHT = 20_000

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import string
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -25,6 +24,7 @@ from pydantic import (
 )
 
 from .names import MAX_IDENTIFIER_BYTES, fits, table_object_names
+from .template import TemplatePart, default_template_parts, parse_template, template_fields
 
 NAME_PATTERN = r"^[a-z][a-z0-9_]{0,39}$"
 # A text search configuration's name, optionally schema-qualified ("english", "public.my_config").
@@ -343,51 +343,6 @@ class TableSpec(_Strict):
         digest = hashlib.sha256(shape.encode()).hexdigest()[:12]
         p = self.provider
         return f"{p.kind}/{p.model}/{p.dimensions}/{digest}"
-
-
-# One piece of a template: literal text, then a column (None at the end), its format spec and its
-# conversion (s, r or a), as string.Formatter.parse gives them.
-TemplatePart = tuple[str, str | None, str | None, str | None]
-
-# Characters that end a placeholder's column name in a template: a column whose name holds one
-# cannot be named in a template (it works in `columns`, whose default template needs no parsing).
-TEMPLATE_SYNTAX = "{}:!"
-
-
-def template_fields(template: str) -> list[str]:
-    """The column names a template refers to, in order of first use."""
-    seen: list[str] = []
-    for _, field, _, _ in parse_template(template):
-        if field is not None and field not in seen:
-            seen.append(field)
-    return seen
-
-
-def parse_template(template: str) -> tuple[TemplatePart, ...]:
-    """A user template's parts, refusing anything render would not fill exactly: an unbalanced
-    brace, an empty placeholder, a nested placeholder in a format spec, an unknown conversion."""
-    try:
-        parts = tuple(string.Formatter().parse(template))
-    except ValueError as exc:
-        raise ValueError(f"template: {exc} (write {{{{ and }}}} for literal braces)") from None
-    for _, field, spec, conversion in parts:
-        if field is None:
-            continue
-        if field == "":
-            raise ValueError("template: empty {} placeholder; name a column")
-        if spec and ("{" in spec or "}" in spec):
-            raise ValueError(f"template: placeholder {{{field}}}: a nested {{...}} in a format spec is "
-                             "not supported")
-        if conversion not in (None, "s", "r", "a"):
-            raise ValueError(f"template: placeholder {{{field}}}: unknown conversion !{conversion}; "
-                             "use !s, !r or !a")
-    return parts
-
-
-def default_template_parts(columns: list[str]) -> tuple[TemplatePart, ...]:
-    """The default template, one column after another with a blank line between, built from the
-    names rather than parsed from text: any column name works, braces and colons included."""
-    return tuple(("\n\n" if i else "", c, None, None) for i, c in enumerate(columns))
 
 
 def parse_spec(data: Any, source: str) -> TableSpec:

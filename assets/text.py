@@ -1,50 +1,14 @@
-"""From a row to the pieces of text that get embedded: render the template, chunk, hash."""
+"""From a row's rendered text to the pieces that get embedded: chunk, fit the model's limit, hash."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
-from .spec import Chunking, TemplatePart
+from .spec import Chunking
 
 # Break points, best first: a paragraph, a line, a sentence, a word.
 _SEPARATORS = ("\n\n", "\n", ". ", " ")
-
-
-class RenderError(ValueError):
-    """A row's value that its placeholder's format spec cannot format; names the column."""
-
-    def __init__(self, column: str, message: str) -> None:
-        self.column = column
-        super().__init__(f"column {column!r}: {message}")
-
-
-def render(parts: Sequence[TemplatePart], row: Mapping[str, Any]) -> str:
-    """Fill a template (spec.template_parts) from a row. NULL becomes the empty string.
-
-    Written out instead of `str.format` because format would let a template reach attributes
-    (`{title.__class__}`) and would choke on column names containing `.` or `[`: a placeholder
-    names a column by its whole text. Raises RenderError when a value does not fit its format spec.
-    """
-    out: list[str] = []
-    for literal, column, spec, conversion in parts:
-        out.append(literal)
-        if column is None:
-            continue
-        value = row[column]
-        if value is None:
-            continue
-        try:
-            if conversion == "r":
-                value = repr(value)
-            elif conversion == "a":
-                value = ascii(value)
-            out.append(format(value, spec) if spec else str(value))
-        except (ValueError, TypeError) as exc:
-            raise RenderError(column, f"cannot format {type(value).__name__} value with "
-                              f"{{{column}:{spec}}}: {exc}") from None
-    return "".join(out)
 
 
 def chunk(text: str, chunking: Chunking | None) -> list[str]:

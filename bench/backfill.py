@@ -8,7 +8,8 @@ import struct
 
 from psycopg import sql
 
-from assets.text import render, text_hash
+from assets.template import render
+from assets.text import text_hash
 from bench.common import (
     Benchmark,
     Context,

@@ -23,7 +23,7 @@ SCHEMA = "bench_throughput"
 def run(ctx: Context) -> Result:
     from assets.engine import EmbeddingEngine
     from assets.providers import provider_for
-    from assets.text import render
+    from assets.template import render
 
     rows, chars = ctx.params["rows"], ctx.params["chars"]
     conn = ctx.connect()

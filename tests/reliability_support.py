@@ -18,7 +18,8 @@ from assets.catalog import ResolvedTable
 from assets.providers.base import EmbeddingProvider
 from assets.spec import TableSpec, parse_spec
 from assets.status import change_backlog
-from assets.text import chunk, fit_to_token_limit, render, text_hash
+from assets.template import render
+from assets.text import chunk, fit_to_token_limit, text_hash
 
 from conftest import unique
 

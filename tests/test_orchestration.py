@@ -15,7 +15,8 @@ from orchestration.embedding_assets import embeddings_asset, embeddings_asset_ke
 from assets.index import index_state
 from assets.install import install
 from assets.spec import parse_spec
-from assets.text import chunk, render, text_hash
+from assets.template import render
+from assets.text import chunk, text_hash
 from orchestration.instance import prepare_instance
 from orchestration.names import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
 from orchestration.resources import VectorsyncDatabase

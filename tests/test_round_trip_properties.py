@@ -97,8 +97,12 @@ def tables(draw: st.DrawFn) -> dict:
     row_count = draw(st.integers(1, 8))
     keys = draw(st.lists(st.tuples(*[KEY_TYPES[t] for t in key_types]), min_size=row_count, max_size=row_count))
     rows = [(k, draw(st.lists(TEXTS, min_size=len(text_names), max_size=len(text_names)))) for k in keys]
+    # A change of row i: delete it (None), give it new texts, or give it a new key.
     changes = draw(st.lists(st.tuples(st.integers(0, len(rows) - 1), st.one_of(
-        st.just(None), st.lists(TEXTS, min_size=len(text_names), max_size=len(text_names)))), max_size=5))
+        st.just(None),
+        st.tuples(st.just("texts"), st.lists(TEXTS, min_size=len(text_names), max_size=len(text_names))),
+        st.tuples(st.just("key"), st.tuples(*[KEY_TYPES[t] for t in key_types])),
+    )), max_size=6))
     return {"schema": draw(SCHEMAS), "table": table, "destination": destination, "key_names": key_names,
             "key_types": key_types, "text_names": text_names, "rows": rows, "changes": changes,
             "buckets": draw(st.integers(1, 4))}
@@ -150,15 +154,20 @@ def test_the_store_equals_the_rendered_source(conn: psycopg.Connection, recordin
 
         where = sql.SQL(" AND ").join(sql.SQL("{} = {}").format(p.ident(n), c)
                                       for n, c in zip(case["key_names"], key_casts))
-        for index, texts in case["changes"]:
+        for index, change in case["changes"]:
             key = case["rows"][index][0]
-            if texts is None:
+            if change is None:
                 conn.execute(sql.SQL("DELETE FROM {} WHERE {}").format(source, where), key)
-            else:
-                assignments = sql.SQL(", ").join(sql.SQL("{} = %s").format(p.ident(n))
-                                                 for n in case["text_names"])
+                continue
+            what, values = change
+            names = case["text_names"] if what == "texts" else case["key_names"]
+            casts = [sql.SQL("%s")] * len(names) if what == "texts" else key_casts
+            assignments = sql.SQL(", ").join(sql.SQL("{} = {}").format(p.ident(n), c) for n, c in zip(names, casts))
+            try:
                 conn.execute(sql.SQL("UPDATE {} SET {} WHERE {}").format(source, assignments, where),
-                             (*texts, *key))
+                             (*values, *key))
+            except psycopg.errors.UniqueViolation:
+                pass  # the new key is another row's: PostgreSQL refused it, nothing changed
         check(t, recording)
         t.sync(full=True)  # a sweep of a current store changes nothing
         check(t, recording, synced=True)
