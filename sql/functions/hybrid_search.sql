@@ -123,6 +123,8 @@ BEGIN
     IF reg.spec -> 'index' ->> 'ef_search' IS NOT NULL THEN
         PERFORM set_config('hnsw.ef_search', reg.spec -> 'index' ->> 'ef_search', true);
     END IF;
+    -- Visible with SET client_min_messages = debug1: which graph search width a call really used.
+    RAISE DEBUG '%: hnsw.ef_search = %', label, current_setting('hnsw.ef_search');
     IF query_embedding IS NULL AND query_text IS NULL THEN
         RAISE EXCEPTION '%: give a query vector, a query text, or both', label
             USING ERRCODE = 'invalid_parameter_value';
