@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -175,6 +176,10 @@ def _error(status: int, table: str, field: str, message: str) -> Response:
     return _JSON({"error": text, "table": table, "field": field, "message": message}, status_code=status)
 
 
+def _exit(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
+
+
 def serve(specs: list[tuple[TableSpec, str]], url: str, home: Path, port: int = DEFAULT_PORT) -> None:
     """Load the models, listen on 127.0.0.1:`port` (0: any free port), announce the address in
     `home`/search-service.json for clients to find, and serve until SIGINT or SIGTERM."""
@@ -197,7 +202,13 @@ def serve(specs: list[tuple[TableSpec, str]], url: str, home: Path, port: int = 
         tmp.replace(state)  # atomic: a client never reads half a file
         print(f"search service on {address} for {', '.join(sorted(service.specs)) or 'no table'}", flush=True)
         server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning", access_log=False))
-        server.run(sockets=[sock])
+        # uvicorn shuts down on SIGINT or SIGTERM and then raises the signal again under the handler
+        # it found; with Python's default for SIGTERM the process would die before the clean-up below.
+        signal.signal(signal.SIGTERM, _exit)
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:
+            pass
     finally:
         try:
             if json.loads(state.read_text()).get("pid") == os.getpid():
