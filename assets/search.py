@@ -196,7 +196,8 @@ def _run(
     if k < 1:
         raise SearchError(name, "k", f"must be at least 1, not {k}")
     fusion.check(name)
-    register_vector(conn)
+    if conn.adapters.types.get("vector") is None:  # registering looks the types up: once per connection
+        register_vector(conn)
     # Dates, decimals and UUIDs go as their text, which the function casts to the column's type.
     filter_json = Jsonb(dict(where or {}), dumps=lambda v: json.dumps(v, default=str))
     # The function returns the key and the ranks; joining the source here gives the row back with

@@ -9,7 +9,7 @@ already installs), and assets/search_client.py is how other processes find and c
                -> {"hits": [{"key", "score", "chunk", "row", "vector_rank", "text_rank",
                              "vector_distance", "text_score"}], "ms": {"embed", "sql"}}
     POST /embed   {"table", "query", "fingerprint"} -> {"vector": [...]}
-    GET  /health  -> {"status": "ok", "tables": [...], "pid"}
+    GET  /health  -> {"status": "ok", "tables": [...], "pid", "query_embedding": {table: "direct"}}
 
 A request naming a table the service does not declare answers 404; one whose `fingerprint` (the
 caller's declaration of the table) differs from the service's answers 409: the caller then embeds
@@ -42,8 +42,8 @@ from starlette.routing import Route
 
 from .catalog import ResolvedTable, resolve
 from .providers import provider_for
-from .providers.base import EmbeddingProvider
-from .search import Fusion, SearchError, embed_query, run_search
+from .query_embedding import QueryEmbedder
+from .search import Fusion, SearchError, run_search
 from .search_client import STATE_FILE, database_identity
 from .spec import TableSpec
 
@@ -67,18 +67,25 @@ class SearchService:
         self.pool = ConnectionPool(url, min_size=1, max_size=connections, open=True,
                                    kwargs={"autocommit": True}, configure=register_vector)
         self._resolved: dict[str, ResolvedTable] = {}
+        self._embedders: dict[Any, QueryEmbedder] = {}
         self._lock = threading.Lock()
 
     def warm(self) -> None:
         """Load every table's model and run it once (torch's first call is slow), before the
         service says it is ready."""
         for spec, _ in self.specs.values():
-            provider_for(spec.provider).embed(["warm up"])
+            self._embedder(spec).embed("warm up")
+
+    def _embedder(self, spec: TableSpec) -> QueryEmbedder:
+        with self._lock:  # one per model: tables that share a model share its embedder
+            if spec.provider not in self._embedders:
+                self._embedders[spec.provider] = QueryEmbedder(provider_for(spec.provider))
+            return self._embedders[spec.provider]
 
     def close(self) -> None:
         self.pool.close()
 
-    def table(self, body: dict[str, Any]) -> tuple[ResolvedTable, EmbeddingProvider]:
+    def table(self, body: dict[str, Any]) -> tuple[ResolvedTable, QueryEmbedder]:
         name = body.get("table")
         if not isinstance(name, str) or name not in self.specs:
             raise RequestError(404, f"no table named {name!r} is declared here", str(name), "table")
@@ -92,10 +99,10 @@ class SearchService:
                 # Resolved once: the catalog lookups would otherwise cost more than the search.
                 with self.pool.connection() as conn:
                     self._resolved[name] = resolve(conn, spec, origin)
-        return self._resolved[name], provider_for(spec.provider)
+        return self._resolved[name], self._embedder(spec)
 
     def search(self, body: dict[str, Any]) -> dict[str, Any]:
-        table, provider = self.table(body)
+        table, embedder = self.table(body)
         name = table.spec.name
         query = _field(body, "query", str, name)
         k = _field(body, "k", int, name, 5)
@@ -103,7 +110,7 @@ class SearchService:
         hybrid = _field(body, "hybrid", bool, name, False)
         fusion = Fusion(**{f: body[f] for f in FUSION_FIELDS if body.get(f) is not None})
         started = time.perf_counter()
-        vector = embed_query(table, provider, query)
+        vector = embedder.embed(query)
         embedded = time.perf_counter()
         with self.pool.connection() as conn:
             hits = run_search(conn, table, vector, query if hybrid else None, k, where, fusion)
@@ -119,9 +126,9 @@ class SearchService:
         }
 
     def embed(self, body: dict[str, Any]) -> dict[str, Any]:
-        table, provider = self.table(body)
+        table, embedder = self.table(body)
         query = _field(body, "query", str, table.spec.name)
-        return {"vector": embed_query(table, provider, query).tolist()}
+        return {"vector": embedder.embed(query).tolist()}
 
 
 def _field(body: dict[str, Any], field: str, kind: type, table: str, default: Any = ...) -> Any:
@@ -162,7 +169,11 @@ def create_app(service: SearchService) -> Starlette:
         return handle
 
     async def health(request: Request) -> Response:
-        return _JSON({"status": "ok", "tables": sorted(service.specs), "pid": os.getpid()})
+        # "direct": the query model runs without encode()'s batching (see assets/query_embedding.py)
+        embedding = {name: "direct" if service._embedder(spec).direct else "provider"
+                     for name, (spec, _) in service.specs.items()}
+        return _JSON({"status": "ok", "tables": sorted(service.specs), "pid": os.getpid(),
+                      "query_embedding": embedding})
 
     return Starlette(routes=[
         Route("/search", endpoint(service.search), methods=["POST"]),

@@ -109,7 +109,7 @@ def test_service_answers_vector_and_hybrid_search_with_filters_and_k(service, co
     assert [tuple(h["key"]) for h in answer["hits"]] == [h.key for h in search(conn, service.table, local_provider, q, k=12)]
 
 
-def test_service_refuses_by_name_and_status(service) -> None:
+def test_service_refuses_by_name_and_status(service, local_provider) -> None:
     status, answer = service.post("/search", {"table": service.name, "query": "x", "where": {"nope": 1}})
     assert status == 400 and answer["field"] == "where.nope" and service.name in answer["error"]
     status, answer = service.post("/search", {"table": service.name, "query": "x", "k": 0})
@@ -123,6 +123,14 @@ def test_service_refuses_by_name_and_status(service) -> None:
     assert service.post("/embed", {"table": service.name, "query": "x", "fingerprint": "other/model"})[0] == 409
     status, answer = service.post("/embed", {"table": service.name, "query": "x"})
     assert status == 200 and len(answer["vector"]) == 384
+    # The service's own forward pass gives the provider's vector (and is the one in use).
+    assert answer["vector"] == pytest.approx(local_provider.embed(["x"]).vectors[0].tolist(), abs=1e-5)
+    host, port = service.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("GET", "/health")
+    health = json.loads(conn.getresponse().read())
+    conn.close()
+    assert health["query_embedding"] == {service.name: "direct"} and health["pid"] == service.proc.pid
 
 
 PROBE = """
