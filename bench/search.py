@@ -34,7 +34,7 @@ from bench.common import Benchmark, Context, Measure, Result, scratch_dir
 
 PROJECT = Path(__file__).resolve().parent.parent
 K = 10
-EF_SWEEP = (40, 64, 100, 200)
+EF_SWEEP = (40, 64, 100, 200, 400)
 RECALL_SLACK = 0.005
 
 
@@ -87,7 +87,8 @@ def run(ctx: Context) -> Result:
     sweep = {}
     for ef in EF_SWEEP:
         declare_ef(ef)
-        sweep[ef] = {"plain": quality(), "filtered": quality(filtered=True), "overlap": overlap(exact_rows)}
+        sweep[ef] = {"plain": quality(), "filtered": quality(filtered=True), "overlap": overlap(exact_rows),
+                     "sql_ms_p50": _sql_p50(conn, spec.name, vectors)}
         ctx.log(f"ef_search {ef}: {sweep[ef]}  (exact {exact})")
     default_ef = spec.index.ef_search
     declare_ef(default_ef)
@@ -134,7 +135,7 @@ def run(ctx: Context) -> Result:
             f"ef_search sweep (recall@10 plain / filtered, exact {exact['plain']['recall@10']:.4f} / "
             f"{exact['filtered']['recall@10']:.4f}): "
             + "; ".join(f"{ef}: {r['plain']['recall@10']:.4f} / {r['filtered']['recall@10']:.4f}, top-10 shared with "
-                        f"exact {r['overlap']:.4f}" for ef, r in sweep.items()),
+                        f"exact {r['overlap']:.4f}, bare SQL p50 {r['sql_ms_p50']:.1f} ms" for ef, r in sweep.items()),
             "fusion, best five by recall@10 then MRR@10 (vector only "
             f"{vector_only['recall@10']:.4f} / {vector_only['mrr@10']:.4f}): "
             + "; ".join(f"{name}: {r['recall@10']:.4f} / {r['mrr@10']:.4f}" for name, r in best[:5]),
@@ -146,6 +147,16 @@ def run(ctx: Context) -> Result:
         extra={"exact": exact, "ef_sweep": sweep, "chosen": chosen, "hybrid": hybrid, "fusion_sweep": fusions,
                "syntax_queries": words, "text_match_any": any_word},
     )
+
+
+def _sql_p50(conn: Any, name: str, vectors: list[np.ndarray]) -> float:
+    """The bare function's median time for a vector search, to show what an ef_search costs."""
+    times = []
+    for vector in vectors:
+        started = time.perf_counter()
+        conn.execute("SELECT * FROM vectorsync.hybrid_search(%s, %s, NULL, %s)", (name, vector, K)).fetchall()
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
 
 
 def _at_least(label: str, subject: float, baseline: float, slack: float, target: str) -> Measure:
@@ -161,6 +172,7 @@ def _latency(ctx: Context, spec: Any, table: Any, conn: Any, queries: list[dict[
     bare = "SELECT * FROM vectorsync.hybrid_search(%s, %s, %s, %s)"
     samples: dict[str, list[list[float]]] = {k: [] for k in ("http vector", "sql vector", "http hybrid", "sql hybrid")}
     embed_ms: list[float] = []
+    service_sql_ms: list[float] = []
     try:
         for _ in range(ctx.rounds):
             round_ = {k: [] for k in samples}
@@ -172,6 +184,7 @@ def _latency(ctx: Context, spec: Any, table: Any, conn: Any, queries: list[dict[
                     round_[f"http {mode}"].append((time.perf_counter() - started) * 1000)
                     assert status == 200 and len(answer["hits"]) == K, (status, answer)
                     embed_ms.append(answer["ms"]["embed"])
+                    service_sql_ms.append(answer["ms"]["sql"])
                     started = time.perf_counter()
                     conn.execute(bare, (spec.name, vector, text, K)).fetchall()
                     round_[f"sql {mode}"].append((time.perf_counter() - started) * 1000)
@@ -180,7 +193,8 @@ def _latency(ctx: Context, spec: Any, table: Any, conn: Any, queries: list[dict[
     finally:
         proc.terminate()  # by its PID: uvicorn stops on SIGTERM and the service removes its file
         proc.wait(timeout=30)
-    ctx.log(f"query embedding in the service: p50 {_pct(embed_ms, 50):.1f} ms, p95 {_pct(embed_ms, 95):.1f} ms; "
+    ctx.log(f"inside the service: query embedding p50 {_pct(embed_ms, 50):.1f} ms, p95 {_pct(embed_ms, 95):.1f} ms; "
+            f"search (SQL and rows) p50 {_pct(service_sql_ms, 50):.1f} ms, p95 {_pct(service_sql_ms, 95):.1f} ms; "
             f"load {open('/proc/loadavg').read().strip()}")
     measures = []
     for mode, limit in (("vector", 25.0), ("hybrid", 40.0)):

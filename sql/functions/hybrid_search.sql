@@ -63,8 +63,9 @@ SET search_path = pg_catalog, pg_temp
 -- 'relaxed_order' is enough because the candidates are re-ranked by exact distance below.
 SET hnsw.iterative_scan = relaxed_order
 -- Declared here so that the set_config below, which applies the declaration's index.ef_search,
--- is undone when the function returns instead of lasting for the caller's transaction.
-SET hnsw.ef_search = 40
+-- is undone when the function returns instead of lasting for the caller's transaction; 200 is that
+-- field's default (assets/spec.py), for a registry entry written before the field existed.
+SET hnsw.ef_search = 200
 AS $body$
 DECLARE
     reg           record;
