@@ -190,6 +190,7 @@ def _latency(ctx: Context, spec: Any, table: Any, conn: Any, queries: list[dict[
                     round_[f"sql {mode}"].append((time.perf_counter() - started) * 1000)
             for k, v in round_.items():
                 samples[k].append(v)
+        cli = _cli_seconds(ctx, spec, home, queries)
     finally:
         proc.terminate()  # by its PID: uvicorn stops on SIGTERM and the service removes its file
         proc.wait(timeout=30)
@@ -206,7 +207,24 @@ def _latency(ctx: Context, spec: Any, table: Any, conn: Any, queries: list[dict[
             if pct == 95:
                 m.met = m.subject_median <= limit
             measures.append(m)
+    measures.append(Measure("`vectorsync search` command, wall time (baseline: no service runs)", "s",
+                            cli["service"], cli["no service"], ratio_of="baseline/subject"))
     return measures
+
+
+def _cli_seconds(ctx: Context, spec: Any, home: Path, queries: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """The whole command, as a user types it: with the service announced in its home, and with a
+    home where none is (the command then loads the model itself, as before the service)."""
+    env = {**os.environ, "DATABASE_URL": ctx.url, "VECTORSYNC_TABLES": str(home / "tables")}
+    seconds: dict[str, list[float]] = {"service": [], "no service": []}
+    for side, where, runs in (("service", home, 3), ("no service", home / "elsewhere", 1)):
+        for q in queries[:runs]:
+            started = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "orchestration.cli", "search", spec.name, q["query"], "--hybrid"],
+                           env={**env, "VECTORSYNC_HOME": str(where)}, cwd=PROJECT, check=True,
+                           capture_output=True, timeout=600)
+            seconds[side].append(time.perf_counter() - started)
+    return seconds
 
 
 def _pct(values: list[float], pct: int) -> float:
