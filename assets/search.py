@@ -170,10 +170,13 @@ def run_search(
     k: int,
     where: Mapping[str, Any] | None,
     fusion: Fusion,
+    typed_rows: bool = True,
 ) -> list[SearchHit]:
     """Vector search (text None) or hybrid search for a query vector already computed: what the
-    search service runs. Vector hits are scored as `search` scores them."""
-    hits = _run(conn, table, vector, text, k, where, fusion)
+    search service runs. Vector hits are scored as `search` scores them. With `typed_rows` False
+    the rows are the function's jsonb (dates as text), saving a second join with the source: the
+    service sends JSON anyway."""
+    hits = _run(conn, table, vector, text, k, where, fusion, typed_rows)
     if text is not None:
         return hits
     to_score = DISTANCE_TO_SCORE[table.spec.distance]
@@ -191,6 +194,7 @@ def _run(
     k: int,
     where: Mapping[str, Any] | None,
     fusion: Fusion,
+    typed_rows: bool = True,
 ) -> list[SearchHit]:
     name = table.spec.name
     if k < 1:
@@ -205,16 +209,19 @@ def _run(
     statement = sql.SQL(
         """SELECT h.row_key AS vs_key, h.score AS vs_score, h.vector_rank AS vs_vector_rank,
                   h.text_rank AS vs_text_rank, h.vector_distance AS vs_vector_distance,
-                  h.text_score AS vs_text_score, h.chunk AS vs_chunk, s.*
+                  h.text_score AS vs_text_score, h.chunk AS vs_chunk, {row}
            FROM vectorsync.hybrid_search(%(name)s, %(vector)s, %(text)s, %(k)s, %(filter)s, %(rrf_k)s,
                                          %(candidates)s, %(text_match)s, %(vector_weight)s,
                                          %(text_weight)s, %(absent_rank)s) WITH ORDINALITY h
-           JOIN {source} s ON ({keys}) = ({typed_key})
+           {join}
            ORDER BY h.ordinality"""
     ).format(
-        source=table.source,
-        keys=table.key_list("s"),
-        typed_key=table.key_from_json(sql.Identifier("h", "row_key")),
+        row=sql.SQL("s.*" if typed_rows else "h.source_row AS vs_row"),
+        join=sql.SQL("JOIN {source} s ON ({keys}) = ({typed_key})").format(
+            source=table.source,
+            keys=table.key_list("s"),
+            typed_key=table.key_from_json(sql.Identifier("h", "row_key")),
+        ) if typed_rows else sql.SQL(""),
     )
     params = {"name": name, "vector": vector, "text": text, "k": k, "filter": filter_json,
               "rrf_k": fusion.rrf_k, "candidates": fusion.candidates, "text_match": fusion.text_match,
@@ -233,7 +240,7 @@ def _run(
                     text_rank=record.pop("vs_text_rank"),
                     vector_distance=_float(record.pop("vs_vector_distance")),
                     text_score=_float(record.pop("vs_text_score")),
-                    row=record,
+                    row=record if typed_rows else record["vs_row"],
                 ))
     except psycopg.Error as exc:
         # The function names the offending filter column in the error's COLUMN field.

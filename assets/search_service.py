@@ -113,7 +113,7 @@ class SearchService:
         vector = embedder.embed(query)
         embedded = time.perf_counter()
         with self.pool.connection() as conn:
-            hits = run_search(conn, table, vector, query if hybrid else None, k, where, fusion)
+            hits = run_search(conn, table, vector, query if hybrid else None, k, where, fusion, typed_rows=False)
         done = time.perf_counter()
         return {
             "hits": [
