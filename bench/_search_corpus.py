@@ -98,7 +98,9 @@ def _cache_file(spec: TableSpec, docs: list[Any]) -> Path:
 def _add_fillers(conn: Any, spec: TableSpec, table: ResolvedTable, count: int) -> None:
     register_vector(conn)
     real = np.stack([
-        v.to_numpy() for (v,) in conn.execute(sql.SQL("SELECT embedding FROM {}").format(table.store))
+        v.to_numpy() for (v,) in conn.execute(
+            # ordered, so that the same seed blends the same vectors from one run to the next
+            sql.SQL("SELECT embedding FROM {} ORDER BY doc_id, chunk_seq").format(table.store))
     ]).astype(np.float32)
     rng = np.random.default_rng(16)
     a = real[rng.integers(0, len(real), count)]
