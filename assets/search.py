@@ -4,7 +4,12 @@ by reciprocal rank fusion), both optionally filtered on source columns.
 The query itself lives in one place, the SQL function vectorsync.hybrid_search (sql/functions/
 hybrid_search.sql), so Python, the CLI and plain SQL clients rank and filter alike. Python adds what
 SQL cannot do: embedding the query with the table's model, and returning the source rows with their
-own column types rather than as jsonb.
+own column types rather than as jsonb. Given no provider, the query is embedded by the warm search
+service (`vectorsync serve`, assets/search_service.py) when one runs, and by the model loaded here
+only when none does.
+
+Query text is plain text: its words are matched as words, never read as operators, unless the
+caller asks for web-search syntax with text_match="web".
 """
 
 from __future__ import annotations
@@ -30,9 +35,17 @@ DISTANCE_TO_SCORE = {
     "l2": lambda d: -d,
     "inner_product": lambda d: -d,
 }
-# The usual constant of reciprocal rank fusion (Cormack et al., 2009): large enough that a first
-# place in one list does not drown second places in both.
+# The fusion's defaults, chosen on the labelled Python-documentation queries of bench/search.py
+# (`python -m bench search` prints the sweep); the SQL function's own defaults are the same.
+# 60 is the usual constant of reciprocal rank fusion (Cormack et al., 2009): large enough that a
+# first place in one list does not drown second places in both.
 DEFAULT_RRF_K = 60
+DEFAULT_VECTOR_WEIGHT = 1.0
+DEFAULT_TEXT_WEIGHT = 1.0
+# None: a row missing from one side gets nothing from it. A number: it is scored there as if ranked
+# that far down, so a row found by one side only still competes with rows found by both.
+DEFAULT_ABSENT_RANK: int | None = None
+TextMatch = Literal["all", "any", "web"]
 
 
 @dataclass(frozen=True)
@@ -65,50 +78,112 @@ class SearchError(ValueError):
 def search(
     conn: psycopg.Connection,
     table: ResolvedTable,
-    provider: EmbeddingProvider,
+    provider: EmbeddingProvider | None,
     query: str,
     k: int = 5,
     where: Mapping[str, Any] | None = None,
 ) -> list[SearchHit]:
     """The `k` source rows nearest to `query`, best first, each with its best-matching chunk.
-    `where` keeps only rows whose columns equal the given values (see `hybrid_search`)."""
-    hits = _run(conn, table, _embed(provider, query), None, k, where, DEFAULT_RRF_K, None)
-    to_score = DISTANCE_TO_SCORE[table.spec.distance]
-    return [
-        SearchHit(h.key, to_score(h.vector_distance), h.chunk, h.row, h.vector_rank, None, h.vector_distance)
-        for h in hits
-    ]
+    `where` keeps only rows whose columns equal the given values (see `hybrid_search`). With
+    `provider` None the query is embedded by the running search service, or locally without one."""
+    return run_search(conn, table, embed_query(table, provider, query), None, k, where, Fusion())
 
 
 def hybrid_search(
     conn: psycopg.Connection,
     table: ResolvedTable,
-    provider: EmbeddingProvider,
+    provider: EmbeddingProvider | None,
     query: str,
     k: int = 5,
     where: Mapping[str, Any] | None = None,
     rrf_k: int = DEFAULT_RRF_K,
     candidates: int | None = None,
-    text_match: Literal["all", "any"] = "all",
+    text_match: TextMatch = "all",
+    vector_weight: float = DEFAULT_VECTOR_WEIGHT,
+    text_weight: float = DEFAULT_TEXT_WEIGHT,
+    absent_rank: int | None = DEFAULT_ABSENT_RANK,
 ) -> list[SearchHit]:
     """The `k` best source rows for `query` by vector distance and full-text match together.
 
     Each method ranks its `candidates` best chunks (default max(8k, 40)), one hit per source row;
-    the lists are merged by reciprocal rank fusion, score = sum of 1 / (rrf_k + rank) over the lists
-    the row is in. The full-text side uses the table's `text_search_config`, ranked by ts_rank_cd;
-    with text_match "all" the query is in web-search syntax (websearch_to_tsquery: every word,
-    "a phrase", `or`, -exclude); with "any" a chunk matches when it has any of the query's words
-    (wider, and slower on big tables: every chunk sharing a common word is ranked).
+    the lists are merged by weighted reciprocal rank fusion, score = sum of weight / (rrf_k + rank)
+    over the lists the row is in (or, with `absent_rank`, over both, a missing row counting as
+    ranked `absent_rank`). The full-text side uses the table's `text_search_config`, ranked by
+    ts_rank_cd, and reads the query as plain words: "all" (default) matches chunks with every word,
+    "any" chunks with any of them (wider, and slower on big tables: every chunk sharing a common
+    word is ranked); only "web" reads web-search syntax ("a phrase", `or`, -exclude).
 
     `where` maps source columns to values, all of which must hold: a value is compared with the
     column after a cast to its type ({"id": 7} and {"id": "7"} agree), a list means any of its
     values, None means IS NULL. An unknown column or a value the type refuses raises SearchError.
     """
-    return _run(conn, table, _embed(provider, query), query, k, where, rrf_k, candidates, text_match)
+    fusion = Fusion(rrf_k, candidates, text_match, vector_weight, text_weight, absent_rank)
+    return _run(conn, table, embed_query(table, provider, query), query, k, where, fusion)
 
 
-def _embed(provider: EmbeddingProvider, query: str) -> np.ndarray:
+@dataclass(frozen=True)
+class Fusion:
+    """How hybrid search merges its two lists (see `hybrid_search`)."""
+
+    rrf_k: int = DEFAULT_RRF_K
+    candidates: int | None = None
+    text_match: str = "all"
+    vector_weight: float = DEFAULT_VECTOR_WEIGHT
+    text_weight: float = DEFAULT_TEXT_WEIGHT
+    absent_rank: int | None = DEFAULT_ABSENT_RANK
+
+    def check(self, table: str) -> None:
+        if self.rrf_k < 0:
+            raise SearchError(table, "rrf_k", f"must be 0 or more, not {self.rrf_k}")
+        if self.candidates is not None and self.candidates < 1:
+            raise SearchError(table, "candidates", f"must be at least 1, not {self.candidates}")
+        if self.text_match not in ("all", "any", "web"):
+            raise SearchError(table, "text_match", f"must be 'all', 'any' or 'web', not {self.text_match!r}")
+        for field in ("vector_weight", "text_weight"):
+            if not getattr(self, field) >= 0:
+                raise SearchError(table, field, f"must be 0 or more, not {getattr(self, field)}")
+        if self.absent_rank is not None and self.absent_rank < 1:
+            raise SearchError(table, "absent_rank", f"must be at least 1, not {self.absent_rank}")
+
+
+def embed_query(table: ResolvedTable, provider: EmbeddingProvider | None, query: str) -> np.ndarray:
+    """The query's vector by the table's model: from `provider`; without one, from the running
+    search service, whose model is already loaded; only when none runs, from the model loaded here."""
+    if provider is None:
+        from .search_client import find_service
+
+        client = find_service()
+        vector = client.embed(table.spec.name, table.spec.fingerprint, query) if client else None
+        if vector is not None:
+            return vector
+        from .providers import provider_for
+
+        provider = provider_for(table.spec.provider)
     return provider.embed([query]).vectors[0].astype(np.float32)
+
+
+def run_search(
+    conn: psycopg.Connection,
+    table: ResolvedTable,
+    vector: np.ndarray,
+    text: str | None,
+    k: int,
+    where: Mapping[str, Any] | None,
+    fusion: Fusion,
+    typed_rows: bool = True,
+) -> list[SearchHit]:
+    """Vector search (text None) or hybrid search for a query vector already computed: what the
+    search service runs. Vector hits are scored as `search` scores them. With `typed_rows` False
+    the rows are the function's jsonb (dates as text), saving a second join with the source: the
+    service sends JSON anyway."""
+    hits = _run(conn, table, vector, text, k, where, fusion, typed_rows)
+    if text is not None:
+        return hits
+    to_score = DISTANCE_TO_SCORE[table.spec.distance]
+    return [
+        SearchHit(h.key, to_score(h.vector_distance), h.chunk, h.row, h.vector_rank, None, h.vector_distance)
+        for h in hits
+    ]
 
 
 def _run(
@@ -118,20 +193,15 @@ def _run(
     text: str | None,
     k: int,
     where: Mapping[str, Any] | None,
-    rrf_k: int,
-    candidates: int | None,
-    text_match: str = "all",
+    fusion: Fusion,
+    typed_rows: bool = True,
 ) -> list[SearchHit]:
     name = table.spec.name
     if k < 1:
         raise SearchError(name, "k", f"must be at least 1, not {k}")
-    if rrf_k < 0:
-        raise SearchError(name, "rrf_k", f"must be 0 or more, not {rrf_k}")
-    if candidates is not None and candidates < 1:
-        raise SearchError(name, "candidates", f"must be at least 1, not {candidates}")
-    if text_match not in ("any", "all"):
-        raise SearchError(name, "text_match", f"must be 'any' or 'all', not {text_match!r}")
-    register_vector(conn)
+    fusion.check(name)
+    if conn.adapters.types.get("vector") is None:  # registering looks the types up: once per connection
+        register_vector(conn)
     # Dates, decimals and UUIDs go as their text, which the function casts to the column's type.
     filter_json = Jsonb(dict(where or {}), dumps=lambda v: json.dumps(v, default=str))
     # The function returns the key and the ranks; joining the source here gives the row back with
@@ -139,18 +209,24 @@ def _run(
     statement = sql.SQL(
         """SELECT h.row_key AS vs_key, h.score AS vs_score, h.vector_rank AS vs_vector_rank,
                   h.text_rank AS vs_text_rank, h.vector_distance AS vs_vector_distance,
-                  h.text_score AS vs_text_score, h.chunk AS vs_chunk, s.*
+                  h.text_score AS vs_text_score, h.chunk AS vs_chunk, {row}
            FROM vectorsync.hybrid_search(%(name)s, %(vector)s, %(text)s, %(k)s, %(filter)s, %(rrf_k)s,
-                                         %(candidates)s, %(text_match)s) WITH ORDINALITY h
-           JOIN {source} s ON ({keys}) = ({typed_key})
+                                         %(candidates)s, %(text_match)s, %(vector_weight)s,
+                                         %(text_weight)s, %(absent_rank)s) WITH ORDINALITY h
+           {join}
            ORDER BY h.ordinality"""
     ).format(
-        source=table.source,
-        keys=table.key_list("s"),
-        typed_key=table.key_from_json(sql.Identifier("h", "row_key")),
+        row=sql.SQL("s.*" if typed_rows else "h.source_row AS vs_row"),
+        join=sql.SQL("JOIN {source} s ON ({keys}) = ({typed_key})").format(
+            source=table.source,
+            keys=table.key_list("s"),
+            typed_key=table.key_from_json(sql.Identifier("h", "row_key")),
+        ) if typed_rows else sql.SQL(""),
     )
     params = {"name": name, "vector": vector, "text": text, "k": k, "filter": filter_json,
-              "rrf_k": rrf_k, "candidates": candidates, "text_match": text_match}
+              "rrf_k": fusion.rrf_k, "candidates": fusion.candidates, "text_match": fusion.text_match,
+              "vector_weight": float(fusion.vector_weight), "text_weight": float(fusion.text_weight),
+              "absent_rank": fusion.absent_rank}
     hits = []
     try:
         with conn.cursor(row_factory=dict_row) as cur:
@@ -164,7 +240,7 @@ def _run(
                     text_rank=record.pop("vs_text_rank"),
                     vector_distance=_float(record.pop("vs_vector_distance")),
                     text_score=_float(record.pop("vs_text_score")),
-                    row=record,
+                    row=record if typed_rows else record["vs_row"],
                 ))
     except psycopg.Error as exc:
         # The function names the offending filter column in the error's COLUMN field.

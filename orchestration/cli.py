@@ -12,7 +12,7 @@ from assets.declarations import load_declarations
 from assets.spec import SpecError, TableSpec
 from assets.status import installed_tables, require_installed, table_status
 
-from .database import connect, database_url, tables_dir
+from .database import connect, database_url, tables_dir, vectorsync_home
 
 DEMO_QUERIES = (
     "how do I open a file",
@@ -95,14 +95,18 @@ def cmd_search(args: argparse.Namespace) -> int:
     spec, origin = _find(args, args.name)
     try:
         with connect() as conn:
-            table = resolve(conn, spec, origin)
-            require_installed(conn, spec)  # before the model load, which takes seconds
-            provider = provider_for(spec.provider)
-            if args.hybrid:
-                hits = hybrid_search(conn, table, provider, args.query, k=args.k, where=where,
-                                     rrf_k=args.rrf_k, text_match=args.match)
-            else:
-                hits = search(conn, table, provider, args.query, k=args.k, where=where)
+            resolve(conn, spec, origin)
+            require_installed(conn, spec)  # before the service or a model load: one clear error line
+        hits = _search_by_service(args, spec, where)
+        if hits is None:  # no service runs for this database and declaration: load the model here
+            with connect() as conn:
+                table = resolve(conn, spec, origin)
+                provider = provider_for(spec.provider)
+                if args.hybrid:
+                    hits = hybrid_search(conn, table, provider, args.query, k=args.k, where=where,
+                                         rrf_k=args.rrf_k, text_match=args.match)
+                else:
+                    hits = search(conn, table, provider, args.query, k=args.k, where=where)
     except SearchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -116,6 +120,43 @@ def cmd_search(args: argparse.Namespace) -> int:
             print(f"{rank:2d}. {hit.score:.3f}  [{key}]  {snippet}")
     if not hits:
         print("no results: is the table embedded (see `vectorsync status`), or is the filter too narrow?")
+    return 0
+
+
+def _search_by_service(args: argparse.Namespace, spec: TableSpec, where: dict) -> list | None:
+    """The hits from the warm search service (`vectorsync serve`), or None when none runs."""
+    from assets.search_client import find_service
+
+    client = find_service(vectorsync_home())
+    if client is None:
+        return None
+    fusion = {"rrf_k": args.rrf_k, "text_match": args.match} if args.hybrid else {}
+    return client.search(spec.name, spec.fingerprint, args.query, k=args.k, hybrid=args.hybrid,
+                         where=where, **fusion)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Keep the query models loaded and answer searches over HTTP on 127.0.0.1."""
+    from assets.search_service import serve
+
+    serve(_specs(args), database_url(), vectorsync_home(), port=args.port)
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    """Build a table's HNSW index now, rather than at the index upkeep schedule's next tick."""
+    from assets.index import build_index
+
+    spec, origin = _find(args, args.name)
+    with connect() as conn:
+        state = build_index(conn, resolve(conn, spec, origin))
+    if state.exists and state.valid:
+        print(f"index {state.index} of {state.table} is built")
+    elif state.building:
+        print(f"index {state.index} of {state.table} is being built by another session")
+    else:
+        print(f"index {state.index} of {state.table} not built: the store has fewer than index.min_rows "
+              f"({state.min_rows}) chunks, where an exact scan is fast")
     return 0
 
 
@@ -189,8 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep rows whose source column equals VALUE, cast to the column's type; "
                    "repeatable: all must hold, and a column given twice matches either value")
     p.add_argument("--rrf-k", type=int, default=60, help="the RRF constant: score = sum of 1/(k + rank)")
-    p.add_argument("--match", choices=("all", "any"), default="all", help="full-text side: rows with all "
-                   "the words, in web-search syntax (\"a phrase\", or, -word), or with any of them")
+    p.add_argument("--match", choices=("all", "any", "web"), default="all", help="full-text side: rows with "
+                   "all the query's words, or any of them, read as plain words; 'web' reads web-search "
+                   "syntax (\"a phrase\", or, -word)")
+    p = sub.add_parser("serve", help="a warm HTTP search API on 127.0.0.1 that `search` uses while it runs")
+    p.add_argument("--port", type=int, default=8765, help="0: any free port (see search-service.json)")
+    p = sub.add_parser("index", help="build a table's HNSW index now, without waiting for the schedule")
+    p.add_argument("name")
     p = sub.add_parser("sync", help="make a table current without Dagster")
     p.add_argument("name")
     p.add_argument("--bucket", type=int)
@@ -211,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {
         "install": cmd_install, "status": cmd_status, "search": cmd_search, "sync": cmd_sync,
-        "demo": cmd_demo, "database-url": lambda a: print(database_url()) or 0,
+        "demo": cmd_demo, "serve": cmd_serve, "index": cmd_index, "database-url": lambda a: print(database_url()) or 0,
         "dagster-instance": cmd_dagster_instance,
     }
     try:

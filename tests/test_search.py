@@ -110,10 +110,10 @@ def test_text_match_any_and_all(errors, conn, local_provider) -> None:
     strict = hybrid_search(conn, errors.table, local_provider, question, k=8)  # "all" is the default
     assert all(h.text_rank is None for h in strict)
     assert _keys(strict) == _keys(search(conn, errors.table, local_provider, question, k=8))
-    # web-search syntax: every word, minus the excluded one
-    syntax = hybrid_search(conn, errors.table, local_provider, "journal -disk", k=8)
+    # web-search syntax, when asked for: every word, minus the excluded one
+    syntax = hybrid_search(conn, errors.table, local_provider, "journal -disk", k=8, text_match="web")
     assert {h.key for h in syntax if h.text_rank} == {(6,), (7,)}
-    either = hybrid_search(conn, errors.table, local_provider, "E24017 or E21740", k=8)
+    either = hybrid_search(conn, errors.table, local_provider, "E24017 or E21740", k=8, text_match="web")
     assert {h.key for h in either if h.text_rank} == {(1,), (8,)}
     # a query of stop words only has no full-text side at all
     for match in ("any", "all"):

@@ -1,17 +1,25 @@
 -- Idempotent: re-run by every `vectorsync install`.
 -- Hybrid search over one declared table, for any SQL client: the nearest chunks to a query vector
 -- and the chunks matching a full-text query, each reduced to one hit per source row (its best
--- chunk), ranked, and merged by reciprocal rank fusion:
---     score(row) = 1 / (rrf_k + vector_rank) + 1 / (rrf_k + text_rank)
--- where a row missing from one list gets nothing from it. Either query may be NULL, which makes this
+-- chunk), ranked, and merged by weighted reciprocal rank fusion:
+--     score(row) = vector_weight / (rrf_k + vector_rank) + text_weight / (rrf_k + text_rank)
+-- where a row missing from one list gets nothing from it, or, when absent_rank is given, is
+-- scored there as if ranked absent_rank (so a row found by one side only still competes with one
+-- found by both instead of losing half its score). Either query may be NULL, which makes this
 -- a plain vector search or a plain full-text search. The caller computes the query vector with the
 -- table's model (SQL cannot call it); Python's assets.search does exactly that and calls this.
 --
 -- The full-text side uses the table's text_search_config and the store's GIN-indexed tsvector
--- column, ranked by ts_rank_cd. text_match 'all' (the default) reads the query in web-search syntax
--- (websearch_to_tsquery: every word, "a phrase", or, -exclude): precise, and only the chunks with
--- every word are ranked. 'any' matches chunks with any of the query's words, so a question around a
--- rare identifier still finds it, at the cost of ranking every chunk that shares a common word.
+-- column, ranked by ts_rank_cd. The query text is plain text: its words are words, never operators
+-- ("image library - Python 3 bindings" does not exclude python; quotes and "or" are punctuation and
+-- a stop word). text_match 'all' (the default) matches the chunks with every word; 'any' the chunks
+-- with any of them, so a question around a rare identifier still finds it, at the cost of ranking
+-- every chunk that shares a common word; 'web' is the one opt-in to operators, web-search syntax
+-- (websearch_to_tsquery: "a phrase", or, -exclude).
+--
+-- The vector side uses the HNSW index when there is one, at the hnsw.ef_search the declaration
+-- gives (index.ef_search), set for this call only; with a filter, pgvector's iterative index scan
+-- keeps scanning until enough rows pass it.
 --
 -- `filter` is a jsonb object of source column -> value, all of which must hold:
 --     "col": "x"          col = 'x', the text cast to the column's type (so {"id": "7"} and {"id": 7} agree)
@@ -22,6 +30,9 @@
 --
 -- SECURITY INVOKER: the caller needs SELECT on vectorsync.embedding_tables, the store and the source,
 -- so the function reveals nothing its caller could not read anyway.
+-- The signature before the fusion's weights and absent_rank: dropped so that calls by position
+-- or name do not find two candidates.
+DROP FUNCTION IF EXISTS vectorsync.hybrid_search(text, vector, text, int, jsonb, int, int, text);
 CREATE OR REPLACE FUNCTION vectorsync.hybrid_search(
     table_name      text,
     query_embedding vector,
@@ -30,7 +41,10 @@ CREATE OR REPLACE FUNCTION vectorsync.hybrid_search(
     filter          jsonb DEFAULT '{}',
     rrf_k           int DEFAULT 60,
     candidates      int DEFAULT NULL,
-    text_match      text DEFAULT 'all'
+    text_match      text DEFAULT 'all',
+    vector_weight   double precision DEFAULT 1,
+    text_weight     double precision DEFAULT 1,
+    absent_rank     int DEFAULT NULL
 )
 RETURNS TABLE (
     row_key         jsonb,             -- the source row's primary key, as a jsonb array
@@ -48,6 +62,10 @@ SET search_path = pg_catalog, pg_temp
 -- A filter makes HNSW keep scanning until enough rows pass, instead of stopping at ef_search;
 -- 'relaxed_order' is enough because the candidates are re-ranked by exact distance below.
 SET hnsw.iterative_scan = relaxed_order
+-- Declared here so that the set_config below, which applies the declaration's index.ef_search,
+-- is undone when the function returns instead of lasting for the caller's transaction; 200 is that
+-- field's default (assets/spec.py), for a registry entry written before the field existed.
+SET hnsw.ef_search = 200
 AS $body$
 DECLARE
     reg           record;
@@ -91,10 +109,23 @@ BEGIN
         RAISE EXCEPTION '%: candidates must be at least 1, not %', label, candidates
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF text_match IS NULL OR text_match NOT IN ('any', 'all') THEN
-        RAISE EXCEPTION '%: text_match must be ''any'' or ''all'', not %', label, quote_nullable(text_match)
+    IF text_match IS NULL OR text_match NOT IN ('any', 'all', 'web') THEN
+        RAISE EXCEPTION '%: text_match must be ''all'', ''any'' or ''web'', not %', label,
+            quote_nullable(text_match) USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF vector_weight IS NULL OR vector_weight < 0 OR text_weight IS NULL OR text_weight < 0 THEN
+        RAISE EXCEPTION '%: vector_weight and text_weight must be 0 or more, not % and %', label,
+            quote_nullable(vector_weight), quote_nullable(text_weight) USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF absent_rank IS NOT NULL AND absent_rank < 1 THEN
+        RAISE EXCEPTION '%: absent_rank must be at least 1, not %', label, absent_rank
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    IF reg.spec -> 'index' ->> 'ef_search' IS NOT NULL THEN
+        PERFORM set_config('hnsw.ef_search', reg.spec -> 'index' ->> 'ef_search', true);
+    END IF;
+    -- Visible with SET client_min_messages = debug1: which graph search width a call really used.
+    RAISE DEBUG '%: hnsw.ef_search = %', label, current_setting('hnsw.ef_search');
     IF query_embedding IS NULL AND query_text IS NULL THEN
         RAISE EXCEPTION '%: give a query vector, a query text, or both', label
             USING ERRCODE = 'invalid_parameter_value';
@@ -202,8 +233,11 @@ BEGIN
 
     IF query_text IS NOT NULL THEN
         ts_config := coalesce(reg.spec ->> 'text_search_config', 'english')::regconfig;
-        IF text_match = 'all' THEN
+        IF text_match = 'web' THEN
             ts_query := websearch_to_tsquery(ts_config, query_text);
+        ELSIF text_match = 'all' THEN
+            -- plainto_tsquery reads no operator: '-', quotes, 'or' and '!' are not syntax.
+            ts_query := plainto_tsquery(ts_config, query_text);
         ELSE
             -- Any word: the query's lexemes OR-ed, so a question that wraps a rare identifier in
             -- other words still finds the rows that contain it (and ranks higher those that have
@@ -246,7 +280,8 @@ BEGIN
                  FROM (SELECT DISTINCT ON (row_key) * FROM text_hits ORDER BY row_key, text_score DESC) b),
              fused AS (
                  SELECT coalesce(v.row_key, t.row_key) AS row_key,
-                        coalesce(1.0::float8 / ($5 + v.rank), 0) + coalesce(1.0::float8 / ($5 + t.rank), 0) AS score,
+                        coalesce($7 / ($5 + coalesce(v.rank, $9)), 0)
+                          + coalesce($8 / ($5 + coalesce(t.rank, $10)), 0) AS score,
                         v.rank AS vector_rank, t.rank AS text_rank, v.distance, t.text_score,
                         CASE WHEN v.rank IS NULL OR t.rank < v.rank THEN t.chunk ELSE v.chunk END AS chunk
                  FROM vector_ranked v FULL JOIN text_ranked t ON t.row_key = v.row_key)
@@ -262,6 +297,10 @@ BEGIN
                                   format_type(a.atttypid, a.atttypmod)), ' AND ' ORDER BY u.i)
            FROM unnest(key_cols) WITH ORDINALITY AS u(k, i)
            JOIN pg_attribute a ON a.attrelid = src AND a.attname = u.k))
-    USING query_embedding, ts_query, filter, limit_per, rrf_k, match_count;
+    USING query_embedding, ts_query, filter, limit_per, rrf_k::float8, match_count,
+          vector_weight, text_weight,
+          -- A side that did not run (no vector, or no words to match) gives no row anything.
+          CASE WHEN query_embedding IS NOT NULL THEN absent_rank::float8 END,
+          CASE WHEN ts_query IS NOT NULL AND numnode(ts_query) > 0 THEN absent_rank::float8 END;
 END
 $body$;
