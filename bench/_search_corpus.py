@@ -50,7 +50,7 @@ def build(ctx: Context, rows: int) -> tuple[TableSpec, ResolvedTable]:
     docs = python_docs_rows()
     create_source(conn, SCHEMA, "doc_id text PRIMARY KEY, kind text NOT NULL, title text NOT NULL, body text NOT NULL")
     load_rows(conn, SCHEMA, [(d.doc_id, d.kind, d.title, d.body) for d in docs], ("doc_id", "kind", "title", "body"))
-    # The demo's declaration (assets/tables/python_docs.yaml); the index is built below, once.
+    # The demo's declaration (orchestration/defs/python_docs/defs.yaml); the index is built below, once.
     spec, table = declare(conn, SCHEMA, template="# {title}\n\n{body}", chunking={"size": 800, "overlap": 100})
     drop_hnsw(conn, spec)
     cache = _cache_file(spec, docs)

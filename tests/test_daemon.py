@@ -55,11 +55,11 @@ def declare(conn: psycopg.Connection, tables_dir: Path, server: OpenAIServer, **
 
 def install_dir(db_url: str, tables_dir: Path) -> None:
     from assets.install import install
-    from assets.declarations import load_declarations as load_spec_dir
+    from assets.declarations import load_declarations
     from orchestration.database import connect
 
     with connect(db_url) as c:
-        install(c, load_spec_dir(tables_dir))
+        install(c, load_declarations(tables_dir))
 
 
 def stored_bodies(conn: psycopg.Connection, decl: dict, schema: str) -> dict[int, str]:

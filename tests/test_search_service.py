@@ -21,7 +21,7 @@ from assets.engine import EmbeddingEngine
 from assets.install import install
 from assets.search import hybrid_search, search
 from assets.search_client import STATE_FILE
-from assets.spec import load_spec_dir
+from assets.declarations import load_declarations
 
 from conftest import unique
 from test_search import CORPUS, FUNCS
@@ -60,7 +60,7 @@ def service(tmp_path_factory, db_url: str, local_provider) -> Iterator[Service]:
             cur.executemany(sql.SQL("INSERT INTO {} (id, kind, name, body, added) VALUES "
                                     "(%s, %s, %s, %s, DATE '2024-01-01' + %s)").format(source),
                             [(*row, row[0]) for row in CORPUS])
-        specs = load_spec_dir(tables)
+        specs = load_declarations(tables)
         install(conn, specs)
         table = resolve(conn, *specs[0])
         engine = EmbeddingEngine(conn, table, local_provider)
@@ -185,9 +185,9 @@ import sys
 from pathlib import Path
 from assets.catalog import resolve
 from assets.search import hybrid_search, search
-from assets.spec import load_spec_dir
+from assets.declarations import load_declarations
 from orchestration.database import connect
-spec, origin = load_spec_dir(Path({str(service.tables)!r}))[0]
+spec, origin = load_declarations(Path({str(service.tables)!r}))[0]
 with connect() as conn:
     table = resolve(conn, spec, origin)
     hits = hybrid_search(conn, table, None, "legacy archives", k=3, where={{"kind": "function"}})
