@@ -15,6 +15,7 @@ import dagster as dg
 import psycopg
 from psycopg import sql
 
+from assets.catalog import use_key_text_settings
 from assets.spec import TableSpec
 from assets.status import change_backlog
 
@@ -54,6 +55,9 @@ def _uncovered_rows(conn: psycopg.Connection, name: str) -> tuple[int, list[Any]
         (name,),
     ).fetchone()
     source = sql.Identifier(src_schema, src_table)
+    # Keys as the triggers and the engine print them (time zone and the like), whatever this
+    # session's settings: a timestamptz key must compare equal to its logged and stored form.
+    use_key_text_settings(conn)
     # The registry, not the declaration: the check audits what is installed, whose store carries
     # the fingerprint registered there until `vectorsync install` registers a new one.
     key_json = sql.SQL("jsonb_build_array({})").format(
@@ -68,7 +72,7 @@ def _uncovered_rows(conn: psycopg.Connection, name: str) -> tuple[int, list[Any]
         sql.SQL(
             """WITH uncovered AS (
                    SELECT {key_json} AS k FROM {source} s
-                   WHERE NOT EXISTS (SELECT 1 FROM {store} t WHERE {key_equal} AND t.model = %(fingerprint)s)
+                   WHERE NOT EXISTS (SELECT 1 FROM {store} t WHERE {key_equal} AND t.model = {fingerprint})
                ), pending AS (
                    SELECT e.k FROM {queue} q CROSS JOIN LATERAL unnest(q.row_keys) AS e(k)
                ), sweeping AS (
@@ -78,15 +82,17 @@ def _uncovered_rows(conn: psycopg.Connection, name: str) -> tuple[int, list[Any]
                FROM uncovered u
                WHERE NOT EXISTS (SELECT 1 FROM pending p WHERE p.k = u.k)
                  AND NOT EXISTS (SELECT 1 FROM vectorsync.failures f
-                                 WHERE f.table_name = %(name)s AND f.row_key = u.k)
+                                 WHERE f.table_name = {name} AND f.row_key = u.k)
                  AND NOT EXISTS (SELECT 1 FROM sweeping w
-                                 WHERE w.bucket = vectorsync.bucket_of(u.k, %(buckets)s))
-               ORDER BY u.k LIMIT %(samples)s"""
+                                 WHERE w.bucket = vectorsync.bucket_of(u.k, {buckets}))
+               ORDER BY u.k LIMIT {samples}"""
         ).format(
             key_json=key_json, source=source, store=sql.Identifier(store_schema, store_table),
             key_equal=key_equal, queue=sql.Identifier("vectorsync", queue_table),
+            # Literals, not parameters: psycopg would read a % in a quoted name as a placeholder.
+            fingerprint=sql.Literal(fingerprint), name=sql.Literal(name), buckets=sql.Literal(buckets),
+            samples=sql.Literal(SAMPLE_KEYS),
         ),
-        {"fingerprint": fingerprint, "name": name, "buckets": buckets, "samples": SAMPLE_KEYS},
     ).fetchall()
     source_rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(source)).fetchone()[0]
     return (rows[0][1] if rows else 0), [k for k, _ in rows], source_rows

@@ -331,3 +331,33 @@ def test_a_bad_retry_field_is_refused_naming_the_file_and_field(
         load_spec_file(path)
     assert refused.value.field == field
     assert str(refused.value).startswith(f"{path}: {field}: ") and message in str(refused.value)
+
+
+def test_coverage_holds_for_a_timestamptz_key_and_a_percent_in_the_schema_name(
+    conn: psycopg.Connection, db_url: str, instance: dg.DagsterInstance, server: OpenAIServer, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The coverage check compares keys as the triggers and the engine print them, whatever the
+    time zone of the session it runs in, and a % in a name is never read as a placeholder."""
+    schema = f"{unique('chk')} 100%s"
+    conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    source = sql.Identifier(schema, "events")
+    conn.execute(sql.SQL("CREATE TABLE {} (at timestamptz PRIMARY KEY, body text)").format(source))
+    conn.execute(sql.SQL("INSERT INTO {} VALUES ('2024-03-01 10:00+05:30', 'kolkata morning'), "
+                         "('infinity', 'the end of time')").format(source))
+    name = unique("chk")
+    declaration = {"name": name, "source": {"schema": schema, "table": "events"}, "columns": ["body"],
+                   "chunking": None, "buckets": 2,
+                   "provider": {"kind": "openai", "model": "test-embed", "dimensions": DIMENSIONS,
+                                "base_url": server.base_url, "api_key_env": "VECTORSYNC_TEST_UNSET_KEY"}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(declaration))
+    spec = load_spec_file(path)
+    install(conn, [(spec, str(path))])
+    t = Declared(conn, db_url, instance, spec, str(path))
+    assert t.materialize().success
+    # The checks' own connection starts in another time zone than the engine's key settings.
+    monkeypatch.setenv("PGTZ", "Asia/Kolkata")
+    covered = t.check("coverage")
+    assert covered.passed, covered.metadata
+    assert covered.metadata["uncovered_rows"].value == 0
