@@ -58,13 +58,21 @@ class SyncStats:
     provider_seconds: float = 0.0
     changes_cleared: int = 0
     seconds: float = 0.0
+    # (seconds from logging to clearing, keys in the entry) of each change-log entry cleared:
+    # the commit-to-embedding lag, weighted by the keys it held (a sweep request counts as one).
+    change_lags: list[tuple[float, int]] = field(default_factory=list)
 
     def merge(self, other: SyncStats) -> None:
         for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+            mine = getattr(self, f.name)
+            if isinstance(mine, list):
+                mine.extend(getattr(other, f.name))
+            else:
+                setattr(self, f.name, mine + getattr(other, f.name))
 
     def as_dict(self) -> dict[str, float]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The counters and timings (the lags are a distribution: see change_lags)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "change_lags"}
 
 
 @dataclass(frozen=True)
@@ -102,7 +110,11 @@ class _Batch:
     def __init__(self, bucket: int) -> None:
         self.items: list[tuple[bytes, str]] = []
         self.tokens = 0
-        self.bucket = bucket  # provider figures are booked to the bucket of its first text
+        self.bucket = bucket  # the bucket of its first text: the request itself is counted there
+        # Each text's bucket, and the tokens each bucket sends: the provider's figures are shared
+        # out by them, so each partition shows what its own rows cost.
+        self.bucket_of: dict[bytes, int] = {}
+        self.bucket_tokens: Counter[int] = Counter()
         self.future: Future | None = None
         self.waiting = 0  # unwritten pages that need its vectors
         self.booked = False
@@ -189,6 +201,9 @@ class EmbeddingEngine:
         self._inflight_keys: Counter[str] = Counter()
         self._inflight_hashes: dict[bytes, _Batch] = {}
         self._open: _Batch | None = None
+        # Called with each page's figures per bucket as soon as the page is written (progress,
+        # spend): a call of sync_buckets returns only when all of its buckets are done.
+        self.on_page: Callable[[dict[int, SyncStats]], None] | None = None
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -208,9 +223,10 @@ class EmbeddingEngine:
         one scan of the source for all of them, with the provider kept busy across bucket
         boundaries. Holds the advisory lock of every bucket for the whole call.
 
-        Row counts are exact per bucket; provider figures (requests, tokens, seconds) go to the
-        bucket of the first row that needed a request, and `seconds` is the call's time shared out
-        evenly, so the per-bucket figures add up to the call's totals."""
+        Row and chunk counts are exact per bucket; a request's tokens and seconds are shared out
+        by the tokens each bucket sent in it, its count goes to the bucket of its first text, and
+        `seconds` is the call's time shared out evenly, so the per-bucket figures add up to the
+        call's totals."""
         wanted = sorted(set(buckets))
         for bucket in wanted:
             if not 0 <= bucket < self.spec.buckets:
@@ -378,8 +394,7 @@ class EmbeddingEngine:
                 stats[bucket].rows_deleted += in_bucket
             self.conn.execute(q.forget_orphan_failures, (self.spec.name, buckets))
             if markers:
-                for bucket, cleared in _count_by(self.conn.execute(q.delete_changes, (markers,))).items():
-                    stats[bucket].changes_cleared += cleared
+                _book_cleared(self.conn.execute(q.delete_changes, (markers,)), stats.__getitem__)
 
     def _held_back(self, key_jsons: list[str]) -> set[str]:
         """Keys of failed rows whose next attempt is not due, or that are dead."""
@@ -502,6 +517,8 @@ class EmbeddingEngine:
                     batch = self._open = _Batch(first_bucket[h])
                 batch.items.append((h, text))
                 batch.tokens += n
+                batch.bucket_of[h] = first_bucket[h]
+                batch.bucket_tokens[first_bucket[h]] += n
                 self._inflight_hashes[h] = batch
                 page.needs[h] = batch
             if self._open is not None and len(self._open.items) >= limit_inputs:
@@ -549,7 +566,7 @@ class EmbeddingEngine:
                 outcome = batch.future.result()  # type: ignore[union-attr]
                 for part_stats, part_vectors, part_errors in outcome:
                     if not batch.booked:
-                        page.of(batch.bucket).merge(part_stats)
+                        _book_provider(page, batch, part_stats, part_vectors)
                     for h, v in part_vectors.items():
                         if h in page.needs:
                             page.vectors[h] = v
@@ -578,6 +595,8 @@ class EmbeddingEngine:
                 setattr(page.of(bucket), name, getattr(page.of(bucket), name) + n)
         for bucket, s in page.stats.items():
             stats[bucket].merge(s)
+        if self.on_page is not None:
+            self.on_page(page.stats)
 
     def _release(self, page: _Page) -> None:
         """The page is written (or abandoned): a request no unwritten page needs any more is
@@ -672,8 +691,7 @@ class EmbeddingEngine:
             if failed:
                 self._record_failures([(r, e.kind, str(e), e.retry_after or 0.0) for r, e in failed], retry=True)
             if page.change_ids:
-                for bucket, cleared in _count_by(self.conn.execute(q.delete_changes, (page.change_ids,))).items():
-                    page.of(bucket).changes_cleared += cleared
+                _book_cleared(self.conn.execute(q.delete_changes, (page.change_ids,)), page.of)
 
     def _vector_bytes(self, vector: np.ndarray) -> bytes:
         # pgvector's binary input: int16 dimensions, int16 unused, then the big-endian elements.
@@ -705,6 +723,34 @@ class EmbeddingEngine:
 def _key_array(key_jsons: Iterable[str]) -> str:
     """Keys (each a jsonb array's text) as one jsonb array, the parameter of every keyed lookup."""
     return "[" + ",".join(key_jsons) + "]"
+
+
+def _book_provider(page: _Page, batch: _Batch, part: SyncStats, vectors: dict[bytes, Any]) -> None:
+    """A request's figures, by bucket: chunks embedded exactly, tokens and provider seconds in
+    proportion to the tokens each bucket sent (the provider reports one total per request)."""
+    page.of(batch.bucket).provider_requests += part.provider_requests
+    total = sum(batch.bucket_tokens.values())
+    shares = sorted(batch.bucket_tokens.items()) if total else [(batch.bucket, 1)]
+    total = total or 1
+    chunks = Counter(batch.bucket_of.get(h, batch.bucket) for h in vectors)
+    tokens_left = part.tokens
+    for i, (bucket, sent) in enumerate(shares):
+        stats = page.of(bucket)
+        tokens = tokens_left if i == len(shares) - 1 else round(part.tokens * sent / total)
+        tokens_left -= tokens
+        stats.tokens += tokens
+        stats.provider_seconds += part.provider_seconds * sent / total
+        stats.chunks_embedded += chunks.pop(bucket, 0)
+    for bucket, n in chunks.items():
+        page.of(bucket).chunks_embedded += n
+
+
+def _book_cleared(cursor: psycopg.Cursor, stats_of: Callable[[int], SyncStats]) -> None:
+    """Count the change-log entries a `delete_changes` cleared, and their lags, per bucket."""
+    for bucket, lag, keys in cursor:
+        stats = stats_of(bucket)
+        stats.changes_cleared += 1
+        stats.change_lags.append((lag, keys))
 
 
 def _count_by(cursor: psycopg.Cursor) -> Counter[int]:
@@ -824,7 +870,12 @@ class _Queries:
         self.copy_chunks = sql.SQL(
             "COPY {} ({}, chunk_seq, chunk, text_hash, model, bucket, embedding) FROM STDIN (FORMAT BINARY)"
         ).format(t.store, t.key_list())
-        self.delete_changes = sql.SQL("DELETE FROM {} WHERE id = ANY(%s) RETURNING bucket").format(t.queue)
+        # With each entry's age (queued_at is when the change was logged, in the writer's
+        # transaction) and how many keys it held: the commit-to-embedding lag.
+        self.delete_changes = sql.SQL(
+            "DELETE FROM {} WHERE id = ANY(%s) RETURNING bucket, "
+            "extract(epoch FROM clock_timestamp() - queued_at)::float8, coalesce(cardinality(row_keys), 1)"
+        ).format(t.queue)
         # One result row per deleted source row (not per chunk), with its bucket.
         self.delete_orphans = sql.SQL(
             "WITH gone AS (DELETE FROM {} e WHERE e.bucket = ANY(%s::int[]) "
