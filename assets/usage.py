@@ -11,10 +11,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import psycopg
+from psycopg import sql
 
+from .catalog import ResolvedTable
 from .engine import SyncStats
 from .providers.base import EmbeddingProvider, Embeddings, ProviderError
 from .spec import ProviderSpec, TableSpec
+from .status import estimated_rows
 
 # US dollars per million input tokens, OpenAI's list prices for its embedding models. A
 # declaration's provider.price_per_million_tokens overrides them (a discount, the batch API's
@@ -312,6 +315,35 @@ class RunLedger:
         if today is not None and meter is not None:
             with meter._lock:
                 meter.spent_elsewhere = max(0.0, today - cost_usd(now_run[3], self.price))
+
+
+# Above this many source rows (by the planner's estimate) the rows a sweep will read are estimated.
+EXACT_COUNT_UP_TO = 1_000_000
+
+
+def rows_to_visit(conn: psycopg.Connection, table: ResolvedTable, buckets: list[int], full: bool) -> int:
+    """About how many source rows a run over `buckets` will read, for its progress bar: the keys
+    pending in their change log, and every row of the buckets it sweeps (all of them when `full`,
+    else those with a sweep request pending, as after an install or a TRUNCATE)."""
+    pending, marked = conn.execute(
+        sql.SQL(
+            "SELECT coalesce(sum(cardinality(row_keys)), 0)::bigint, "
+            "coalesce(array_agg(DISTINCT bucket) FILTER (WHERE row_keys IS NULL), '{{}}') "
+            "FROM {} WHERE bucket = ANY(%s)"
+        ).format(table.queue),
+        (buckets,),
+    ).fetchone()
+    swept = buckets if full else marked
+    if not swept:
+        return pending
+    estimate = estimated_rows(conn, table.source)
+    if estimate is not None and estimate > EXACT_COUNT_UP_TO:
+        return pending + round(estimate * len(swept) / table.spec.buckets)
+    in_buckets = conn.execute(
+        sql.SQL("SELECT count(*) FROM {} s WHERE {} = ANY(%s)").format(table.source, table.bucket_expr("s")),
+        (swept,),
+    ).fetchone()[0]
+    return pending + in_buckets
 
 
 @dataclass(frozen=True)

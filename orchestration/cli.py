@@ -7,8 +7,6 @@ import sys
 import time
 from pathlib import Path
 
-from psycopg import sql
-
 from assets.catalog import resolve
 from assets.install import install
 from assets.declarations import load_declarations
@@ -132,8 +130,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
     from assets.engine import EmbeddingEngine, SyncStats, retry_policy
     from assets.providers import provider_for
-    from assets.status import change_backlog
-    from assets.usage import BudgetExceeded, RunLedger
+    from assets.usage import BudgetExceeded, RunLedger, rows_to_visit
 
     from .progress import ProgressDisplay, Reading
 
@@ -141,13 +138,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     buckets = [args.bucket] if args.bucket is not None else list(range(spec.buckets))
     with connect() as conn, connect() as ledger_conn:
         table = resolve(conn, spec, origin)
-        if args.full:
-            expected = conn.execute(
-                sql.SQL("SELECT count(*) FROM {} s WHERE {} = ANY(%s)").format(table.source, table.bucket_expr("s")),
-                (buckets,),
-            ).fetchone()[0]
-        else:
-            expected = change_backlog(conn, table.queue)[0]
+        expected = rows_to_visit(conn, table, buckets, args.full)
         provider = provider_for(spec.provider)  # a local model loads here, before the clock starts
         ledger = RunLedger(ledger_conn, f"cli-{uuid.uuid4().hex[:12]}", spec, "cli", buckets, rows_expected=expected)
         metered = ledger.metered(provider)

@@ -20,7 +20,7 @@ from assets.locks import held_elsewhere, try_lock
 from assets.providers import provider_for
 from assets.spec import TableSpec
 from assets.status import change_backlog, estimated_rows
-from assets.usage import BudgetExceeded, Lag, RunLedger, cost_usd, lag_of, price_per_million
+from assets.usage import BudgetExceeded, Lag, RunLedger, cost_usd, lag_of, price_per_million, rows_to_visit
 
 from .names import dagster_name_part
 from .resources import VectorsyncDatabase
@@ -138,9 +138,7 @@ def embeddings_asset(spec: TableSpec, origin: str) -> dg.AssetsDefinition:
         with database.connect() as conn, database.connect() as ledger_conn:
             table = resolve(conn, spec, origin)
             trigger = context.run.tags.get("vectorsync/trigger", "manual")
-            # What the run will read: the buckets' rows and, first, their pending changes.
-            expected = (rows_in_buckets(conn, table, len(buckets)) if config.full_sweep else 0) + (
-                change_backlog(conn, table.queue)[0] * len(buckets) // spec.buckets)
+            expected = rows_to_visit(conn, table, buckets, config.full_sweep)
             provider = provider_for(spec.provider)  # a local model loads here, before the run's clock
             ledger = RunLedger(ledger_conn, context.run.run_id, spec, trigger, buckets, rows_expected=expected)
             metered = ledger.metered(provider)
@@ -196,14 +194,6 @@ CONTINUOUS_EXACT_COUNT_UP_TO = 50_000
 def _figure(value: float, digits: int = 2) -> float:
     """Rounded for display: 403.21, not 403.20586029699984 (cost keeps six decimals)."""
     return round(float(value), digits)
-
-
-def rows_in_buckets(conn: psycopg.Connection, table: ResolvedTable, buckets: int) -> int | None:
-    """About how many source rows a sweep of `buckets` buckets reads: for a progress bar."""
-    estimate = estimated_rows(conn, table.source)
-    if estimate is None or estimate <= 0 or estimate <= EXACT_COUNT_UP_TO:
-        estimate = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table.source)).fetchone()[0]
-    return round(estimate * buckets / table.spec.buckets)
 
 
 def work_metadata(stats: SyncStats, price_per_million_tokens: float) -> dict:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+from rich.progress import BarColumn, Progress, TextColumn
 
 PLAIN_EVERY_SECONDS = 10.0
 
@@ -42,26 +42,30 @@ class Reading:
     def rate(self) -> float:
         return self.rows / self.elapsed if self.elapsed > 0 else 0.0
 
-    def summary(self) -> str:
+    def speed(self) -> str:
         """rows/s and time left once a page is written; chunks/s before (the first batches)."""
         if self.rows:
             rate = self.rate()
             left = (
-                f", about {duration((self.expected - self.rows) / rate)} left"
+                f", {duration((self.expected - self.rows) / rate)} left"
                 if self.expected and rate > 0 and self.expected > self.rows else ""
             )
-            speed = f"{rate:,.1f} rows/s{left}"
-        elif self.chunks:
-            speed = f"{self.chunks / max(self.elapsed, 1e-9):,.1f} chunks/s, first rows being written"
-        else:
-            speed = "waiting for the first batch"
+            return f"{rate:,.1f} rows/s{left}"
+        if self.chunks:
+            return f"{self.chunks / max(self.elapsed, 1e-9):,.1f} chunks/s, first page on its way"
+        return "waiting for the first batch"
+
+    def summary(self) -> str:
+        """What the bar shows beside it (a terminal line is short)."""
         money = f", ${self.cost_usd:.4f}" if self.cost_usd else ""
-        return f"{self.chunks:,} chunks, {self.tokens:,} tokens{money}, {speed}"
+        return f"{self.chunks:,} chunks{money}, {self.speed()}"
 
     def line(self) -> str:
         of = f"/{self.expected:,}" if self.expected else ""
         percent = f" ({100.0 * min(self.rows, self.expected) / self.expected:.0f}%)" if self.expected else ""
-        return f"  progress: {self.rows:,}{of} rows{percent}, {self.summary()} [{duration(self.elapsed)}]"
+        money = f" (${self.cost_usd:.4f})" if self.cost_usd else ""
+        return (f"  progress: {self.rows:,}{of} rows{percent}, {self.chunks:,} chunks, {self.tokens:,} tokens{money}, "
+                f"{self.speed()} [{duration(self.elapsed)}]")
 
 
 class ProgressDisplay:
@@ -75,8 +79,7 @@ class ProgressDisplay:
         if self.tty:
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                TaskProgressColumn(),
+                BarColumn(bar_width=20),
                 TextColumn("{task.completed:,.0f}/{task.fields[expected]} rows"),
                 TextColumn("{task.fields[summary]}"),
                 console=Console(file=self.file),

@@ -98,8 +98,8 @@ def test_each_partition_of_a_backfill_run_carries_its_own_figures(instance, db_u
     status, rows_written, rows_seen, rows_expected = conn.execute(
         "SELECT status, rows_written, rows_seen, rows_expected FROM vectorsync.runs WHERE run_id = %s",
         (result.run_id,)).fetchone()
-    # the 40 inserts drained, then the sweep reads the 40 rows again (the 4 install sweeps are logged too)
-    assert (status, rows_written, rows_seen, rows_expected) == ("succeeded", 40, 80, 40 + 40 + 4)
+    # the 40 inserts drained, then the sweep reads the 40 rows again
+    assert (status, rows_written, rows_seen, rows_expected) == ("succeeded", 40, 80, 80)
     by_bucket = dict(conn.execute(
         "SELECT bucket, rows_written FROM vectorsync.run_buckets WHERE run_id = %s", (result.run_id,)).fetchall())
     assert {f"{b:03d}": n for b, n in by_bucket.items()} == expected
@@ -221,3 +221,33 @@ def test_the_change_sensor_fails_backlog_age_once_the_backlog_is_older_than_its_
     # the change log drained: passed again
     conn.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier("vectorsync", spec.queue_name)))
     assert freshness(tick(late.cursor)) == [True]
+
+
+def test_vectorsync_sync_shows_progress_and_records_its_run(tmp_path, db_url: str, conn) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    schema = unique("cli")
+    conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    conn.execute(sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, body text)").format(sql.Identifier(schema, "notes")))
+    conn.execute(sql.SQL("INSERT INTO {} SELECT i, 'note ' || i FROM generate_series(1, 30) i").format(
+        sql.Identifier(schema, "notes")))
+    name = unique("notes")
+    (tmp_path / "notes.yaml").write_text(
+        f"name: {name}\nsource: {schema}.notes\ncolumns: [body]\nbuckets: 2\n"
+        "provider: {batch_size: 8, price_per_million_tokens: 1000}\n")
+    env = {**os.environ, "DATABASE_URL": db_url}
+    cli = [sys.executable, "-m", "orchestration.cli", "--tables", str(tmp_path)]
+    project = Path(__file__).resolve().parent.parent
+    for command in (["install"], ["sync", name]):
+        done = subprocess.run([*cli, *command], env=env, cwd=project, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    # not a terminal: plain progress lines on stderr, the last one at the end
+    last = [line for line in done.stderr.splitlines() if line.startswith("  progress:")][-1]
+    assert "30/30 rows (100%)" in last and "30 chunks" in last and "rows/s" in last
+    tokens, cost, expected, status = conn.execute(
+        "SELECT tokens, cost_usd, rows_expected, status FROM vectorsync.runs WHERE table_name = %s", (name,)).fetchone()
+    assert (expected, status) == (30, "succeeded") and cost == pytest.approx(tokens / 1000)
+    assert f"cost_usd={cost:.6f}" in done.stdout
