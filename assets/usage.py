@@ -173,6 +173,11 @@ class RunLedger:
         self._flushed_run = (0, 0, 0, 0, 0, 0)
         self._last = 0.0
         self._lock = threading.Lock()
+        # A database not yet upgraded by `vectorsync install` has no run ledger: the run still
+        # works and reports to Dagster, it just records (and budgets) nothing here.
+        self.enabled = conn.execute("SELECT to_regclass('vectorsync.runs')").fetchone()[0] is not None
+        if not self.enabled:
+            return
         with conn.transaction():
             conn.execute(
                 """INSERT INTO vectorsync.runs AS r (run_id, table_name, trigger, buckets, model,
@@ -234,6 +239,8 @@ class RunLedger:
         """Write what is left, the run's outcome and its lag percentiles; returns the lag."""
         with self._lock:
             lag = lag_of(lag for s in self._current().values() for lag in s.change_lags)
+            if not self.enabled:
+                return lag
             self._write()
             self.conn.execute(
                 """UPDATE vectorsync.runs SET status = %s, reason = %s, finished_at = now(), updated_at = now(),
@@ -245,6 +252,8 @@ class RunLedger:
 
     def _spent_elsewhere(self) -> float:
         """Today's (UTC) spend of the table: other runs, and earlier attempts of this run."""
+        if not self.enabled:
+            return 0.0
         return self.conn.execute(
             """SELECT coalesce(sum(cost_usd), 0) FROM vectorsync.runs
                WHERE table_name = %s AND updated_at >= date_trunc('day', now(), 'UTC')""",
@@ -252,6 +261,8 @@ class RunLedger:
         ).fetchone()[0]
 
     def _write(self) -> None:
+        if not self.enabled:
+            return
         rows = []
         current = self._current()
         for bucket, stats in current.items():

@@ -141,6 +141,9 @@ def embeddings_asset(spec: TableSpec, origin: str) -> dg.AssetsDefinition:
             expected = rows_to_visit(conn, table, buckets, config.full_sweep)
             provider = provider_for(spec.provider)  # a local model loads here, before the run's clock
             ledger = RunLedger(ledger_conn, context.run.run_id, spec, trigger, buckets, rows_expected=expected)
+            if not ledger.enabled:
+                context.log.warning(f"{spec.name}: no run ledger (vectorsync.runs) in this database: run "
+                                    "`vectorsync install` to apply its migrations; cost and budget are not recorded")
             metered = ledger.metered(provider)
             engine = EmbeddingEngine(conn, table, metered, retry=retry_policy(spec))
             engine.on_page = ledger.add
@@ -177,7 +180,7 @@ def embeddings_asset(spec: TableSpec, origin: str) -> dg.AssetsDefinition:
             metadata = {
                 **backlog_metadata(*change_backlog(conn, table.queue)),
                 "buckets": len(buckets),
-                **store_metadata(conn, spec, table),
+                **store_metadata(spec, table),
             }
         return dg.MaterializeResult(metadata=metadata)
 
@@ -289,7 +292,7 @@ def partition_metadata(
     return result
 
 
-def store_metadata(conn: psycopg.Connection, spec: TableSpec, table: ResolvedTable) -> dict:
+def store_metadata(spec: TableSpec, table: ResolvedTable) -> dict:
     """What a materialization says about the store: its name, columns and their lineage."""
     columns = dg.TableSchema(
         columns=[dg.TableColumn(c.name, c.type_sql) for c in table.key]
@@ -434,7 +437,8 @@ def _continuous_metadata(
     price = price_per_million(spec.provider)
     buckets = sorted(batch)
     per_partition = partition_metadata(conn, table, batch, buckets, price, CONTINUOUS_EXACT_COUNT_UP_TO)
-    return per_partition, {**backlog_metadata(*change_backlog(conn, table.queue)), **store_metadata(conn, spec, table)}
+    shared = {**backlog_metadata(*change_backlog(conn, table.queue)), "buckets": len(buckets)}
+    return per_partition, {**shared, **store_metadata(spec, table)}
 
 
 class _BatchReporter:
