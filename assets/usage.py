@@ -143,7 +143,10 @@ class MeteredProvider(EmbeddingProvider):
             self.chunks += len(texts)
             self.requests += 1
         if self.on_request is not None:
-            self.on_request()
+            try:
+                self.on_request()
+            except Exception:  # noqa: BLE001 - progress must not cost the paid-for vectors;
+                pass  # the next page's flush, on the run's own thread, reports a lasting fault
         return result
 
 
