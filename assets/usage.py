@@ -184,11 +184,13 @@ class RunLedger:
         with conn.transaction():
             conn.execute(
                 """INSERT INTO vectorsync.runs AS r (run_id, table_name, trigger, buckets, model,
-                       price_per_million_tokens, rows_expected)
-                   VALUES (%s, %s, %s, %s, %s, %s, %s)
+                       price_per_million_tokens, budget_usd, rows_expected)
+                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
                    ON CONFLICT (run_id, table_name) DO UPDATE SET status = 'running', reason = NULL,
-                       rows_expected = excluded.rows_expected, updated_at = now(), finished_at = NULL""",
-                (run_id, spec.name, trigger, buckets, spec.fingerprint, self.price, rows_expected),
+                       budget_usd = excluded.budget_usd, rows_expected = excluded.rows_expected,
+                       updated_at = now(), finished_at = NULL""",
+                (run_id, spec.name, trigger, buckets, spec.fingerprint, self.price,
+                 spec.budget.daily_usd if spec.budget else None, rows_expected),
             )
 
     def metered(self, provider: EmbeddingProvider) -> MeteredProvider:
@@ -358,6 +360,27 @@ def rows_to_visit(conn: psycopg.Connection, table: ResolvedTable, buckets: list[
         (swept,),
     ).fetchone()[0]
     return pending + in_buckets
+
+
+def budget_reached(conn: psycopg.Connection, spec: TableSpec) -> str | None:
+    """Why no run of the table should start now, if a run stopped at the budget today (UTC) under
+    a budget at least as high as the declared one; None otherwise (a raised budget, or a new day,
+    lets runs start again)."""
+    if spec.budget is None or conn.execute("SELECT to_regclass('vectorsync.runs')").fetchone()[0] is None:
+        return None
+    found = conn.execute(
+        """SELECT (SELECT sum(cost_usd) FROM vectorsync.runs
+                   WHERE table_name = %(name)s AND updated_at >= date_trunc('day', now(), 'UTC'))
+           FROM vectorsync.runs
+           WHERE table_name = %(name)s AND status = 'over_budget' AND budget_usd >= %(budget)s
+             AND finished_at >= date_trunc('day', now(), 'UTC')
+           LIMIT 1""",
+        {"name": spec.name, "budget": spec.budget.daily_usd},
+    ).fetchone()
+    if found is None:
+        return None
+    return (f"table {spec.name}: daily budget of ${spec.budget.daily_usd:.2f} reached (${found[0]:.4f} spent "
+            "today, UTC): changes wait in the change log until tomorrow or a higher budget.daily_usd")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from psycopg import sql
 from orchestration.embedding_assets import bucket_partition_key, continuous_lock_held, embeddings_asset_key, source_asset_key
 from assets.spec import TableSpec
 from assets.status import estimated_rows
+from assets.usage import budget_reached
 
 from .database import PROJECT_DIR, tables_dir
 from .instance import IN_FLIGHT
@@ -124,12 +125,17 @@ def changes_sensor(spec: TableSpec, interval_seconds: int = CHANGES_SENSOR_SECON
             observe = observation_due(cursor)
             source_rows = (estimated_rows(conn, sql.Identifier(spec.source.schema_, spec.source.table))
                            if pending or observe else None)
+            # A run stopped at the table's budget today: another would only fail at its first
+            # request, every minute until midnight. The backlog still ages, and backlog_age says so.
+            over_budget = budget_reached(conn, spec) if pending and spec.budget else None
         all_pending = pending
         freshness = _freshness_events(spec, all_pending, cursor, observation_due(cursor))
         if spec.continuous:
             # The continuous run drains the log; this sensor only stands in when changes wait
             # longer than it would ever leave them (the run is down, or stopped on purpose).
             pending = [p for p in pending if p[2] > REREQUEST_AFTER_SECONDS]
+        if over_budget:
+            return dg.SensorResult(skip_reason=over_budget, cursor=json.dumps(cursor), asset_events=freshness)
         if not pending and not observe:
             # The common, idle tick: nothing to ask for, so the run storage is not read at all.
             return dg.SensorResult(skip_reason="no new changes", cursor=json.dumps(cursor), asset_events=freshness)

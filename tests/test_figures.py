@@ -170,6 +170,21 @@ def test_a_run_that_would_pass_the_daily_budget_stops_and_leaves_the_rest_in_the
     assert conn.execute(sql.SQL("SELECT count(DISTINCT id) FROM {}").format(
         sql.Identifier(spec.store_schema, spec.store_name))).fetchone()[0] == written
 
+    # ...and the change sensor asks for no run that would only fail, until a higher budget
+    resources = {"database": VectorsyncDatabase(url=db_url)}
+
+    def tick(declared):
+        sensor = changes_sensor(declared)
+        defs = dg.Definitions(assets=[source_asset_spec(declared), embeddings_asset(declared, "test.yaml")],
+                              sensors=[sensor], resources=resources)
+        with dg.build_sensor_context(instance=instance, definitions=defs, resources=resources) as context:
+            return sensor(context)
+
+    held = tick(spec)
+    assert held.run_requests == [] and "daily budget of $2.00 reached" in held.skip_reason.skip_message
+    raised = spec.model_copy(update={"budget": spec.budget.model_copy(update={"daily_usd": 50.0})})
+    assert tick(raised).run_requests
+
 
 def test_a_change_run_records_the_commit_to_embedding_lag(instance, db_url: str, conn) -> None:
     spec = declare(conn)

@@ -9,6 +9,7 @@ CREATE TABLE vectorsync.runs (
     buckets         int[] NOT NULL DEFAULT '{}',
     model           text NOT NULL DEFAULT '',
     price_per_million_tokens float8 NOT NULL DEFAULT 0,
+    budget_usd      float8,                           -- the table's daily budget when it ran
     status          text NOT NULL DEFAULT 'running',  -- running, succeeded, failed, over_budget
     reason          text,
     rows_expected   bigint,                           -- source rows a sweep will read (estimate)
