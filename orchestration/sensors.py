@@ -324,6 +324,12 @@ def continuous_keeper(spec: TableSpec, job: dg.JobDefinition, interval_seconds: 
             )
         if runs:
             return dg.SensorResult(skip_reason="waiting for the earlier continuous run to stop")
+        if spec.budget is not None:
+            # A run stopped at the budget today: a new one would stop at its first paid request.
+            with database.pooled() as conn:
+                over_budget = budget_reached(conn, spec)
+            if over_budget:
+                return dg.SensorResult(skip_reason=over_budget)
         failures, wait = _restart_wait(context.instance, job.name, time.time())
         if wait > 0:
             return dg.SensorResult(

@@ -266,3 +266,24 @@ def test_vectorsync_sync_shows_progress_and_records_its_run(tmp_path, db_url: st
         "SELECT tokens, cost_usd, rows_expected, status FROM vectorsync.runs WHERE table_name = %s", (name,)).fetchone()
     assert (expected, status) == (30, "succeeded") and cost == pytest.approx(tokens / 1000)
     assert f"cost_usd={cost:.6f}" in done.stdout
+
+
+def test_a_continuous_run_stops_at_the_budget_and_its_keeper_starts_no_other(instance, db_url: str, conn) -> None:
+    from assets.usage import budget_reached
+    from orchestration.embedding_assets import continuous_job
+
+    # $10 a token: the first request (a few tokens) already passes a budget of $1.
+    spec = declare(conn, rows=5, continuous=True, provider={"price_per_million_tokens": 10_000_000},
+                   budget={"daily_usd": 1.0})
+    job = continuous_job(spec, "test.yaml")
+    result = job.execute_in_process(instance=instance, resources={"database": VectorsyncDatabase(url=db_url)},
+                                    raise_on_error=False)
+    assert not result.success
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert "daily budget of $1.00 reached" in failure.step_failure_data.error.message
+    assert conn.execute("SELECT status FROM vectorsync.runs WHERE run_id = %s", (result.run_id,)).fetchone() == (
+        "over_budget",)
+    pending = conn.execute(sql.SQL("SELECT coalesce(sum(cardinality(row_keys)), 0) FROM {}").format(
+        sql.Identifier("vectorsync", spec.queue_name))).fetchone()[0]
+    assert pending == 5  # nothing cleared
+    assert "daily budget" in budget_reached(conn, spec)  # what the keeper and the change sensor skip with
