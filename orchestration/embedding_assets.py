@@ -267,29 +267,50 @@ def partition_metadata(
     conn: psycopg.Connection, table: ResolvedTable, per_bucket: dict[int, SyncStats], buckets: list[int],
     price: float, exact_count_up_to: int = EXACT_COUNT_UP_TO,
 ) -> dict[str, dict]:
-    """Each partition's own figures: its bucket's work, and its source rows embedded
-    (`dagster/row_count`) and stored chunks (`chunks`)."""
-    counted: dict[int, tuple[int, int]] = {}
+    """Each partition's own figures: its bucket's work, its stored chunks (`chunks`) and its
+    source rows embedded (`dagster/row_count`)."""
+    result = {bucket_partition_key(b): work_metadata(per_bucket.get(b, SyncStats()), price) for b in buckets}
     estimate = estimated_rows(conn, table.store)
-    if estimate is None or estimate / table.spec.buckets <= exact_count_up_to:
-        counted = {
-            b: (rows, chunks) for b, rows, chunks in conn.execute(
-                sql.SQL(
-                    "SELECT bucket, count(*) FILTER (WHERE chunk_seq = 0), count(*) FROM {} "
-                    "WHERE bucket = ANY(%s) GROUP BY bucket"
-                ).format(table.store),
-                (buckets,),
-            )
-        }
-    result = {}
+    if estimate is not None and estimate / table.spec.buckets > exact_count_up_to:
+        return result
+    # Chunks per bucket from the bucket index alone (an index-only scan, milliseconds). Rows are
+    # the chunks numbered 0, which the index does not hold: counted from the table for a small
+    # bucket, and above ROWS_COUNTED_UP_TO chunks (about 0.2 s of reading per 30,000 chunks)
+    # taken as its chunks times the share of chunk 0 among all chunks, from the planner's statistics.
+    chunks = dict(conn.execute(
+        sql.SQL("SELECT bucket, count(*) FROM {} WHERE bucket = ANY(%s) GROUP BY bucket").format(table.store),
+        (buckets,),
+    ).fetchall())
+    small = [b for b in buckets if chunks.get(b, 0) <= ROWS_COUNTED_UP_TO]
+    rows = dict(conn.execute(
+        sql.SQL("SELECT bucket, count(*) FROM {} WHERE bucket = ANY(%s) AND chunk_seq = 0 GROUP BY bucket").format(
+            table.store),
+        (small,),
+    ).fetchall()) if small else {}
+    share = _first_chunk_share(conn, table) if len(small) < len(buckets) else 1.0
     for bucket in buckets:
-        figures = work_metadata(per_bucket.get(bucket, SyncStats()), price)
-        if estimate is None or estimate / table.spec.buckets <= exact_count_up_to:
-            rows, chunks = counted.get(bucket, (0, 0))
-            figures["dagster/row_count"] = rows
-            figures["chunks"] = chunks
-        result[bucket_partition_key(bucket)] = figures
+        figures = result[bucket_partition_key(bucket)]
+        figures["chunks"] = chunks.get(bucket, 0)
+        figures["dagster/row_count"] = (
+            rows.get(bucket, 0) if bucket in small else round(chunks.get(bucket, 0) * share)
+        )
     return result
+
+
+# Above this many chunks in a bucket its row count is estimated (see partition_metadata).
+ROWS_COUNTED_UP_TO = 20_000
+
+
+def _first_chunk_share(conn: psycopg.Connection, table: ResolvedTable) -> float:
+    """The share of the store's chunks that are a row's first (chunk_seq 0): rows per chunk."""
+    found = conn.execute(
+        """SELECT most_common_vals::text::int[], most_common_freqs FROM pg_stats
+           WHERE schemaname = %s AND tablename = %s AND attname = 'chunk_seq'""",
+        (table.spec.store_schema, table.spec.store_name),
+    ).fetchone()
+    if not found or not found[0]:
+        return 1.0
+    return next((freq for value, freq in zip(*found) if value == 0), 1.0)
 
 
 def store_metadata(spec: TableSpec, table: ResolvedTable) -> dict:
