@@ -48,7 +48,7 @@ class IndexState:
 
 
 def index_name(table: ResolvedTable) -> str:
-    return f"{table.spec.store_name}_hnsw"
+    return table.spec.object_names["hnsw_index"]
 
 
 def _build_lock(table: ResolvedTable) -> str:
@@ -67,9 +67,11 @@ def index_state(conn: psycopg.Connection, table: ResolvedTable, holding_lock: bo
            WHERE n.nspname = %s AND c.relname = %s""",
         (spec.store_schema, index_name(table)),
     ).fetchone()
+    # A literal limit, not a parameter: with parameters, psycopg reads a % in the store's name as one.
     rows = conn.execute(
-        sql.SQL("SELECT count(*) FROM (SELECT 1 FROM {} LIMIT %s) t").format(table.store),
-        (max(spec.index.min_rows, 1),),
+        sql.SQL("SELECT count(*) FROM (SELECT 1 FROM {} LIMIT {}) t").format(
+            table.store, sql.Literal(max(spec.index.min_rows, 1))
+        )
     ).fetchone()[0]
     return IndexState(
         spec.name, index_name(table), found is not None, bool(found and found[0]), rows, spec.index.min_rows,

@@ -14,7 +14,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from .catalog import ResolvedTable, resolve
+from .catalog import KEY_TEXT_SETTINGS, ResolvedTable, resolve, use_key_text_settings
 from .index import OPERATOR_CLASSES, index_definition, index_name
 from .spec import SpecError, TableSpec
 
@@ -37,6 +37,7 @@ def install(
     the catalog before any DDL runs; everything happens in one transaction."""
     with conn.transaction():
         resolved = [resolve(conn, spec, origin) for spec, origin in specs]
+        use_key_text_settings(conn, local=True)  # rebucketing hashes key texts
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (INSTALL_LOCK,))
         conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
         conn.execute("CREATE SCHEMA IF NOT EXISTS vectorsync")
@@ -70,7 +71,7 @@ def _apply_migrations(conn: psycopg.Connection) -> list[str]:
 def table_objects(table: ResolvedTable) -> dict[str, sql.Composable]:
     """The placeholders of sql/table/*.sql for one table."""
     spec = table.spec
-    store_name = spec.store_name
+    names = spec.object_names
     vector_type = f"{spec.vector_type}({spec.provider.dimensions})"
 
     def compared(alias: str) -> sql.Composed:
@@ -79,7 +80,6 @@ def table_objects(table: ResolvedTable) -> dict[str, sql.Composable]:
             for c in table.text_columns
         )
 
-    trigger = f"vectorsync_{spec.name}"
     return {
         "store_schema": sql.Identifier(spec.store_schema),
         "store": table.store,
@@ -91,16 +91,16 @@ def table_objects(table: ResolvedTable) -> dict[str, sql.Composable]:
         ),
         "key_columns": table.key_list(),
         "vector_type": sql.SQL(vector_type),
-        "hash_index": sql.Identifier(f"{store_name}_hash"),
-        "bucket_index": sql.Identifier(f"{store_name}_bkt"),
-        "fts_index": sql.Identifier(f"{store_name}_fts"),
-        "fts_index_qualified": sql.Literal(sql.Identifier(spec.store_schema, f"{store_name}_fts").as_string()),
+        "hash_index": sql.Identifier(names["hash_index"]),
+        "bucket_index": sql.Identifier(names["bucket_index"]),
+        "fts_index": sql.Identifier(names["fts_index"]),
+        "fts_index_qualified": sql.Literal(sql.Identifier(spec.store_schema, names["fts_index"]).as_string()),
         "store_qualified": sql.Literal(table.store.as_string()),
         "text_search_config": sql.Literal(spec.text_search_config),
-        "queue_bucket_index": sql.Identifier(f"{spec.queue_name}_bkt"),
+        "queue_bucket_index": sql.Identifier(names["queue_bucket_index"]),
         "queue_qualified": sql.Literal(table.queue.as_string()),
         "store_source_join": table.key_equal("e", "s"),
-        "capture_function": sql.Identifier("vectorsync", f"capture_{spec.name}"),
+        "capture_function": sql.Identifier("vectorsync", names["capture_function"]),
         "buckets": sql.Literal(spec.buckets),
         "new_key": table.key_json("n"),
         "old_key": table.key_json("o"),
@@ -111,10 +111,14 @@ def table_objects(table: ResolvedTable) -> dict[str, sql.Composable]:
         "old_values": compared("o"),
         "new_values": compared("n"),
         "table_name": sql.Literal(spec.name),
-        "insert_trigger": sql.Identifier(f"{trigger}_insert"),
-        "update_trigger": sql.Identifier(f"{trigger}_update"),
-        "delete_trigger": sql.Identifier(f"{trigger}_delete"),
-        "truncate_trigger": sql.Identifier(f"{trigger}_truncate"),
+        "key_text_settings": sql.SQL(" ").join(
+            sql.SQL("SET {} = {}").format(sql.Identifier(name), sql.Literal(value))
+            for name, value in KEY_TEXT_SETTINGS.items()
+        ),
+        "insert_trigger": sql.Identifier(names["insert_trigger"]),
+        "update_trigger": sql.Identifier(names["update_trigger"]),
+        "delete_trigger": sql.Identifier(names["delete_trigger"]),
+        "truncate_trigger": sql.Identifier(names["truncate_trigger"]),
     }
 
 
@@ -131,6 +135,7 @@ def install_table(conn: psycopg.Connection, table: ResolvedTable) -> bool:
     if spec.index.min_rows == 0:
         # Asked for from the start: the store is empty, so building it here costs nothing.
         conn.execute(index_definition(table, concurrently=False))
+    _check_objects_exist(conn, table)
     previous = conn.execute(
         "SELECT fingerprint, buckets FROM vectorsync.embedding_tables WHERE name = %s", (spec.name,)
     ).fetchone()
@@ -163,6 +168,48 @@ def install_table(conn: psycopg.Connection, table: ResolvedTable) -> bool:
         )
     )
     return True
+
+
+def _check_objects_exist(conn: psycopg.Connection, table: ResolvedTable) -> None:
+    """Every object install meant to create is there, on the table it belongs to: DDL that says
+    IF NOT EXISTS succeeds quietly when a same-named object is something else, and an install that
+    left an index out must fail now, not be found out by a slow search later."""
+    spec = table.spec
+    names = spec.object_names
+    store = (spec.store_schema, names["store"])
+    queue = ("vectorsync", names["queue"])
+    expected_relations = [
+        ("store", store, None), ("view", (spec.store_schema, names["view"]), None), ("change log", queue, None),
+        ("text-hash index", (spec.store_schema, names["hash_index"]), store),
+        ("bucket index", (spec.store_schema, names["bucket_index"]), store),
+        ("full-text index", (spec.store_schema, names["fts_index"]), store),
+        ("change-log index", ("vectorsync", names["queue_bucket_index"]), queue),
+    ]
+    if spec.index.min_rows == 0:
+        expected_relations.append(("vector index", (spec.store_schema, names["hnsw_index"]), store))
+    missing = []
+    for role, (schema, name), on in expected_relations:
+        found = conn.execute(
+            """SELECT coalesce(i.indrelid, c.oid)
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+               LEFT JOIN pg_index i ON i.indexrelid = c.oid
+               WHERE n.nspname = %s AND c.relname = %s""",
+            (schema, name),
+        ).fetchone()
+        owner = None if on is None else conn.execute(
+            "SELECT to_regclass(%s)::oid", (sql.Identifier(*on).as_string(conn),)
+        ).fetchone()[0]
+        if found is None or (on is not None and found[0] != owner):
+            missing.append(f"{role} {schema}.{name}" + ("" if on is None else f" on {on[0]}.{on[1]}"))
+    triggers = {n for (n,) in conn.execute(
+        "SELECT tgname FROM pg_trigger WHERE tgrelid = to_regclass(%s)", (table.source.as_string(conn),)
+    )}
+    missing += [f"trigger {names[t]} on {spec.source.qualified}"
+                for t in ("insert_trigger", "update_trigger", "delete_trigger", "truncate_trigger")
+                if names[t] not in triggers]
+    if missing:
+        raise SpecError(table.origin, "destination", f"table {spec.name}: install did not create "
+                        f"{', '.join(missing)}; is another object using that name?")
 
 
 def _buckets_stale(conn: psycopg.Connection, table: ResolvedTable) -> bool:

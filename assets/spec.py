@@ -24,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from .names import MAX_IDENTIFIER_BYTES, fits, table_object_names
+
 NAME_PATTERN = r"^[a-z][a-z0-9_]{0,39}$"
 # A text search configuration's name, optionally schema-qualified ("english", "public.my_config").
 TEXT_SEARCH_CONFIG_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$"
@@ -202,9 +204,20 @@ class Budget(_Strict):
     daily_usd: float = Field(gt=0)
 
 
+def _fits_postgres(value: str | None) -> str | None:
+    # Names of existing objects (or a schema we create): PostgreSQL would cut a longer one, so
+    # the object found or made would be another than the one declared.
+    if value is not None and not fits(value):
+        raise ValueError(f"is {len(value.encode())} bytes in UTF-8; PostgreSQL names hold at most "
+                         f"{MAX_IDENTIFIER_BYTES}")
+    return value
+
+
 class SourceRef(_Strict):
     schema_: str = Field("public", alias="schema", min_length=1, max_length=63)
     table: str = Field(min_length=1, max_length=63)
+
+    _fit = field_validator("schema_", "table")(_fits_postgres)
 
     @property
     def qualified(self) -> str:
@@ -257,6 +270,8 @@ class TableSpec(_Strict):
             return {"schema": schema, "table": table} if dot else {"table": value}
         return value
 
+    _fit = field_validator("destination_schema")(_fits_postgres)
+
     @field_validator("primary_key", "columns")
     @classmethod
     def _non_empty_unique(cls, value: list[str] | None) -> list[str] | None:
@@ -294,25 +309,39 @@ class TableSpec(_Strict):
 
     @property
     def text_template(self) -> str:
+        """The template as text. For the default template this is only part of the fingerprint
+        (kept as earlier versions spelled it, so stored vectors stay current); rendering goes by
+        template_parts, which needs no parsing."""
         if self.template is not None:
             return self.template
         return "\n\n".join("{" + c + "}" for c in self.text_columns)
+
+    @property
+    def template_parts(self) -> tuple[TemplatePart, ...]:
+        if self.template is not None:
+            return parse_template(self.template)
+        return default_template_parts(self.text_columns)
 
     @property
     def store_schema(self) -> str:
         return self.destination_schema or self.source.schema_
 
     @property
+    def object_names(self) -> dict[str, str]:
+        """The store's, view's, indexes', change log's and triggers' names (assets/names.py)."""
+        return table_object_names(self.name, self.destination)
+
+    @property
     def view_name(self) -> str:
-        return self.destination or f"{self.name}_embeddings"
+        return self.object_names["view"]
 
     @property
     def store_name(self) -> str:
-        return f"{self.view_name}_store"
+        return self.object_names["store"]
 
     @property
     def queue_name(self) -> str:
-        return f"changes_{self.name}"
+        return self.object_names["queue"]
 
     @property
     def fingerprint(self) -> str:
@@ -330,15 +359,49 @@ class TableSpec(_Strict):
         return f"{p.kind}/{p.model}/{p.dimensions}/{digest}"
 
 
+# One piece of a template: literal text, then a column (None at the end), its format spec and its
+# conversion (s, r or a), as string.Formatter.parse gives them.
+TemplatePart = tuple[str, str | None, str | None, str | None]
+
+# Characters that end a placeholder's column name in a template: a column whose name holds one
+# cannot be named in a template (it works in `columns`, whose default template needs no parsing).
+TEMPLATE_SYNTAX = "{}:!"
+
+
 def template_fields(template: str) -> list[str]:
     """The column names a template refers to, in order of first use."""
     seen: list[str] = []
-    for _, field, _, _ in string.Formatter().parse(template):
+    for _, field, _, _ in parse_template(template):
         if field is not None and field not in seen:
-            if field == "":
-                raise ValueError("template: empty {} placeholder; name a column")
             seen.append(field)
     return seen
+
+
+def parse_template(template: str) -> tuple[TemplatePart, ...]:
+    """A user template's parts, refusing anything render would not fill exactly: an unbalanced
+    brace, an empty placeholder, a nested placeholder in a format spec, an unknown conversion."""
+    try:
+        parts = tuple(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"template: {exc} (write {{{{ and }}}} for literal braces)") from None
+    for _, field, spec, conversion in parts:
+        if field is None:
+            continue
+        if field == "":
+            raise ValueError("template: empty {} placeholder; name a column")
+        if spec and ("{" in spec or "}" in spec):
+            raise ValueError(f"template: placeholder {{{field}}}: a nested {{...}} in a format spec is "
+                             "not supported")
+        if conversion not in (None, "s", "r", "a"):
+            raise ValueError(f"template: placeholder {{{field}}}: unknown conversion !{conversion}; "
+                             "use !s, !r or !a")
+    return parts
+
+
+def default_template_parts(columns: list[str]) -> tuple[TemplatePart, ...]:
+    """The default template, one column after another with a blank line between, built from the
+    names rather than parsed from text: any column name works, braces and colons included."""
+    return tuple(("\n\n" if i else "", c, None, None) for i, c in enumerate(columns))
 
 
 def parse_spec(data: Any, source: str) -> TableSpec:

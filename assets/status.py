@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+from .spec import TableSpec
+
 
 @dataclass(frozen=True)
 class TableStatus:
@@ -21,6 +23,24 @@ class TableStatus:
     failed_rows: int
     dead_rows: int
     skipped_rows: int
+
+
+def require_installed(conn: psycopg.Connection, spec: TableSpec) -> None:
+    """Raise LookupError, naming the table, unless `spec` is installed as declared (registered,
+    with its store and change log): commands check this before any slow step such as a model load."""
+    registered = conn.execute("SELECT to_regclass('vectorsync.embedding_tables')").fetchone()[0] is not None
+    if registered:
+        registered = conn.execute(
+            "SELECT 1 FROM vectorsync.embedding_tables WHERE name = %s", (spec.name,)
+        ).fetchone() is not None
+    if not registered:
+        raise LookupError(f"table {spec.name} is declared but not installed; run `vectorsync install`")
+    for schema, name, what in ((spec.store_schema, spec.store_name, "store"),
+                               ("vectorsync", spec.queue_name, "change log")):
+        relation = sql.Identifier(schema, name).as_string(conn)
+        if conn.execute("SELECT to_regclass(%s)", (relation,)).fetchone()[0] is None:
+            raise LookupError(f"table {spec.name}: its {what} {relation} does not exist; "
+                              "run `vectorsync install`")
 
 
 def table_status(conn: psycopg.Connection, name: str) -> TableStatus:
@@ -42,15 +62,16 @@ def table_status(conn: psycopg.Connection, name: str) -> TableStatus:
     keys = sql.SQL(", ").join(sql.Identifier(c) for c in key_columns)
     key_json = sql.SQL("jsonb_build_array({})").format(keys)
     source_rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(source)).fetchone()[0]
+    # The fingerprint as a literal, not a parameter: with parameters, psycopg would read a % in a
+    # table's name as a placeholder.
     embedded, current, chunks = conn.execute(
         sql.SQL(
             """SELECT count(DISTINCT {kj}),
-                      count(DISTINCT {kj}) FILTER (WHERE model = %s AND {kj} NOT IN
+                      count(DISTINCT {kj}) FILTER (WHERE model = {fingerprint} AND {kj} NOT IN
                           (SELECT k FROM {queue} CROSS JOIN LATERAL unnest(row_keys) AS e(k))),
                       count(*)
                FROM {store}"""
-        ).format(kj=key_json, queue=queue, store=store),
-        (fingerprint,),
+        ).format(kj=key_json, queue=queue, store=store, fingerprint=sql.Literal(fingerprint))
     ).fetchone()
     pending, oldest = conn.execute(
         sql.SQL(

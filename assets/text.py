@@ -3,41 +3,48 @@
 from __future__ import annotations
 
 import hashlib
-import string
 from collections.abc import Callable, Mapping, Sequence
-from functools import lru_cache
 from typing import Any
 
-from .spec import Chunking
+from .spec import Chunking, TemplatePart
 
 # Break points, best first: a paragraph, a line, a sentence, a word.
 _SEPARATORS = ("\n\n", "\n", ". ", " ")
 
 
-def render(template: str, row: Mapping[str, Any]) -> str:
-    """Fill a template from a row. NULL becomes the empty string.
+class RenderError(ValueError):
+    """A row's value that its placeholder's format spec cannot format; names the column."""
+
+    def __init__(self, column: str, message: str) -> None:
+        self.column = column
+        super().__init__(f"column {column!r}: {message}")
+
+
+def render(parts: Sequence[TemplatePart], row: Mapping[str, Any]) -> str:
+    """Fill a template (spec.template_parts) from a row. NULL becomes the empty string.
 
     Written out instead of `str.format` because format would let a template reach attributes
-    (`{title.__class__}`) and would choke on column names containing `.` or `[`.
+    (`{title.__class__}`) and would choke on column names containing `.` or `[`: a placeholder
+    names a column by its whole text. Raises RenderError when a value does not fit its format spec.
     """
-    parts: list[str] = []
-    for literal, field, spec, conversion in _parsed(template):
-        parts.append(literal)
-        if field is None:
+    out: list[str] = []
+    for literal, column, spec, conversion in parts:
+        out.append(literal)
+        if column is None:
             continue
-        value = row.get(field)
+        value = row[column]
         if value is None:
             continue
-        if conversion == "r":
-            value = repr(value)
-        parts.append(format(value, spec) if spec else str(value))
-    return "".join(parts)
-
-
-@lru_cache(maxsize=64)
-def _parsed(template: str) -> tuple[tuple[str, str | None, str | None, str | None], ...]:
-    # Parsing the template is most of render's cost, and a table renders every row with one template.
-    return tuple(string.Formatter().parse(template))
+        try:
+            if conversion == "r":
+                value = repr(value)
+            elif conversion == "a":
+                value = ascii(value)
+            out.append(format(value, spec) if spec else str(value))
+        except (ValueError, TypeError) as exc:
+            raise RenderError(column, f"cannot format {type(value).__name__} value with "
+                              f"{{{column}:{spec}}}: {exc}") from None
+    return "".join(out)
 
 
 def chunk(text: str, chunking: Chunking | None) -> list[str]:

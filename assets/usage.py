@@ -14,7 +14,7 @@ import psycopg
 from psycopg import sql
 
 from .catalog import ResolvedTable
-from .engine import SyncStats
+from .sync_stats import SyncStats
 from .providers.base import EmbeddingProvider, Embeddings, ProviderError
 from .spec import ProviderSpec, TableSpec
 from .status import estimated_rows

@@ -56,7 +56,7 @@ def run(ctx: Context) -> Result:
     head = struct.pack(">HH", spec.provider.dimensions, 0)
     prepared = []
     for n, (key, title, body, bucket) in enumerate(records):
-        text = render(spec.text_template, {"title": title, "body": body})
+        text = render(spec.template_parts, {"title": title, "body": body})
         vector = provider.pool[n % len(provider.pool)]
         prepared.append((key, 0, text, text_hash(text), spec.fingerprint, bucket, head + vector.astype(">f4").tobytes()))
     del records

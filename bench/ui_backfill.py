@@ -7,30 +7,31 @@ backfill daemon's tick, the run queue, the run's process start and code load."""
 from __future__ import annotations
 
 import json
-import socket
 import time
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import psutil
-import yaml
 from psycopg import sql
 
 from bench.common import (
+    RUN_WORKER,
     Benchmark,
     Context,
     Measure,
     Result,
     body_text,
     create_source,
+    dagster_role,
     drop_hnsw,
+    free_port,
     load_rows,
     reset_store,
     scratch_dir,
     sync_all,
     timed,
+    write_component,
 )
 from bench.remote import openai_server
 
@@ -47,12 +48,6 @@ mutation Launch($params: LaunchBackfillParams!) {
     ... on InvalidOutputError { invalidOutputName }
   }
 }"""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _graphql(port: int, query: str, variables: dict[str, Any]) -> dict[str, Any]:
@@ -96,31 +91,16 @@ def _step_seconds(log: list) -> tuple[float, dict[str, float]]:
     return max(ends.values()) - min(starts.values()), each
 
 
-def _role(process: psutil.Process) -> str | None:
-    """What a process under `dagster dev` is, by its command line; None for a run worker."""
-    command = " ".join(process.cmdline())
-    if "multiprocessing" in command or "execute_run" in command:
-        return None
-    if "orchestration.warm_worker" in command:
-        parent = process.parent()
-        # A fork of the warm parent is a run worker; the parent itself stays for every run.
-        return None if parent and "orchestration.warm_worker" in " ".join(parent.cmdline()) else "warm parent"
-    for role in ("webserver", "orchestration.daemon", "api grpc", "code-server", "orchestration.dev"):
-        if role in command:
-            return role
-    return "other"
-
-
 def _resident_cpu(root: int, before: dict[tuple[int, str], float] | None = None) -> Any:
-    """CPU seconds of Dagster's long-lived processes (supervisor, webserver, daemon, code
-    servers, the warm parent), by pid and role; given an earlier reading, the seconds each role
-    used since. Run workers come and go within a backfill, so they are not in it: what is left is
-    what competes with the run."""
+    """CPU seconds of Dagster's long-lived processes (`dagster dev`, webserver, daemon, code
+    server), by pid and role; given an earlier reading, the seconds each role used since. Run
+    workers come and go within a backfill, so they are not in it: what is left is what competes
+    with the run."""
     now: dict[tuple[int, str], float] = {}
     for process in [psutil.Process(root), *psutil.Process(root).children(recursive=True)]:
         try:
-            role = _role(process)
-            if role is None:
+            role = dagster_role(process)
+            if role == RUN_WORKER:
                 continue
             times = process.cpu_times()
             now[(process.pid, role)] = times.user + times.system
@@ -138,24 +118,50 @@ def _start_cost(
     instance: dg.DagsterInstance, run_id: str, log: list, launched_at: float
 ) -> dict[str, float]:
     """Where the time before the engine started went: until the backfill daemon created the run,
-    in the run queue until a worker process was launched, from there to the first step, and in
-    the step until the engine began its sweep (resolving the table, building the provider)."""
+    in the run queue until the run launcher took it, from there until the run worker (a process
+    the code server starts) had loaded the code and begun the run, to the first step, and in the
+    step until the engine began its sweep (resolving the table, building the provider)."""
     record = instance.get_run_record_by_id(run_id)
     first: dict[str, float] = {}  # the log is in order: the first entry of each kind is its earliest
     for entry in log:
         kind = entry.dagster_event.event_type_value if entry.dagster_event is not None else None
         if "sweeping buckets" in (entry.user_message or ""):
             kind = "sweep"
-        if kind in ("PIPELINE_STARTING", "STEP_START", "sweep"):
+        if kind in ("PIPELINE_STARTING", "PIPELINE_START", "STEP_START", "sweep"):
             first.setdefault(kind, entry.timestamp)
     created = record.create_timestamp.timestamp()
-    launched, first_step, sweep = (first.get(k, float("nan")) for k in ("PIPELINE_STARTING", "STEP_START", "sweep"))
+    launched, began, first_step, sweep = (
+        first.get(k, float("nan")) for k in ("PIPELINE_STARTING", "PIPELINE_START", "STEP_START", "sweep")
+    )
     return {
         "launch_to_run_created": round(created - launched_at, 2),
         "queued": round(launched - created, 2),
-        "process_start_to_first_step": round(first_step - launched, 2),
+        "worker_start_and_code_load": round(began - launched, 2),
+        "run_start_to_first_step": round(first_step - began, 2),
         "first_step_to_engine_start": round(sweep - first_step, 2),
     }
+
+
+def _timeline(instance: dg.DagsterInstance, runs: list, logs: dict[str, list], launched_at: float) -> list[dict[str, Any]]:
+    """Each run of a backfill, in the order the backfill daemon created them: seconds after the
+    launch at which it was created, launched, began in its worker, began its first step and ended."""
+    rows = []
+    for run in runs:
+        record = instance.get_run_record_by_id(run.run_id)
+        first: dict[str, float] = {}
+        for entry in logs[run.run_id]:
+            kind = entry.dagster_event.event_type_value if entry.dagster_event is not None else None
+            if kind in ("PIPELINE_STARTING", "PIPELINE_START", "STEP_START", "PIPELINE_SUCCESS", "PIPELINE_FAILURE"):
+                first.setdefault(kind, entry.timestamp)
+        rows.append({
+            "partitions": run.tags.get("dagster/partition")
+            or f"{run.tags.get('dagster/asset_partition_range_start')}..{run.tags.get('dagster/asset_partition_range_end')}",
+            "created": round(record.create_timestamp.timestamp() - launched_at, 2),
+            **{name: round(first[kind] - launched_at, 2) for name, kind in (
+                ("launched", "PIPELINE_STARTING"), ("worker_began", "PIPELINE_START"),
+                ("first_step", "STEP_START"), ("ended", "PIPELINE_SUCCESS")) if kind in first},
+        })
+    return sorted(rows, key=lambda row: row["created"])
 
 
 def run(ctx: Context) -> Result:
@@ -176,13 +182,13 @@ def run(ctx: Context) -> Result:
     runs_per_backfill: list[int] = []
     steps_per_round: list[dict[str, float]] = []
     start_costs: list[dict[str, float]] = []
+    timelines: list[list[dict[str, Any]]] = []
     resident_cpu: list[dict[str, float]] = []
     resident_cpu_alone: list[dict[str, float]] = []
     with openai_server(p["dimensions"], 0.0) as (base_url, _):
         create_source(conn, name, "id int PRIMARY KEY, body text")
         load_rows(conn, name, [(i, body_text(i, p["chars"])) for i in range(p["rows"])], ["id", "body"])
         tables_dir = work / "tables"
-        tables_dir.mkdir()
         declaration = {
             "name": name, "source": f"{name}.docs", "columns": ["body"], "buckets": 16, "chunking": None,
             # No scheduled run may land in the middle of a measurement, and no HNSW index may be built
@@ -191,7 +197,7 @@ def run(ctx: Context) -> Result:
             "provider": {"kind": "openai", "model": "bench-backfill", "dimensions": p["dimensions"],
                          "base_url": base_url, "api_key_env": KEY_ENV, "max_concurrency": 4},
         }
-        (tables_dir / f"{name}.yaml").write_text(yaml.safe_dump(declaration))
+        write_component(tables_dir, declaration)
         specs = load_declarations(tables_dir)
         install(conn, specs)
         spec, origin = specs[0]
@@ -199,7 +205,7 @@ def run(ctx: Context) -> Result:
         queue = sql.Identifier("vectorsync", spec.queue_name)
         conn.execute(sql.SQL("TRUNCATE {}").format(queue))  # no change run before the first round
         home = work / "home"
-        port = _free_port()
+        port = free_port()
         with LocalDagster(ctx.url, home, tables_dir, env={KEY_ENV: "sk-bench"}, port=port) as dagster:
             _wait_for_ui(port)
             # Each side starts from an empty store and an empty change log (the install's sweep
@@ -254,7 +260,10 @@ def run(ctx: Context) -> Result:
                     steps = [_step_seconds(logs[run.run_id]) for run in runs]
                     step_samples.append(sum(total_s for total_s, _ in steps))
                     steps_per_round.append({k: v for _, each in steps for k, v in each.items()})
-                    start_costs.append(_start_cost(instance, runs[-1].run_id, logs[runs[-1].run_id], launched_at))
+                    # The first run the backfill daemon created: what a user waits for before work begins.
+                    first_run = min(runs, key=lambda run: instance.get_run_record_by_id(run.run_id).create_timestamp)
+                    start_costs.append(_start_cost(instance, first_run.run_id, logs[first_run.run_id], launched_at))
+                    timelines.append(_timeline(instance, runs, logs, launched_at))
                     ctx.log(f"round {r + 1}: engine {seconds:.1f}s; UI backfill {total:.1f}s end to end in "
                             f"{len(runs)} run(s), of which the engine's step took {step_samples[-1]:.1f}s")
     conn.close()
@@ -266,10 +275,12 @@ def run(ctx: Context) -> Result:
             Measure("the same backfill: time inside the run's steps (asset and checks)", "s", step_samples,
                     engine_samples),
             Measure("per-backfill start cost (end to end - step)", "s", overhead),
+            *[Measure(f"first run's start: {part.replace('_', ' ')}", "s", [c[part] for c in start_costs])
+              for part in (start_costs[0] if start_costs else {})],
         ],
         params=p,
         extra={"runs_per_backfill": runs_per_backfill, "seconds_per_step": steps_per_round,
-               "start_cost_parts": start_costs,
+               "start_cost_parts": start_costs, "run_timelines": timelines,
                "cpu_seconds_of_dagster_outside_the_run": resident_cpu,
                "cpu_seconds_of_dagster_while_the_engine_ran_alone": resident_cpu_alone},
         notes=["UI side: GraphQL launchPartitionBackfill on `dagster dev`, timed until every run of the "

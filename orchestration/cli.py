@@ -11,7 +11,7 @@ from assets.catalog import resolve
 from assets.install import install
 from assets.declarations import load_declarations
 from assets.spec import SpecError, TableSpec
-from assets.status import installed_tables, table_status
+from assets.status import installed_tables, require_installed, table_status
 from assets.usage import Spend, spend_by_table
 
 from .database import connect, database_url, tables_dir
@@ -101,6 +101,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     try:
         with connect() as conn:
             table = resolve(conn, spec, origin)
+            require_installed(conn, spec)  # before the model load, which takes seconds
             provider = provider_for(spec.provider)
             if args.hybrid:
                 hits = hybrid_search(conn, table, provider, args.query, k=args.k, where=where,
@@ -138,6 +139,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     buckets = [args.bucket] if args.bucket is not None else list(range(spec.buckets))
     with connect() as conn, connect() as ledger_conn:
         table = resolve(conn, spec, origin)
+        require_installed(conn, spec)
         expected = rows_to_visit(conn, table, buckets, args.full)
         provider = provider_for(spec.provider)  # a local model loads here, before the clock starts
         ledger = RunLedger(ledger_conn, f"cli-{uuid.uuid4().hex[:12]}", spec, "cli", buckets, rows_expected=expected)
@@ -163,8 +165,9 @@ def cmd_sync(args: argparse.Namespace) -> int:
         metered.on_request = on_request
         outcome, reason = "failed", None
         try:
-            for bucket in buckets:
-                ledger.settle({bucket: engine.sync_bucket(bucket, full=args.full, should_stop=lambda: metered.exhausted)})
+            # All buckets in one pass, as a run's sweep does: bucket after bucket would let the
+            # provider's concurrency idle at every bucket's end (a small bucket fills one request).
+            ledger.settle(engine.sync_buckets(buckets, full=args.full, should_stop=lambda: metered.exhausted))
             outcome = "succeeded"
         except BudgetExceeded as exc:
             outcome, reason = "over_budget", str(exc)
@@ -179,6 +182,22 @@ def cmd_sync(args: argparse.Namespace) -> int:
     if reason:
         print(f"error: {reason}", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_dagster_instance(args: argparse.Namespace) -> int:
+    """Write $DAGSTER_HOME/dagster.yaml for the database at DATABASE_URL (or the embedded one), or
+    print it. The URL comes from the environment, never the command line, where `ps` shows it."""
+    import yaml
+
+    from .instance import dagster_home, instance_config, prepare_instance
+
+    url = database_url()
+    if args.print:
+        print(yaml.safe_dump(instance_config(url), sort_keys=False), end="")
+        return 0
+    home = prepare_instance(url, Path(args.home) if args.home else dagster_home())
+    print(f"wrote {home / 'dagster.yaml'} (storage in the database `dagster` on the same server)")
     return 0
 
 
@@ -225,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=3000)
     p.add_argument("--limit", type=int, help="load only this many documents")
     sub.add_parser("database-url", help="print the database URL (starting the embedded server)")
+    p = sub.add_parser("dagster-instance", help="write $DAGSTER_HOME/dagster.yaml (storage on the database at "
+                       "DATABASE_URL, in a database named dagster, created if missing) and Dagster's tables")
+    p.add_argument("--home", help="the Dagster home to write (default: $DAGSTER_HOME or .vectorsync/dagster_home)")
+    p.add_argument("--print", action="store_true", help="print the dagster.yaml instead; touch nothing")
     return parser
 
 
@@ -233,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "install": cmd_install, "status": cmd_status, "search": cmd_search, "sync": cmd_sync,
         "demo": cmd_demo, "database-url": lambda a: print(database_url()) or 0,
+        "dagster-instance": cmd_dagster_instance,
     }
     try:
         return commands[args.command](args)

@@ -13,6 +13,7 @@ import dagster as dg
 from assets.catalog import resolve
 from orchestration.embedding_assets import bucket_partition_key, embeddings_asset_key
 from assets.index import build_index, index_state
+from assets.ledger import due_buckets
 from assets.spec import TableSpec
 
 from .names import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
@@ -75,13 +76,7 @@ def retry_schedule(spec: TableSpec) -> dg.ScheduleDefinition:
         if not _installed(database, spec):
             return dg.SkipReason(f"{spec.name} is not installed; run `vectorsync install`")
         with database.connect() as conn:
-            due = [
-                b for (b,) in conn.execute(
-                    """SELECT DISTINCT bucket FROM vectorsync.failures
-                       WHERE table_name = %s AND NOT dead AND next_attempt_at <= now() ORDER BY 1""",
-                    (spec.name,),
-                )
-            ]
+            due = due_buckets(conn, spec.name)
         if not due:
             return dg.SkipReason(f"no failed row of {spec.name} is due for a retry")
         # One run from the first to the last due bucket: a bucket with nothing due costs a query.

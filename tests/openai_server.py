@@ -140,6 +140,8 @@ class OpenAIServer:
         self._requests: list[RecordedRequest] = []
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
+        self._in_flight = 0
+        self._max_in_flight = 0
         # Set by stop(): delayed handlers wait on it, so a test that injected a long delay does
         # not make shutdown wait for the delay to run out.
         self._stopping = threading.Event()
@@ -224,6 +226,12 @@ class OpenAIServer:
         with self._lock:
             return list(self._requests)
 
+    @property
+    def max_in_flight(self) -> int:
+        """The most requests the server was answering at once: what a client kept concurrent."""
+        with self._lock:
+            return self._max_in_flight
+
     def vector_for(self, text: str) -> np.ndarray:
         return vector_for(text, self.dimensions)
 
@@ -237,6 +245,16 @@ class OpenAIServer:
                 self._connections.discard(conn)
 
     def _handle(self, handler: _Handler) -> None:
+        with self._lock:
+            self._in_flight += 1
+            self._max_in_flight = max(self._max_in_flight, self._in_flight)
+        try:
+            self._answer_request(handler)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    def _answer_request(self, handler: _Handler) -> None:
         length = int(handler.headers.get("Content-Length") or 0)
         raw = handler.rfile.read(length) if length else b""
         received_at = time.monotonic()

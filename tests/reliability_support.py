@@ -119,7 +119,7 @@ def audit(conn: psycopg.Connection, table: ResolvedTable, provider: EmbeddingPro
     empty: set[str] = set()
     for key, *values in source_rows:
         row = dict(zip(names, values))
-        text = render(spec.text_template, row)
+        text = render(spec.template_parts, row)
         k = json.dumps(key)
         if not text.strip() or all(v is None or not str(v).strip() for v in values):
             empty.add(k)

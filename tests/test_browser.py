@@ -117,7 +117,7 @@ def demo(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tupl
         "DAGSTER_HOME": str(home / "dagster_home"),
         "HF_HUB_OFFLINE": "1",
     }
-    env.pop("VECTORSYNC_TABLES", None)  # the demo's own declarations, assets/tables
+    env.pop("VECTORSYNC_TABLES", None)  # the demo's own declarations, orchestration/defs
     with open(log, "wb") as out:
         # `env --default-signal`: Dagster started from a non-interactive shell inherits
         # ignored SIGINT/SIGTERM and would outlive the test otherwise.

@@ -229,3 +229,21 @@ def test_the_production_pages_helm_values_match_the_instance_the_code_writes() -
     assert values["concurrency"]["enabled"] is True
     assert values["concurrency"]["pools"]["defaultLimit"] == written["concurrency"]["pools"]["default_limit"]
     assert values["concurrency"]["runs"]["maxConcurrentRuns"] == written["concurrency"]["runs"]["max_concurrent_runs"]
+
+
+def test_the_cli_writes_a_dagster_yaml_that_dagster_loads(db_url: str, tmp_path: Path) -> None:
+    """`vectorsync dagster-instance` (the documented way to write the instance config) for the
+    database in DATABASE_URL: the file loads with Dagster's own loader and its runs table answers;
+    `--print` shows the same configuration without writing anything."""
+    env = {**os.environ, "DATABASE_URL": db_url}
+    cli = str(Path(sys.executable).parent / "vectorsync")
+    printed = subprocess.run([cli, "dagster-instance", "--print"], env=env, capture_output=True, text=True, timeout=120)
+    assert printed.returncode == 0, printed.stderr
+    home = tmp_path / "dagster_home"
+    written = subprocess.run([cli, "dagster-instance", "--home", str(home)], env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert written.returncode == 0, written.stderr
+    assert yaml.safe_load((home / "dagster.yaml").read_text()) == yaml.safe_load(printed.stdout)
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert instance.get_runs(limit=1) is not None
+        assert instance.run_launcher.__class__.__name__ == "DefaultRunLauncher"

