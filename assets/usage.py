@@ -33,7 +33,8 @@ LIST_PRICES: dict[tuple[str, str], float] = {
 def price_per_million(provider: ProviderSpec) -> float:
     if provider.price_per_million_tokens is not None:
         return provider.price_per_million_tokens
-    return LIST_PRICES.get((provider.kind, provider.model), 0.0)
+    # A proxy (LiteLLM) names OpenAI's models with a prefix: openai/text-embedding-3-small.
+    return LIST_PRICES.get((provider.kind, provider.model.removeprefix("openai/")), 0.0)
 
 
 def cost_usd(tokens: int, price_per_million_tokens: float) -> float:

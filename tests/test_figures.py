@@ -133,6 +133,7 @@ def test_list_prices_of_openai_models_and_zero_for_local() -> None:
     assert price(kind="openai", model="text-embedding-3-small", dimensions=1536) == 0.02
     assert price(kind="openai", model="text-embedding-3-large", dimensions=3072) == 0.13
     assert price(kind="openai", model="text-embedding-ada-002", dimensions=1536) == 0.10
+    assert price(kind="openai", model="openai/text-embedding-3-small", dimensions=1536) == 0.02  # via a proxy
     assert price() == 0.0
     assert price(kind="openai", model="nomic-embed-text", dimensions=768) == 0.0  # a server of your own
     assert price(kind="openai", model="text-embedding-3-small", dimensions=1536, price_per_million_tokens=0.01) == 0.01
