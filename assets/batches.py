@@ -9,6 +9,8 @@ rows go to the ledger.
 from __future__ import annotations
 
 import time
+from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import Future
 
 import numpy as np
@@ -26,13 +28,36 @@ class Batch:
     def __init__(self, bucket: int) -> None:
         self.items: list[tuple[bytes, str]] = []
         self.tokens = 0
-        self.bucket = bucket  # provider figures are booked to the bucket of its first text
+        self.bucket = bucket  # the bucket of its first text: the request itself is counted there
+        # Each text's bucket, and the tokens each bucket sends: the provider's figures are shared
+        # out by them, so each partition shows what its own rows cost.
+        self.bucket_of: dict[bytes, int] = {}
+        self.bucket_tokens: Counter[int] = Counter()
         self.future: Future[Outcome] | None = None
         self.waiting = 0  # unwritten pages that need its vectors
         self.booked = False
 
     def done(self) -> bool:
         return self.future is not None and self.future.done()
+
+    def book(self, stats_of: Callable[[int], SyncStats], part: SyncStats, vectors: dict[bytes, np.ndarray]) -> None:
+        """A request's figures, by bucket: chunks embedded exactly, tokens and provider seconds in
+        proportion to the tokens each bucket sent (the provider reports one total per request)."""
+        stats_of(self.bucket).provider_requests += part.provider_requests
+        total = sum(self.bucket_tokens.values())
+        shares = sorted(self.bucket_tokens.items()) if total else [(self.bucket, 1)]
+        total = total or 1
+        chunks = Counter(self.bucket_of.get(h, self.bucket) for h in vectors)
+        tokens_left = part.tokens
+        for i, (bucket, sent) in enumerate(shares):
+            stats = stats_of(bucket)
+            tokens = tokens_left if i == len(shares) - 1 else round(part.tokens * sent / total)
+            tokens_left -= tokens
+            stats.tokens += tokens
+            stats.provider_seconds += part.provider_seconds * sent / total
+            stats.chunks_embedded += chunks.pop(bucket, 0)
+        for bucket, n in chunks.items():
+            stats_of(bucket).chunks_embedded += n
 
 
 def embed_isolating(provider: EmbeddingProvider, batch: list[tuple[bytes, str]]) -> Outcome:

@@ -10,7 +10,7 @@ run's, or the lingering loop's next pass).
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -18,7 +18,7 @@ import psycopg
 from psycopg import sql
 
 from .catalog import ResolvedTable
-from .sync_stats import count_by_bucket
+from .sync_stats import SyncStats
 
 
 @dataclass
@@ -55,7 +55,12 @@ class ChangeLog:
                WHERE before < %s ORDER BY id"""
         ).format(table.queue)
         self._last = sql.SQL("SELECT max(id) FROM {} WHERE bucket = ANY(%s::int[])").format(table.queue)
-        self._delete = sql.SQL("DELETE FROM {} WHERE id = ANY(%s) RETURNING bucket").format(table.queue)
+        # With each entry's age (queued_at is when the change was logged, in the writer's
+        # transaction) and how many keys it held: the commit-to-embedding lag.
+        self._delete = sql.SQL(
+            "DELETE FROM {} WHERE id = ANY(%s) RETURNING bucket, "
+            "extract(epoch FROM clock_timestamp() - queued_at)::float8, coalesce(cardinality(row_keys), 1)"
+        ).format(table.queue)
 
     def pages(
         self, buckets: list[int], page_size: int, should_stop: Callable[[], bool],
@@ -104,6 +109,9 @@ class ChangeLog:
                 loaded = load(page)
             yield loaded
 
-    def clear(self, entry_ids: list[int]) -> Counter[int]:
-        """Delete entries (in the caller's transaction); returns how many per bucket."""
-        return count_by_bucket(self.conn.execute(self._delete, (entry_ids,)))
+    def clear(self, entry_ids: list[int], stats_of: Callable[[int], SyncStats]) -> None:
+        """Delete entries (in the caller's transaction), counting them and their lags per bucket."""
+        for bucket, lag, keys in self.conn.execute(self._delete, (entry_ids,)):
+            stats = stats_of(bucket)
+            stats.changes_cleared += 1
+            stats.change_lags.append((lag, keys))

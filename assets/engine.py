@@ -69,6 +69,15 @@ class EmbeddingEngine:
     def close(self) -> None:
         self.pipeline.close()
 
+    @property
+    def on_page(self) -> Callable[[dict[int, SyncStats]], None] | None:
+        """Called with each page's figures per bucket as soon as it is written (progress, spend)."""
+        return self.pipeline.on_page
+
+    @on_page.setter
+    def on_page(self, callback: Callable[[dict[int, SyncStats]], None] | None) -> None:
+        self.pipeline.on_page = callback
+
     def sync_bucket(
         self, bucket: int, full: bool = False, should_stop: Callable[[], bool] = lambda: False
     ) -> SyncStats:
@@ -82,9 +91,10 @@ class EmbeddingEngine:
         one scan of the source for all of them, with the provider kept busy across bucket
         boundaries. Holds the lock of every bucket for the whole call.
 
-        Row counts are exact per bucket; provider figures (requests, tokens, seconds) go to the
-        bucket of the first row that needed a request, and `seconds` is the call's time shared out
-        evenly, so the per-bucket figures add up to the call's totals."""
+        Row and chunk counts are exact per bucket; a request's tokens and seconds are shared out
+        by the tokens each bucket sent in it, its count goes to the bucket of its first text, and
+        `seconds` is the call's time shared out evenly, so the per-bucket figures add up to the
+        call's totals."""
         wanted = sorted(set(buckets))
         for bucket in wanted:
             if not 0 <= bucket < self.spec.buckets:

@@ -6,8 +6,9 @@ nothing more:
   - the store schemas: USAGE; each store table and change log: SELECT, INSERT, UPDATE, DELETE; the
     change log's id sequence: USAGE (re-queued retries insert into the log); each view: SELECT;
   - the vectorsync schema: USAGE; the failure ledger: SELECT, INSERT, UPDATE, DELETE; the record of
-    failed runs (written by the run-failure sensor): SELECT, INSERT; the registry, the migrations
-    table and the failure report: SELECT; every vectorsync function: EXECUTE.
+    failed runs (written by the run-failure sensor): SELECT, INSERT; the run ledger (each run's
+    figures and spend, vectorsync.runs and run_buckets): SELECT, INSERT, UPDATE; the registry, the
+    migrations table and the failure report: SELECT; every vectorsync function: EXECUTE.
 No CREATE on any schema and no ownership, so the role can run no DDL: it cannot drop or truncate a
 store, alter a trigger or add a table. Advisory locks, LISTEN and pg_notify need no grant. Building
 the HNSW index (CREATE INDEX) needs the store's owner, so index upkeep must not run as this role.
@@ -54,6 +55,7 @@ def grant_run_role(conn: psycopg.Connection, tables: list[ResolvedTable], role: 
                     "vectorsync.failure_report TO {}").format(who),
             sql.SQL("GRANT {} ON vectorsync.failures TO {}").format(RUN_WRITE, who),
             sql.SQL("GRANT SELECT, INSERT ON vectorsync.run_failures TO {}").format(who),
+            sql.SQL("GRANT SELECT, INSERT, UPDATE ON vectorsync.runs, vectorsync.run_buckets TO {}").format(who),
             # Functions are executable by PUBLIC by default, but a hardened database revokes that.
             sql.SQL("GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA vectorsync TO {}").format(who),
         ]

@@ -11,7 +11,7 @@ embedding is borrowed from it, never sent twice.
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
@@ -70,6 +70,9 @@ class Pipeline:
     ) -> None:
         self.conn, self.spec, self.provider = conn, spec, provider
         self.store, self.ledger, self.changes = store, ledger, changes
+        # Called with each page's figures per bucket as soon as the page is written (progress,
+        # spend): a call of sync_buckets returns only when all of its buckets are done.
+        self.on_page: Callable[[dict[int, SyncStats]], None] | None = None
         self.fingerprint = spec.fingerprint
         self._template = spec.template_parts
         self._pool = ThreadPoolExecutor(max_workers=provider.max_concurrency)
@@ -207,6 +210,8 @@ class Pipeline:
                     batch = self._open = Batch(first_bucket[h])
                 batch.items.append((h, text))
                 batch.tokens += n
+                batch.bucket_of[h] = first_bucket[h]
+                batch.bucket_tokens[first_bucket[h]] += n
                 self._inflight_hashes[h] = batch
                 page.needs[h] = batch
             if self._open is not None and len(self._open.items) >= limit_inputs:
@@ -254,7 +259,7 @@ class Pipeline:
                 outcome = batch.future.result()  # type: ignore[union-attr]
                 for part_stats, part_vectors, part_errors in outcome:
                     if not batch.booked:
-                        page.of(batch.bucket).merge(part_stats)
+                        batch.book(page.of, part_stats, part_vectors)
                     for h, v in part_vectors.items():
                         if h in page.needs:
                             page.vectors[h] = v
@@ -283,6 +288,8 @@ class Pipeline:
                 setattr(page.of(bucket), name, getattr(page.of(bucket), name) + n)
         for bucket, s in page.stats.items():
             stats[bucket].merge(s)
+        if self.on_page is not None:
+            self.on_page(page.stats)
 
     def _release(self, page: Page) -> None:
         """The page is written (or abandoned): a request no unwritten page needs any more is
@@ -334,8 +341,7 @@ class Pipeline:
                     [_failure(r, e.kind, str(e), e.retry_after or 0.0) for r, e in failed], retry=True
                 )
             if page.change_ids:
-                for bucket, n in self.changes.clear(page.change_ids).items():
-                    page.of(bucket).changes_cleared += n
+                self.changes.clear(page.change_ids, page.of)
 
 
 def _failure(row: Row, kind: str, message: str, at_least: float = 0.0) -> Failure:

@@ -85,6 +85,10 @@ class ProviderSpec(_Strict):
     max_retries: int = Field(5, ge=0, le=20)
     # Sends `dimensions=` to the API (only OpenAI's v3 models and some compatible servers accept it).
     send_dimensions: bool = False
+    # US dollars per million tokens, turning tokens into cost_usd. None: the list price of a known
+    # OpenAI model (assets/usage.py), else 0 (a local model, or a server of your own). Not part
+    # of the fingerprint: a new price changes no vector.
+    price_per_million_tokens: float | None = Field(None, ge=0)
 
     @field_validator("api_key_env")
     @classmethod
@@ -196,6 +200,14 @@ class AssetPresentation(_Strict):
     kinds: list[str] = []
 
 
+class Budget(_Strict):
+    """A ceiling on what the table's runs spend with the provider in a UTC day. A run that would
+    pass it stops before the request that would: what it embedded so far is stored, the rest
+    stays in the change log, and the run fails naming the table and the day's spend."""
+
+    daily_usd: float = Field(gt=0)
+
+
 def _fits_postgres(value: str | None) -> str | None:
     # Names of existing objects (or a schema we create): PostgreSQL would cut a longer one, so
     # the object found or made would be another than the one declared.
@@ -241,8 +253,10 @@ class TableSpec(_Strict):
     description: str | None = None
     schedules: Schedules = Schedules()
     index: VectorIndex = VectorIndex()
-    # The backlog_age check fails when the oldest pending change is older than this.
+    # The freshness limit: the backlog_age check fails when the oldest pending change is older.
     max_backlog_seconds: int = Field(300, ge=1)
+    # A daily spending ceiling (see Budget); None: no ceiling. Not part of the fingerprint.
+    budget: Budget | None = None
     # One long-lived Dagster run per table, woken by LISTEN/NOTIFY, instead of a run per change.
     continuous: bool = False
     # When failed rows are retried and when they are given up on (see RetrySpec).

@@ -61,5 +61,4 @@ class Sweep:
                 stats[bucket].rows_deleted += n
             self.ledger.forget_orphans(buckets)
             if markers:
-                for bucket, n in self.changes.clear(markers).items():
-                    stats[bucket].changes_cleared += n
+                self.changes.clear(markers, stats.__getitem__)

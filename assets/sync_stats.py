@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 
 @dataclass
@@ -23,13 +23,21 @@ class SyncStats:
     provider_seconds: float = 0.0
     changes_cleared: int = 0
     seconds: float = 0.0
+    # (seconds from logging to clearing, keys in the entry) of each change-log entry cleared:
+    # the commit-to-embedding lag, weighted by the keys it held (a sweep request counts as one).
+    change_lags: list[tuple[float, int]] = field(default_factory=list)
 
     def merge(self, other: SyncStats) -> None:
         for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+            mine = getattr(self, f.name)
+            if isinstance(mine, list):
+                mine.extend(getattr(other, f.name))
+            else:
+                setattr(self, f.name, mine + getattr(other, f.name))
 
     def as_dict(self) -> dict[str, float]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The counters and timings (the lags are a distribution: see change_lags)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "change_lags"}
 
 
 def count_by_bucket(buckets: Iterable[tuple[int]]) -> Counter[int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from assets.catalog import resolve
@@ -11,6 +12,7 @@ from assets.install import install
 from assets.declarations import load_declarations
 from assets.spec import SpecError, TableSpec
 from assets.status import installed_tables, require_installed, table_status
+from assets.usage import Spend, spend_by_table
 
 from .database import connect, database_url, tables_dir, vectorsync_home
 
@@ -61,7 +63,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             print("nothing installed yet: run `vectorsync install`")
             return 0
         header = ("table", "source", "source rows", "embedded", "current", "chunks", "pending",
-                  "failed", "dead", "skipped")
+                  "failed", "dead", "skipped", "tokens 24h", "cost 24h", "tokens 30d", "cost 30d")
+        spend = spend_by_table(conn)
         rows, problems = [], []
         for name in names:
             try:
@@ -69,8 +72,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             except LookupError as exc:  # one broken table must not hide the others' figures
                 problems.append(str(exc))
                 continue
+            used = spend.get(name, Spend(0, 0.0, 0, 0.0))
             rows.append((s.name, s.source, s.source_rows, s.rows_embedded, s.rows_current, s.chunks,
-                         s.pending_changes, s.failed_rows, s.dead_rows, s.skipped_rows))
+                         s.pending_changes, s.failed_rows, s.dead_rows, s.skipped_rows,
+                         used.tokens_day, f"${used.cost_day:.4f}", used.tokens_month, f"${used.cost_month:.4f}"))
     _print_table(header, rows)
     # Reported, not fatal: status is what one runs to find out what is wrong.
     for problem in problems:
@@ -161,25 +166,63 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    """Run the engine directly, without Dagster (for scripts and debugging)."""
+    """Run the engine directly, without Dagster (for scripts and debugging), with a progress bar
+    on stderr, and record the run's figures and spend like a Dagster run's."""
+    import uuid
+
     from assets.engine import EmbeddingEngine, SyncStats, retry_policy
     from assets.providers import provider_for
+    from assets.usage import BudgetExceeded, RunLedger, rows_to_visit
+
+    from .progress import ProgressDisplay, Reading
 
     spec, origin = _find(args, args.name)
     buckets = [args.bucket] if args.bucket is not None else list(range(spec.buckets))
-    total = SyncStats()
-    with connect() as conn:
+    with connect() as conn, connect() as ledger_conn:
         table = resolve(conn, spec, origin)
         require_installed(conn, spec)
-        engine = EmbeddingEngine(conn, table, provider_for(spec.provider), retry=retry_policy(spec))
+        expected = rows_to_visit(conn, table, buckets, args.full)
+        provider = provider_for(spec.provider)  # a local model loads here, before the clock starts
+        ledger = RunLedger(ledger_conn, f"cli-{uuid.uuid4().hex[:12]}", spec, "cli", buckets, rows_expected=expected)
+        metered = ledger.metered(provider)
+        engine = EmbeddingEngine(conn, table, metered, retry=retry_policy(spec))
+        display = ProgressDisplay(f"{spec.name}", file=sys.stderr)
+        started = time.monotonic()
+
+        def show(force: bool = False) -> None:
+            done = ledger.totals()
+            display.update(Reading(done.rows_seen, expected, metered.chunks, metered.tokens, metered.cost_usd,
+                                   time.monotonic() - started), force=force)
+
+        def on_page(page: dict[int, SyncStats]) -> None:
+            ledger.add(page)
+            show()
+
+        def on_request() -> None:
+            ledger.flush()
+            show()
+
+        engine.on_page = on_page
+        metered.on_request = on_request
+        outcome, reason = "failed", None
         try:
             # All buckets in one pass, as a run's sweep does: bucket after bucket would let the
             # provider's concurrency idle at every bucket's end (a small bucket fills one request).
-            for stats in engine.sync_buckets(buckets, full=args.full).values():
-                total.merge(stats)
+            ledger.settle(engine.sync_buckets(buckets, full=args.full, should_stop=lambda: metered.exhausted))
+            outcome = "succeeded"
+        except BudgetExceeded as exc:
+            outcome, reason = "over_budget", str(exc)
         finally:
             engine.close()
-    print(", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in total.as_dict().items()))
+            show(force=True)
+            display.close()
+            ledger.finish(outcome, reason)
+    total = ledger.totals()
+    print(", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in total.as_dict().items())
+          + f", cost_usd={metered.cost_usd:.6f}")
+    if reason:
+        print(f"error: {reason}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -219,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("install", help="create or update the control schema and every declared table")
     p.add_argument("--grant", action="append", metavar="ROLE", help="also grant this existing role what runs "
                    "need (read on the sources, write on the stores and control tables, no DDL); repeatable")
-    sub.add_parser("status", help="per table: source rows, embedded, current, pending, failed")
+    sub.add_parser("status", help="per table: source rows, embedded, current, pending, failed, and "
+                   "tokens and cost over the last 24 hours and 30 days")
     p = sub.add_parser("search", help="nearest source rows to a query (--hybrid: full text as well)")
     p.add_argument("name")
     p.add_argument("query")

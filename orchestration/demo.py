@@ -20,7 +20,6 @@ import urllib.request
 import uuid
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
@@ -30,6 +29,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import dagster as dg
+import psycopg
 
 # Before the definitions are built (on import below): Dagster flags backfill_policy as beta on
 # every build, and platformdirs warns about a missing XDG_RUNTIME_DIR in containers; neither is
@@ -51,11 +51,13 @@ from .database import PROJECT_DIR, connect, database_url, release_dead_handles, 
 from .instance import prepare_instance
 from .names import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
 from .processes import stop_process_group
+from .progress import ProgressDisplay, Reading
 from .resources import database_resource
 
 DEMO_TABLE = "python_docs"
 DEMO_RUN_TAG = "vectorsync/demo_session"
-PROGRESS_INTERVAL_SECONDS = 2.0
+# The run's row is read by key, so the bar can move twice a second.
+PROGRESS_INTERVAL_SECONDS = 0.5
 
 
 def _accounted(s: TableStatus) -> int:
@@ -67,75 +69,46 @@ def _is_current(s: TableStatus) -> bool:
     return s.pending_changes == 0 and _accounted(s) >= s.source_rows
 
 
-def _duration(seconds: float) -> str:
-    seconds = round(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds}s"
-
-
-@dataclass
-class ProgressLine:
-    """One reading of the store against the source, relative to where the run started."""
-
-    done: int
-    total: int
-    chunks: int
-    rate: float  # rows per second since the run started
-    elapsed: float
-
-    def render(self) -> str:
-        percent = 100.0 * self.done / self.total if self.total else 100.0
-        left = (self.total - self.done) / self.rate if self.rate > 0 else None
-        eta = f"about {_duration(left)} left" if left is not None else "estimating time left"
-        return (
-            f"  progress: {self.done:,}/{self.total:,} rows ({percent:.0f}%), {self.chunks:,} chunks, "
-            f"{self.rate:.1f} rows/s, {eta} [{_duration(self.elapsed)}]"
-        )
+def run_reading(conn: psycopg.Connection, run_id: str) -> Reading | None:
+    """Where a run is, from its row in vectorsync.runs, which the run updates as each page is
+    written and each provider request returns (a cheap read by key, unlike a count of the store)."""
+    found = conn.execute(
+        """SELECT rows_seen, rows_expected, chunks_embedded, tokens, cost_usd,
+                  extract(epoch FROM clock_timestamp() - started_at)::float8
+           FROM vectorsync.runs WHERE run_id = %s""",
+        (run_id,),
+    ).fetchone()
+    return Reading(*found) if found else None
 
 
 class RunProgress(threading.Thread):
-    """While dg.materialize blocks the main thread, print what the run is doing: every couple of
-    seconds the store's progress (from the database, so it is exact whatever the run logs), and
-    each log line the run's asset writes (read back from the Dagster instance's event log, the
-    same lines the UI shows for the run)."""
+    """While dg.materialize blocks the main thread, show what the run is doing: a progress bar
+    (rows done, rows per second, time left; chunks, tokens and cost from the first provider
+    request on) read from the run's row in the control schema, and each log line the run's asset
+    writes (read back from the Dagster instance's event log, the same lines the UI shows)."""
 
     def __init__(self, url: str, table: str, instance: dg.DagsterInstance, session: str) -> None:
         super().__init__(name="demo-progress", daemon=True)
         self.url, self.table, self.instance, self.session = url, table, instance, session
         self.stopped = threading.Event()
-        self.tty = sys.stdout.isatty()
+        self.display = ProgressDisplay("embedding")
         self._run_id: str | None = None
         self._cursor: str | None = None
-        self._last_line = ""
-        self._last_print = 0.0
 
     def run(self) -> None:
+        reading = None
         try:
             with connect(self.url) as conn:
-                start = _accounted(table_status(conn, self.table))
-                started = time.monotonic()
-                # The rate counts from the first row written, so the model's load time and the
-                # run's start-up do not drag the estimate of time left.
-                first: tuple[float, int] | None = None
                 while not self.stopped.wait(PROGRESS_INTERVAL_SECONDS):
                     self._print_run_logs()
-                    s = table_status(conn, self.table)
-                    now = time.monotonic()
-                    done = _accounted(s)
-                    if first is None and done > start:
-                        first = (now, done)
-                    rate = (done - first[1]) / (now - first[0]) if first and now > first[0] else 0.0
-                    line = ProgressLine(done, s.source_rows, s.chunks, rate, now - started)
-                    self._show(line.render())
+                    if self._run_id is not None and (reading := run_reading(conn, self._run_id)):
+                        self.display.update(reading)
                 self._print_run_logs()
+                if self._run_id is not None and (reading := run_reading(conn, self._run_id)):
+                    self.display.update(reading, force=True)
         except Exception as exc:  # progress is a courtesy: never let it take the demo down
-            self._emit(f"  (progress display stopped: {exc})")
-        if self.tty and self._last_line:
-            sys.stdout.write("\n")
-            sys.stdout.flush()
+            self.display.print(f"  (progress display stopped: {exc})")
+        self.display.close()
 
     def _print_run_logs(self) -> None:
         if self._run_id is None:
@@ -143,7 +116,7 @@ class RunProgress(threading.Thread):
             if not records:
                 return
             self._run_id = records[0].dagster_run.run_id
-            self._emit(f"  dagster run {self._run_id[:8]} started: open it in the UI later under Runs")
+            self.display.print(f"  dagster run {self._run_id[:8]} started: open it in the UI later under Runs")
         conn = self.instance.get_records_for_run(self._run_id, cursor=self._cursor)
         self._cursor = conn.cursor
         for record in conn.records:
@@ -151,24 +124,7 @@ class RunProgress(threading.Thread):
             if entry.is_dagster_event:  # step and engine events: the UI's job, not the console's
                 continue
             stamp = time.strftime("%H:%M:%S", time.localtime(entry.timestamp))
-            self._emit(f"  {stamp} {entry.user_message}")
-
-    def _show(self, line: str) -> None:
-        """The progress line: redrawn in place on a terminal, a line every 10 s in a log file."""
-        if self.tty:
-            sys.stdout.write("\r\033[K" + line)
-            sys.stdout.flush()
-            self._last_line = line
-        elif time.monotonic() - self._last_print >= 10:
-            print(line, flush=True)
-            self._last_print = time.monotonic()
-
-    def _emit(self, text: str) -> None:
-        if self.tty:
-            sys.stdout.write("\r\033[K" + text + "\n" + self._last_line)
-            sys.stdout.flush()
-        else:
-            print(text, flush=True)
+            self.display.print(f"  {stamp} {entry.user_message}")
 
 
 def _checks_of(defs: dg.Definitions, key: dg.AssetKey) -> list[dg.AssetChecksDefinition]:
@@ -212,14 +168,15 @@ def _embed_through_dagster(url: str, spec: TableSpec) -> None:
             progress.stopped.set()
             progress.join(timeout=30)
     embed_seconds = time.perf_counter() - embed_started
-    metadata = {
-        k: v.value for k, v in result.asset_materializations_for_node(key.to_python_identifier())[0].metadata.items()
-    }
-    written = int(metadata["rows_written"])
+    # The run's totals: its observation of the asset (each partition's materialization carries
+    # its own bucket's figures).
+    [observation] = result.asset_observations_for_node(key.to_python_identifier())
+    totals = {k.removeprefix("run_"): v.value for k, v in observation.metadata.items()}
+    written = int(totals["rows_written"])
     print(
         f"embedded through Dagster run {result.run_id[:8]}: {written} rows written, "
-        f"{int(metadata['rows_unchanged'])} unchanged, {int(metadata['chunks_embedded'])} chunks embedded, "
-        f"{int(metadata['chunks_reused'])} reused, {int(metadata['tokens'])} tokens, in {embed_seconds:.1f}s "
+        f"{int(totals['chunks_embedded'])} chunks embedded, {int(totals['chunks_reused'])} reused, "
+        f"{int(totals['tokens'])} tokens (${float(totals['cost_usd']):.4f}), in {embed_seconds:.1f}s "
         f"({written / embed_seconds:.1f} rows/s)"
     )
     evaluations = sorted(result.get_asset_check_evaluations(), key=lambda e: e.check_name)

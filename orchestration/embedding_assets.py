@@ -20,6 +20,7 @@ from assets.locks import held_elsewhere, try_lock
 from assets.providers import provider_for
 from assets.spec import TableSpec
 from assets.status import change_backlog, estimated_rows
+from assets.usage import BudgetExceeded, Lag, RunLedger, cost_usd, lag_of, price_per_million, rows_to_visit
 
 from .names import dagster_name_part
 from .resources import VectorsyncDatabase
@@ -132,61 +133,188 @@ def embeddings_asset(spec: TableSpec, origin: str) -> dg.AssetsDefinition:
         buckets = [int(k) for k in context.partition_keys]
         # Which process works on the run: what an operator (or the kill test) looks for.
         context.log.info(f"{spec.name}: run worker pid {os.getpid()} on buckets {buckets[0]}..{buckets[-1]}")
-        total = SyncStats()
-        with database.connect() as conn:
+        # The engine's connection, and the ledger's: pages are written on the first while requests
+        # return on the provider's threads, and both are recorded as they come.
+        with database.connect() as conn, database.connect() as ledger_conn:
             table = resolve(conn, spec, origin)
-            engine = EmbeddingEngine(conn, table, provider_for(spec.provider), retry=retry_policy(spec))
+            trigger = context.run.tags.get("vectorsync/trigger", "manual")
+            expected = rows_to_visit(conn, table, buckets, config.full_sweep)
+            provider = provider_for(spec.provider)  # a local model loads here, before the run's clock
+            ledger = RunLedger(ledger_conn, context.run.run_id, spec, trigger, buckets, rows_expected=expected)
+            if not ledger.enabled:
+                context.log.warning(f"{spec.name}: no run ledger (vectorsync.runs) in this database: run "
+                                    "`vectorsync install` to apply its migrations; cost and budget are not recorded")
+            metered = ledger.metered(provider)
+            engine = EmbeddingEngine(conn, table, metered, retry=retry_policy(spec))
+            engine.on_page = ledger.add
+            outcome, reason = "failed", None
             try:
                 if config.retry_due_failures:
                     requeued = engine.requeue_due_failures()
                     context.log.info(f"{spec.name}: {requeued} failed rows due for a retry put back in the change log")
                 if config.full_sweep:
-                    _sweep_buckets(context, spec, engine, buckets, total)
+                    _sweep_buckets(context, spec, engine, buckets, ledger, lambda: metered.exhausted)
                 else:
-                    _follow_changes(context, spec, engine, database, buckets, config, total)
+                    _follow_changes(context, spec, engine, database, buckets, config, ledger)
+                outcome = "succeeded"
+            except BudgetExceeded as exc:
+                outcome, reason = "over_budget", str(exc)
+            except BaseException as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+                raise
             finally:
                 engine.close()
+                try:
+                    lag = ledger.finish(outcome, reason)
+                except psycopg.Error as exc:  # the run's own error matters more than its ledger's
+                    context.log.warning(f"{spec.name}: could not record the run's figures: {exc}")
+                    lag = None
+            per_bucket = ledger.by_bucket()
+            total = ledger.totals()
+            run_figures = run_totals(total, metered.tokens, ledger.price, lag, len(buckets))
+            _report_run(context, spec, run_figures)
+            if outcome == "over_budget":
+                raise dg.Failure(description=reason, metadata=run_figures)
+            for pk, figures in partition_metadata(conn, table, per_bucket, buckets, ledger.price).items():
+                context.add_asset_metadata(figures, partition_key=pk)
             metadata = {
-                **run_metadata(total, len(buckets), *change_backlog(conn, table.queue)),
-                **store_metadata(conn, spec, table),
+                **backlog_metadata(*change_backlog(conn, table.queue)),
+                "buckets": len(buckets),
+                **store_metadata(spec, table),
             }
         return dg.MaterializeResult(metadata=metadata)
 
     return _embeddings
 
 
-# Above this many chunks (by the planner's estimate) a run reports the estimate as the store's
-# row count: an exact count(*) would cost a change run that wrote one row seconds of scanning.
-# Continuous mode reports about once a second, so it counts exactly only small stores.
+# Above this many chunks per bucket (by the planner's estimate) a materialization leaves out
+# the partition's exact row count: counting it would cost a change run that wrote one row
+# seconds of scanning.
 EXACT_COUNT_UP_TO = 1_000_000
 CONTINUOUS_EXACT_COUNT_UP_TO = 50_000
 
 
-def _store_row_count(conn: psycopg.Connection, store: sql.Composable, exact_up_to: int) -> int:
-    estimate = estimated_rows(conn, store)
-    if estimate is not None and estimate > exact_up_to:
-        return estimate
-    return conn.execute(sql.SQL("SELECT count(*) FROM {}").format(store)).fetchone()[0]
+def _figure(value: float, digits: int = 2) -> float:
+    """Rounded for display: 403.21, not 403.20586029699984 (cost keeps six decimals)."""
+    return round(float(value), digits)
 
 
-def run_metadata(stats: SyncStats, buckets: int, pending: int | None, oldest: float | None) -> dict:
-    """What a materialization says about the work that made it: the same keys whether a partition
-    run or a continuous micro-batch made it (the backlog left out when it could not be read)."""
-    backlog = {} if pending is None else {
-        "pending_changes": pending, "oldest_change_seconds": round(oldest or 0.0, 1)
-    }
+def work_metadata(stats: SyncStats, price_per_million_tokens: float) -> dict:
+    """What a materialization of one partition says about the work that made it: the figures of
+    that bucket alone, the same keys whether a partition run, a backfill or continuous mode made
+    it, so Dagster's plots show each partition's own distribution."""
+    figures = {k: v for k, v in stats.as_dict().items() if not isinstance(v, float)}
+    lag = lag_of(stats.change_lags)
     return {
-        **stats.as_dict(),
-        **backlog,
-        "buckets": buckets,
-        "rows_per_second": round(stats.rows_written / stats.seconds, 1) if stats.seconds else 0.0,
+        **figures,
+        "provider_seconds": _figure(stats.provider_seconds),
+        "seconds": _figure(stats.seconds),
+        "cost_usd": round(cost_usd(stats.tokens, price_per_million_tokens), 6),
+        "rows_per_second": _figure(stats.rows_written / stats.seconds, 1) if stats.seconds else 0.0,
+        **({} if lag is None else {
+            "lag_p50_seconds": _figure(lag.p50), "lag_p95_seconds": _figure(lag.p95),
+            "lag_max_seconds": _figure(lag.max),
+        }),
     }
 
 
-def store_metadata(
-    conn: psycopg.Connection, spec: TableSpec, table: ResolvedTable, exact_count_up_to: int = EXACT_COUNT_UP_TO
-) -> dict:
-    """What a materialization says about the store: its size, name, columns and their lineage."""
+def backlog_metadata(pending: int | None, oldest: float | None) -> dict:
+    """The table's change log after the run (left out when it could not be read)."""
+    if pending is None:
+        return {}
+    return {"pending_changes": pending, "oldest_change_seconds": _figure(oldest or 0.0, 1)}
+
+
+def run_totals(total: SyncStats, tokens_sent: int, price: float, lag: Lag | None, buckets: int) -> dict:
+    """A run's figures over all its buckets: in its tags, its log and an observation of the
+    asset, never repeated on each partition's materialization. `tokens_sent` counts every
+    request the provider answered, also those of pages a failed run did not get to write."""
+    return {
+        "run_buckets": buckets,
+        "run_rows_seen": total.rows_seen,
+        "run_rows_written": total.rows_written,
+        "run_rows_deleted": total.rows_deleted,
+        "run_rows_failed": total.rows_failed,
+        "run_chunks_embedded": total.chunks_embedded,
+        "run_chunks_reused": total.chunks_reused,
+        "run_tokens": tokens_sent,
+        "run_cost_usd": round(cost_usd(tokens_sent, price), 6),
+        "run_seconds": _figure(total.seconds),
+        "run_changes_cleared": total.changes_cleared,
+        **({} if lag is None else {
+            "run_lag_p50_seconds": _figure(lag.p50), "run_lag_p95_seconds": _figure(lag.p95),
+            "run_lag_max_seconds": _figure(lag.max),
+        }),
+    }
+
+
+def _report_run(context: dg.AssetExecutionContext, spec: TableSpec, figures: dict) -> None:
+    """Run-level figures where Dagster shows a run's: its tags (the Runs list and the run's
+    page), its log, and an observation of the asset (its Events and Plots, over time)."""
+    context.instance.add_run_tags(
+        context.run.run_id, {f"vectorsync/{k.removeprefix('run_')}": str(v) for k, v in figures.items()}
+    )
+    context.log.info(f"{spec.name}: run totals " + ", ".join(f"{k.removeprefix('run_')}={v}" for k, v in figures.items()))
+    context.log_event(
+        dg.AssetObservation(
+            asset_key=embeddings_asset_key(spec), description="the run's totals over all its buckets",
+            metadata=figures,
+        )
+    )
+
+
+def partition_metadata(
+    conn: psycopg.Connection, table: ResolvedTable, per_bucket: dict[int, SyncStats], buckets: list[int],
+    price: float, exact_count_up_to: int = EXACT_COUNT_UP_TO,
+) -> dict[str, dict]:
+    """Each partition's own figures: its bucket's work, its stored chunks (`chunks`) and its
+    source rows embedded (`dagster/row_count`)."""
+    result = {bucket_partition_key(b): work_metadata(per_bucket.get(b, SyncStats()), price) for b in buckets}
+    estimate = estimated_rows(conn, table.store)
+    if estimate is not None and estimate / table.spec.buckets > exact_count_up_to:
+        return result
+    # Chunks per bucket from the bucket index alone (an index-only scan, milliseconds). Rows are
+    # the chunks numbered 0, which the index does not hold: counted from the table for a small
+    # bucket, and above ROWS_COUNTED_UP_TO chunks (about 0.2 s of reading per 30,000 chunks)
+    # taken as its chunks times the share of chunk 0 among all chunks, from the planner's statistics.
+    chunks = dict(conn.execute(
+        sql.SQL("SELECT bucket, count(*) FROM {} WHERE bucket = ANY(%s) GROUP BY bucket").format(table.store),
+        (buckets,),
+    ).fetchall())
+    small = [b for b in buckets if chunks.get(b, 0) <= ROWS_COUNTED_UP_TO]
+    rows = dict(conn.execute(
+        sql.SQL("SELECT bucket, count(*) FROM {} WHERE bucket = ANY(%s) AND chunk_seq = 0 GROUP BY bucket").format(
+            table.store),
+        (small,),
+    ).fetchall()) if small else {}
+    share = _first_chunk_share(conn, table) if len(small) < len(buckets) else 1.0
+    for bucket in buckets:
+        figures = result[bucket_partition_key(bucket)]
+        figures["chunks"] = chunks.get(bucket, 0)
+        figures["dagster/row_count"] = (
+            rows.get(bucket, 0) if bucket in small else round(chunks.get(bucket, 0) * share)
+        )
+    return result
+
+
+# Above this many chunks in a bucket its row count is estimated (see partition_metadata).
+ROWS_COUNTED_UP_TO = 20_000
+
+
+def _first_chunk_share(conn: psycopg.Connection, table: ResolvedTable) -> float:
+    """The share of the store's chunks that are a row's first (chunk_seq 0): rows per chunk."""
+    found = conn.execute(
+        """SELECT most_common_vals::text::int[], most_common_freqs FROM pg_stats
+           WHERE schemaname = %s AND tablename = %s AND attname = 'chunk_seq'""",
+        (table.spec.store_schema, table.spec.store_name),
+    ).fetchone()
+    if not found or not found[0]:
+        return 1.0
+    return next((freq for value, freq in zip(*found) if value == 0), 1.0)
+
+
+def store_metadata(spec: TableSpec, table: ResolvedTable) -> dict:
+    """What a materialization says about the store: its name, columns and their lineage."""
     columns = dg.TableSchema(
         columns=[dg.TableColumn(c.name, c.type_sql) for c in table.key]
         + [
@@ -206,7 +334,6 @@ def store_metadata(
         }
     )
     return {
-        "dagster/row_count": _store_row_count(conn, table.store, exact_count_up_to),
         "dagster/table_name": f"{spec.store_schema}.{spec.store_name}",
         "dagster/column_schema": columns,
         "dagster/column_lineage": lineage,
@@ -215,17 +342,19 @@ def store_metadata(
 
 def _sweep_buckets(
     context: dg.AssetExecutionContext, spec: TableSpec, engine: EmbeddingEngine, buckets: list[int],
-    total: SyncStats,
+    ledger: RunLedger, should_stop: Callable[[], bool],
 ) -> None:
     # One pass over the source for all of the run's buckets: a backfill of every partition costs
     # one scan, not one per bucket.
     context.log.info(f"{spec.name}: sweeping buckets {buckets[0]}..{buckets[-1]} in one pass")
-    for bucket, stats in sorted(engine.sync_buckets(buckets, full=True).items()):
-        total.merge(stats)
+    worked = engine.sync_buckets(buckets, full=True, should_stop=should_stop)
+    ledger.settle(worked)
+    for bucket, stats in sorted(worked.items()):
         context.log.info(
             f"{spec.name} bucket {bucket}: {stats.rows_written} rows written, {stats.rows_unchanged} "
             f"unchanged, {stats.rows_deleted} deleted, {stats.rows_failed} failed"
         )
+    total = ledger.totals()
     context.log.info(
         f"{spec.name}: {total.rows_written} rows written in {total.seconds:.1f}s "
         f"({total.rows_written / max(total.seconds, 1e-9):.1f} rows/s)"
@@ -234,15 +363,14 @@ def _sweep_buckets(
 
 def _follow_changes(
     context: dg.AssetExecutionContext, spec: TableSpec, engine: EmbeddingEngine,
-    database: VectorsyncDatabase, buckets: list[int], config: EmbeddingRunConfig, total: SyncStats,
+    database: VectorsyncDatabase, buckets: list[int], config: EmbeddingRunConfig, ledger: RunLedger,
 ) -> None:
     # A bucket another run holds is skipped, not waited for: that run drains it, or a later pass.
     engine.lock_wait_seconds = 0.0
     listener = ChangeListener(database.resolved_url(), spec.name)
 
     def merge(worked: dict[int, SyncStats]) -> None:
-        for stats in worked.values():
-            total.merge(stats)
+        ledger.settle(worked)
         context.log.info(
             f"{spec.name}: drained buckets {sorted(worked)}: "
             f"{sum(s.rows_written for s in worked.values())} rows written, "
@@ -251,7 +379,8 @@ def _follow_changes(
 
     try:
         follow_changes(
-            engine, listener, merge, should_stop=lambda: False, buckets=set(buckets),
+            engine, listener, merge, should_stop=lambda: bool(getattr(engine.provider, "exhausted", False)),
+            buckets=set(buckets),
             quiet_seconds=config.linger_seconds, max_seconds=config.linger_max_seconds,
             poll_seconds=max(config.linger_seconds / 4, 0.5),
         )
@@ -271,12 +400,12 @@ def continuous_job(spec: TableSpec, origin: str) -> dg.JobDefinition:
         tags={"vectorsync/table": spec.name},
     )
     def follow(context: dg.OpExecutionContext, database: VectorsyncDatabase) -> None:
-        with database.connect() as conn:
+        with database.connect() as conn, database.connect() as ledger_conn:
             table = resolve(conn, spec, origin)
             _hold_continuous_lock(conn, spec.name)
-            engine = EmbeddingEngine(
-                conn, table, provider_for(spec.provider), retry=retry_policy(spec), lock_wait_seconds=0.0
-            )
+            ledger = RunLedger(ledger_conn, context.run_id, spec, "continuous", list(range(spec.buckets)))
+            metered = ledger.metered(provider_for(spec.provider))
+            engine = EmbeddingEngine(conn, table, metered, retry=retry_policy(spec), lock_wait_seconds=0.0)
             listener = ChangeListener(database.resolved_url(), spec.name)
 
             # The pid lets an operator (or a benchmark) find the process; the lock above is how
@@ -287,13 +416,24 @@ def continuous_job(spec: TableSpec, origin: str) -> dg.JobDefinition:
                 # The reporter's own connection: the engine's is busy in the loop, on another thread.
                 with database.connect() as report_conn:
                     reporter = _BatchReporter(
-                        context, key, describe=lambda: _continuous_metadata(report_conn, spec, table)
+                        context, key, describe=lambda batch: _continuous_metadata(report_conn, spec, table, batch),
                     )
+
+                    def add(worked: dict[int, SyncStats]) -> None:
+                        ledger.settle(worked)
+                        reporter.add(worked)
+
+                    outcome, reason = "failed", None
                     try:
-                        follow_changes(engine, listener, reporter.add, should_stop=lambda: False,
+                        follow_changes(engine, listener, add, should_stop=lambda: metered.exhausted,
                                        on_idle=reporter.flush)
+                        outcome = "succeeded"
+                    except BudgetExceeded as exc:
+                        outcome, reason = "over_budget", str(exc)
+                        raise dg.Failure(description=reason) from exc
                     finally:
                         reporter.close()
+                        ledger.finish(outcome, reason)
             finally:
                 listener.close()
                 engine.close()
@@ -312,22 +452,26 @@ def continuous_job(spec: TableSpec, origin: str) -> dg.JobDefinition:
 
 
 def _continuous_metadata(
-    conn: psycopg.Connection, spec: TableSpec, table: ResolvedTable
-) -> tuple[dict, int | None, float | None]:
-    pending, oldest = change_backlog(conn, table.queue)
-    return store_metadata(conn, spec, table, CONTINUOUS_EXACT_COUNT_UP_TO), pending, oldest
+    conn: psycopg.Connection, spec: TableSpec, table: ResolvedTable, batch: dict[int, SyncStats]
+) -> tuple[dict[str, dict], dict]:
+    """Each partition's figures for a micro-batch, and what all of them share (backlog, store)."""
+    price = price_per_million(spec.provider)
+    buckets = sorted(batch)
+    per_partition = partition_metadata(conn, table, batch, buckets, price, CONTINUOUS_EXACT_COUNT_UP_TO)
+    shared = {**backlog_metadata(*change_backlog(conn, table.queue)), "buckets": len(buckets)}
+    return per_partition, {**shared, **store_metadata(spec, table)}
 
 
 class _BatchReporter:
     """Records micro-batches as materializations of the partitions they touched, about once a
     second, from a thread of its own: writing a dozen events to the instance's storage takes
     longer than embedding a micro-batch, and the loop must not wait for it. Each carries the same
-    metadata as a partition run's: `describe` gives the store's and the backlog's, read once per
-    write."""
+    metadata as a partition run's: `describe` gives each partition's (its bucket's work and size)
+    and what they share (the backlog's, the store's), read once per write."""
 
     def __init__(
         self, context: dg.OpExecutionContext, key: dg.AssetKey,
-        describe: Callable[[], tuple[dict, int | None, float | None]] | None = None,
+        describe: Callable[[dict[int, SyncStats]], tuple[dict[str, dict], dict]] | None = None,
         every_seconds: float = 1.0,
     ) -> None:
         self.context, self.key, self.every_seconds = context, key, every_seconds
@@ -357,26 +501,26 @@ class _BatchReporter:
         self.outbox.put(None)
         self.writer.join(timeout=30)
 
-    def _described(self) -> tuple[dict, int | None, float | None]:
-        if self.describe is None:
-            return {}, None, None
-        try:
-            return self.describe()
-        except psycopg.Error as exc:
-            # The batches are still recorded, without the store's figures: they are the audit trail.
-            self.context.log.warning(f"{self.key.to_user_string()}: could not read the store's figures: {exc}")
-            return {}, None, None
+    def _described(self, batch: dict[int, SyncStats]) -> tuple[dict[str, dict], dict]:
+        if self.describe is not None:
+            try:
+                return self.describe(batch)
+            except psycopg.Error as exc:
+                # The batches are still recorded, without the store's figures: they are the audit trail.
+                self.context.log.warning(f"{self.key.to_user_string()}: could not read the store's figures: {exc}")
+        return {bucket_partition_key(b): work_metadata(s, 0.0) for b, s in batch.items()}, {}
 
     def _write(self) -> None:
         while (batch := self.outbox.get()) is not None:
-            store, pending, oldest = self._described()
-            for bucket, stats in sorted(batch.items()):
+            per_partition, shared = self._described(batch)
+            for bucket in sorted(batch):
+                pk = bucket_partition_key(bucket)
                 self.context.log_event(
                     dg.AssetMaterialization(
                         asset_key=self.key,
-                        partition=bucket_partition_key(bucket),
+                        partition=pk,
                         description="continuous mode micro-batches",
-                        metadata={**run_metadata(stats, 1, pending, oldest), **store, "trigger": "continuous"},
+                        metadata={**shared, **per_partition[pk], "trigger": "continuous"},
                     )
                 )
             # log_event writes each event to the event log at once, and the op context also keeps

@@ -15,6 +15,7 @@ from psycopg import sql
 from orchestration.embedding_assets import bucket_partition_key, continuous_lock_held, embeddings_asset_key, source_asset_key
 from assets.spec import TableSpec
 from assets.status import estimated_rows
+from assets.usage import budget_reached
 
 from .database import PROJECT_DIR, tables_dir
 from .instance import IN_FLIGHT
@@ -124,14 +125,20 @@ def changes_sensor(spec: TableSpec, interval_seconds: int = CHANGES_SENSOR_SECON
             observe = observation_due(cursor)
             source_rows = (estimated_rows(conn, sql.Identifier(spec.source.schema_, spec.source.table))
                            if pending or observe else None)
+            # A run stopped at the table's budget today: another would only fail at its first
+            # request, every minute until midnight. The backlog still ages, and backlog_age says so.
+            over_budget = budget_reached(conn, spec) if pending and spec.budget else None
         all_pending = pending
+        freshness = _freshness_events(spec, all_pending, cursor, observation_due(cursor))
         if spec.continuous:
             # The continuous run drains the log; this sensor only stands in when changes wait
             # longer than it would ever leave them (the run is down, or stopped on purpose).
             pending = [p for p in pending if p[2] > REREQUEST_AFTER_SECONDS]
+        if over_budget:
+            return dg.SensorResult(skip_reason=over_budget, cursor=json.dumps(cursor), asset_events=freshness)
         if not pending and not observe:
             # The common, idle tick: nothing to ask for, so the run storage is not read at all.
-            return dg.SensorResult(skip_reason="no new changes", cursor=json.dumps(cursor))
+            return dg.SensorResult(skip_reason="no new changes", cursor=json.dumps(cursor), asset_events=freshness)
         covered: set[int] = set()
         for run in _in_flight(context.instance, spec, {"changes", "continuous"}) if pending else []:
             record = context.instance.get_run_record_by_id(run.run_id)
@@ -172,7 +179,7 @@ def changes_sensor(spec: TableSpec, interval_seconds: int = CHANGES_SENSOR_SECON
                     **partition,
                 )
             )
-        events = []
+        events: list = list(freshness)
         if requests or observe:
             events.append(_source_observation(spec, all_pending, source_rows))
             cursor["_observed"] = [now]
@@ -202,6 +209,33 @@ def _continuous_run_is_dead(
             return False
     context.instance.report_run_failed(run, f"table {spec.name}: the continuous run's process is gone")
     return True
+
+
+def _freshness_events(spec: TableSpec, pending: list, cursor: dict, due: bool) -> list[dg.AssetCheckEvaluation]:
+    """The backlog_age check, as the sensor sees it on every tick: the table's freshness signal.
+    It is evaluated when the oldest pending change passes max_backlog_seconds, when the backlog
+    is back under it, and with the source's periodic observation, not on every tick (which
+    would flood the event log). Runs and schedules evaluate it too, but a table whose runs keep
+    failing, or whose runs are not started at all, would otherwise never show it late."""
+    oldest = max((age for _, _, age, _ in pending), default=None)
+    late = oldest is not None and oldest > spec.max_backlog_seconds
+    was_late = bool(cursor.get("_backlog_late", [0])[0])
+    if late == was_late and not due:
+        return []
+    cursor["_backlog_late"] = [int(late)]
+    return [
+        dg.AssetCheckEvaluation(
+            asset_key=embeddings_asset_key(spec),
+            check_name="backlog_age",
+            passed=not late,
+            metadata={
+                "pending_changes": sum(n for *_, n in pending),
+                "oldest_change_seconds": round(oldest or 0.0, 1),
+                "max_backlog_seconds": spec.max_backlog_seconds,
+                "evaluated_by": "change sensor",
+            },
+        )
+    ]
 
 
 def _source_observation(spec: TableSpec, pending: list, source_rows: int | None) -> dg.AssetObservation:
@@ -290,6 +324,12 @@ def continuous_keeper(spec: TableSpec, job: dg.JobDefinition, interval_seconds: 
             )
         if runs:
             return dg.SensorResult(skip_reason="waiting for the earlier continuous run to stop")
+        if spec.budget is not None:
+            # A run stopped at the budget today: a new one would stop at its first paid request.
+            with database.pooled() as conn:
+                over_budget = budget_reached(conn, spec)
+            if over_budget:
+                return dg.SensorResult(skip_reason=over_budget)
         failures, wait = _restart_wait(context.instance, job.name, time.time())
         if wait > 0:
             return dg.SensorResult(

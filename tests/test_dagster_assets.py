@@ -124,11 +124,14 @@ def test_change_sensor_requests_only_buckets_with_new_changes(instance, declared
     assert set().union(*(requested_buckets(r) for r in first.run_requests)) == pending
     assert all(r.run_config["ops"] for r in first.run_requests)
     assert all(r.asset_check_keys == [] for r in first.run_requests)  # drains skip the store scans
-    # The source asset is observed with its backlog when changes are requested.
-    [observation] = first.asset_events
+    # The source asset is observed with its backlog when changes are requested, and the freshness
+    # check (backlog_age) is evaluated with it.
+    [observation] = [e for e in first.asset_events if isinstance(e, dg.AssetObservation)]
     assert observation.asset_key == source_asset_key(spec)
     assert observation.metadata["pending_changes"].value >= 40
-    # nothing new: no request
+    [freshness] = [e for e in first.asset_events if isinstance(e, dg.AssetCheckEvaluation)]
+    assert freshness.check_name == "backlog_age" and freshness.passed
+    # nothing new: no request, and no event (the backlog is still within its limit)
     second = tick(first.cursor)
     assert second.run_requests == [] and second.asset_events == []
     # one new change: exactly its bucket
