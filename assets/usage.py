@@ -342,6 +342,7 @@ def rows_to_visit(conn: psycopg.Connection, table: ResolvedTable, buckets: list[
     """About how many source rows a run over `buckets` will read, for its progress bar: the keys
     pending in their change log, and every row of the buckets it sweeps (all of them when `full`,
     else those with a sweep request pending, as after an install or a TRUNCATE)."""
+    table = table.with_parameters()  # the statements below take parameters: a % in a name is doubled
     pending, marked = conn.execute(
         sql.SQL(
             "SELECT coalesce(sum(cardinality(row_keys)), 0)::bigint, "

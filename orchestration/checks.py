@@ -166,13 +166,13 @@ def embeddings_checks(spec: TableSpec) -> list[dg.AssetChecksDefinition]:
         chunks, wrong_dims, zero, not_finite = conn.execute(
             sql.SQL(
                 """SELECT count(*),
-                          count(*) FILTER (WHERE vector_dims(embedding::vector) <> %s),
+                          count(*) FILTER (WHERE vector_dims(embedding::vector) <> {dimensions}),
                           count(*) FILTER (WHERE vector_norm(embedding::vector) = 0),
                           count(*) FILTER (WHERE vector_norm(embedding::vector) IN
                                            ('NaN'::float8, 'Infinity'::float8))
-                   FROM {}"""
-            ).format(_store(spec)),
-            (spec.provider.dimensions,),
+                   FROM {store}"""
+                # A literal, not a parameter: psycopg would read a % in the store's name as one.
+            ).format(store=_store(spec), dimensions=sql.Literal(spec.provider.dimensions)),
         ).fetchone()
         return dg.AssetCheckResult(
             passed=wrong_dims == zero == not_finite == 0,

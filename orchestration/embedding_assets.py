@@ -277,14 +277,16 @@ def partition_metadata(
     # the chunks numbered 0, which the index does not hold: counted from the table for a small
     # bucket, and above ROWS_COUNTED_UP_TO chunks (about 0.2 s of reading per 30,000 chunks)
     # taken as its chunks times the share of chunk 0 among all chunks, from the planner's statistics.
+    # Statements with parameters: a % in the store's name must be doubled (ResolvedTable.with_parameters).
+    store = table.with_parameters().store
     chunks = dict(conn.execute(
-        sql.SQL("SELECT bucket, count(*) FROM {} WHERE bucket = ANY(%s) GROUP BY bucket").format(table.store),
+        sql.SQL("SELECT bucket, count(*) FROM {} WHERE bucket = ANY(%s) GROUP BY bucket").format(store),
         (buckets,),
     ).fetchall())
     small = [b for b in buckets if chunks.get(b, 0) <= ROWS_COUNTED_UP_TO]
     rows = dict(conn.execute(
         sql.SQL("SELECT bucket, count(*) FROM {} WHERE bucket = ANY(%s) AND chunk_seq = 0 GROUP BY bucket").format(
-            table.store),
+            store),
         (small,),
     ).fetchall()) if small else {}
     share = _first_chunk_share(conn, table) if len(small) < len(buckets) else 1.0
