@@ -252,7 +252,8 @@ def cpu_snapshot(root: psutil.Process, postmaster: psutil.Process | None) -> dic
     under `root` and of PostgreSQL. Processes that already ended (a run worker, a backend that
     served one connection) count under their parent's children times, with the role they had:
     a code server's ended children are run workers, the postmaster's are backends and autovacuum
-    workers. The difference of two snapshots (cpu_used) is what each role used in between."""
+    workers (keyed by the parent's pid negated). The difference of two snapshots (cpu_used) is
+    what each role used in between."""
     now: dict[tuple[int, str], float] = {}
 
     def add(process: psutil.Process, role: str, reaped_role: str | None) -> None:
@@ -262,7 +263,8 @@ def cpu_snapshot(root: psutil.Process, postmaster: psutil.Process | None) -> dic
             return
         now[(process.pid, role)] = now.get((process.pid, role), 0.0) + times.user + times.system
         if reaped_role is not None:
-            now[(process.pid, reaped_role)] = times.children_user + times.children_system
+            # Keyed by -pid: the time of this process's ended children, not of the process.
+            now[(-process.pid, reaped_role)] = times.children_user + times.children_system
 
     processes = [root]
     try:

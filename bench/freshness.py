@@ -120,7 +120,7 @@ def _phase(ctx: Context, base_url: str, continuous: bool, work: Path, commit_tim
         cpu_after = cpu_snapshot(stack, postmaster)
         threads_after, sessions_after = thread_times(stack), sessions_and_commits(conn)
         cpu_inserting = by_role(cpu_used(cpu_before, cpu_after))
-        roles = {pid: role for (pid, role) in cpu_after if not role.startswith("postgres") and "ended" not in role}
+        roles = {pid: role for (pid, role) in cpu_after if pid > 0 and not role.startswith("postgres")}
         # In % of a core: which thread of which process (the run worker's loop, its event
         # reporter, the daemon's daemons) used the CPU while rows came in.
         threads_used = dict(list(cpu_by_thread(threads_before, threads_after, insert_seconds, roles).items())[:20])

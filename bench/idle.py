@@ -299,7 +299,7 @@ def _configuration(ctx: Context, base_url: str, work: Path, tables: int, continu
         total = round(sum(percent.values()), 2)
         per_process = sorted(
             ((pid, role, round(100 * s / window, 2)) for (pid, role), s in used.items()
-             if not role.startswith("postgres") and "ended" not in role),
+             if pid > 0 and not role.startswith("postgres")),
             key=lambda x: -x[2])
         commands = {}
         for pid, role, _ in per_process:
