@@ -241,10 +241,11 @@ def postmaster_of(url: str) -> psutil.Process | None:
     """The postmaster of the server at `url`, when it runs on this machine: the parent of a backend."""
     with psycopg.connect(url, autocommit=True) as conn:
         backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
-    try:
-        return psutil.Process(backend).parent()
-    except psutil.Error:
-        return None
+        # While the connection is open: its backend ends with it.
+        try:
+            return psutil.Process(backend).parent()
+        except psutil.Error:
+            return None
 
 
 def cpu_snapshot(root: psutil.Process, postmaster: psutil.Process | None) -> dict[tuple[int, str], float]:
