@@ -87,7 +87,7 @@ def _settings_are_vectorsyncs(instance: dg.DagsterInstance) -> None:
     assert monitoring["free_slots_after_run_end_seconds"] == FREE_SLOTS_AFTER_RUN_END_SECONDS
     concurrency = instance.get_concurrency_config()
     assert concurrency.pool_config.default_pool_limit == 2
-    assert concurrency.run_queue_config.max_concurrent_runs == 4
+    assert concurrency.run_queue_config.max_concurrent_runs == 16
 
 
 def test_the_dagster_yaml_for_an_external_server_loads_and_takes_its_password_from_env(
