@@ -100,12 +100,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     spec, origin = _find(args, args.name)
     try:
         with connect() as conn:
-            resolve(conn, spec, origin)
+            table = resolve(conn, spec, origin)
             require_installed(conn, spec)  # before the service or a model load: one clear error line
-        hits = _search_by_service(args, spec, where)
-        if hits is None:  # no service runs for this database and declaration: load the model here
-            with connect() as conn:
-                table = resolve(conn, spec, origin)
+            hits = _search_by_service(args, spec, where)
+            if hits is None:  # no service runs for this database and declaration: load the model here
                 provider = provider_for(spec.provider)
                 if args.hybrid:
                     hits = hybrid_search(conn, table, provider, args.query, k=args.k, where=where,

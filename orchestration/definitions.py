@@ -20,7 +20,7 @@ import dagster as dg
 from assets.declarations import load_declarations_isolated
 from assets.spec import TableSpec
 
-from .components import EmbeddingTable
+from .components import embedding_table_definitions
 from .database import tables_dir
 from .embedding_assets import source_asset_key
 from .names import dagster_name_part
@@ -82,7 +82,7 @@ def build_definitions(directory: Path) -> dg.Definitions:
         key = source_asset_key(spec)
         try:
             # Two tables (two models, say) may embed one source table: it is declared once.
-            parts.append(EmbeddingTable(spec, origin, include_source=key not in seen_sources).build_defs(None))
+            parts.append(embedding_table_definitions(spec, origin, include_source=key not in seen_sources))
             seen_sources.add(key)
         except Exception as exc:  # noqa: BLE001 - any failure of one table stays that table's
             failures.append((exc, origin))

@@ -50,7 +50,7 @@ from .corpus import load_python_docs
 from .database import PROJECT_DIR, connect, database_url, release_dead_handles, tables_dir
 from .instance import prepare_instance
 from .names import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
-from .processes import stop_process_group
+from .processes import finish_process_group
 from .progress import ProgressDisplay, Reading
 from .resources import database_resource
 
@@ -357,7 +357,7 @@ def serve_ui(port: int) -> int:
     status = child.wait()
     # `dagster dev` may return while its webserver, daemon or code servers are still shutting
     # down: the demo has stopped only once every process it started has.
-    stop_process_group(child.pid)
+    finish_process_group(child.pid)
     # Then the embedded server stops with this process, its last live user (see database.py).
     release_dead_handles()
     return status

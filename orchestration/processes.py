@@ -24,7 +24,7 @@ def group_alive(pgid: int) -> bool:
     return False
 
 
-def stop_process_group(pgid: int, wait_seconds: float = GROUP_STOP_SECONDS) -> bool:
+def finish_process_group(pgid: int, wait_seconds: float = GROUP_STOP_SECONDS) -> bool:
     """Wait for the group's processes to end by themselves (they were asked to stop), then kill
     what is left. Returns whether the group ended without being killed."""
     deadline = time.monotonic() + wait_seconds

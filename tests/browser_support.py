@@ -20,7 +20,7 @@ from pathlib import Path
 
 from websockets.sync.client import ClientConnection, connect
 
-from orchestration.processes import group_alive
+from orchestration.processes import finish_process_group, group_alive
 
 CHROMIUM_FLAGS = (
     "--headless",
@@ -215,13 +215,7 @@ def stop_process_group(process: subprocess.Popen, grace: float = 60, sig: int = 
             pass
     # Children (the daemon, the code server, renderers) can outlive their parent: give them a
     # moment to finish their own shutdown, then sweep the group.
-    deadline = time.monotonic() + min(grace, 15)
-    while time.monotonic() < deadline and group_alive(process.pid):
-        time.sleep(0.5)
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    finish_process_group(process.pid, wait_seconds=min(grace, 15))
     try:
         process.wait(timeout=10)
     except subprocess.TimeoutExpired:
