@@ -43,6 +43,7 @@ CHANGE_RUN_TRUST_SECONDS = 300.0
 # The source asset is observed at least this often (and whenever changes are requested).
 SOURCE_OBSERVATION_SECONDS = 600.0
 NO_NEW_CHANGES = "no new changes"
+NOT_INSTALLED = "not installed; run `vectorsync install`"
 # How often failed runs are copied into vectorsync.run_failures.
 RUN_FAILURES_SENSOR_SECONDS = 60
 
@@ -142,10 +143,15 @@ def tables_sensor(tables: Sequence[SensedTable], interval_seconds: int = TABLES_
                 context.log.info(f"{', '.join(names)}: {reason}")
         if requests:
             return dg.SensorResult(run_requests=requests, cursor=json.dumps(cursor), asset_events=events)
-        summary = "; ".join(f"{', '.join(names)}: {reason}" for reason, names in reasons.items())
+        summary = "; ".join(f"{_listed(names)}: {reason}" for reason, names in reasons.items())
         return dg.SensorResult(skip_reason=summary or "no tables", cursor=json.dumps(cursor), asset_events=events)
 
     return _sensor
+
+
+def _listed(names: list[str], at_most: int = 10) -> str:
+    # A skip reason is shown in one line of the UI: a thousand idle tables are a count.
+    return ", ".join(names) if len(names) <= at_most else f"{', '.join(names[:at_most])} and {len(names) - at_most} more"
 
 
 def _table_tick(
@@ -155,15 +161,11 @@ def _table_tick(
     if not spec.sensor:
         return TableTick([], [], "left out (`sensor: false` in its declaration)")
     changes = _table_changes(context, database, table, cursor)
-    if table.continuous_job is None or changes.reason == _not_installed(spec):
+    if table.continuous_job is None or changes.reason == NOT_INSTALLED:
         return changes
     started, kept = keep_continuous(context, database, spec, table.continuous_job.name)
     # The continuous run's state is the news; a stand-in change run is asked for only when it is down.
     return TableTick(changes.requests + started, changes.events, None if changes.requests or started else kept)
-
-
-def _not_installed(spec: TableSpec) -> str:
-    return "not installed; run `vectorsync install`"
 
 
 def _table_changes(
@@ -176,7 +178,7 @@ def _table_changes(
     queue = sql.Identifier("vectorsync", spec.queue_name)
     with database.pooled() as conn:
         if conn.execute("SELECT to_regclass(%s)", (f"vectorsync.{spec.queue_name}",)).fetchone()[0] is None:
-            return TableTick([], [], _not_installed(spec))
+            return TableTick([], [], NOT_INSTALLED)
         pending = conn.execute(
             sql.SQL(
                 # Keys, not entries: a bulk statement logs one entry per bucket for all its keys.
