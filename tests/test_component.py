@@ -126,7 +126,7 @@ def test_any_postgresql_identifier_loads_and_one_bad_table_never_takes_the_other
     keys = {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()}
     for i in range(len(HOSTILE)):
         assert f"embeddings/hostile_{i}" in keys
-        assert repo.has_job_def(f"hostile_{i}_changes")
+        assert repo.has_job(f"hostile_{i}_changes")
         assert repo.has_schedule_def(f"hostile_{i}_reconcile")
     # One tables sensor for every declaration file, starting each table's change runs.
     assert sorted(s.name for s in repo.sensor_defs) == ["vectorsync_run_failures", "vectorsync_tables"]
