@@ -354,8 +354,10 @@ def test_one_tables_sensor_gives_each_table_its_own_runs_tags_and_reasons(instan
     left_out, _ = declare(conn, rows=12, sensor=False)
     continuous, _ = declare(conn, rows=3, continuous=True)
     broken, _ = declare(conn, rows=3)
-    # A change log that cannot be read: that table's tick fails, the others' do not.
-    conn.execute(sql.SQL("ALTER TABLE {} RENAME COLUMN queued_at TO queued").format(
+    # A change log locked by a long statement elsewhere: that table's part of the tick fails after
+    # the sensor's lock timeout, the others' do not wait for it.
+    locker = psycopg.connect(db_url)
+    locker.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(
         sql.Identifier("vectorsync", broken.queue_name)))
     uninstalled = parse_spec({"name": unique("orc"), "source": "public.nowhere", "columns": ["body"]}, "test.yaml")
     tables = [SensedTable(changed, changes_job(changed)), SensedTable(left_out, changes_job(left_out)),
@@ -370,7 +372,9 @@ def test_one_tables_sensor_gives_each_table_its_own_runs_tags_and_reasons(instan
         with dg.build_sensor_context(instance=instance, definitions=defs, cursor=cursor, resources=resources) as context:
             return sensor(context)
 
+    started_at = time.monotonic()
     first = tick()
+    assert time.monotonic() - started_at < 30
     by_table: dict[str, list[dg.RunRequest]] = {}
     for request in first.run_requests:
         by_table.setdefault(request.tags["vectorsync/table"], []).append(request)
@@ -394,4 +398,5 @@ def test_one_tables_sensor_gives_each_table_its_own_runs_tags_and_reasons(instan
     assert f"{changed.name}: every bucket with changes has a run" in reason
     assert f"{left_out.name}: left out (`sensor: false`" in reason
     assert f"{uninstalled.name}: not installed" in reason
-    assert f"{broken.name}: failed: UndefinedColumn" in reason
+    assert f"{broken.name}: failed: LockNotAvailable" in reason
+    locker.close()
