@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import psycopg
 import pytest
+import yaml
 from conftest import TableFixture, unique
 from openai_server import EMBEDDING_PATHS, OpenAIServer
 from psycopg import sql
@@ -239,8 +240,6 @@ def test_a_killed_run_is_resumed_with_the_same_batch(
                  .format(sql.Identifier(schema, "docs")))
     tables = tmp_path / "tables"
     tables.mkdir()
-    import yaml
-
     (tables / "docs.yaml").write_text(yaml.safe_dump(_declaration(schema, name, server.base_url)))
     env = {**os.environ, "DATABASE_URL": db_url}
     cli = [sys.executable, "-m", "orchestration.cli", "--tables", str(tables)]
@@ -273,7 +272,9 @@ def test_a_killed_run_is_resumed_with_the_same_batch(
     (job,) = _jobs(conn, name)
     assert job["batch_id"] == made["id"] and job["state"] == "done"
     assert server.batches.lines_embedded == 80 and _embedded_texts(server) == []
-    assert conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, f"{name}_embeddings")))
+    spec = parse_spec(_declaration(schema, name, server.base_url), "test")
+    store = sql.Identifier(spec.store_schema, spec.store_name)
+    assert conn.execute(sql.SQL("SELECT count(*) FROM {}").format(store)).fetchone()[0] == 80
 
 
 def _polled(server: OpenAIServer) -> bool:
