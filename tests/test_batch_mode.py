@@ -279,3 +279,51 @@ def test_a_killed_run_is_resumed_with_the_same_batch(
 
 def _polled(server: OpenAIServer) -> bool:
     return any(r.method == "GET" and r.path.startswith("/v1/batches/") for r in server.requests)
+
+
+def test_a_dagster_run_tagged_for_batch_mode_sends_a_batch_and_the_next_run_stores_it(
+    db_url: str, conn: psycopg.Connection, server: OpenAIServer, tmp_path: Path
+) -> None:
+    """The tag vectorsync/mode=batch (what a UI backfill carries to each of its runs) sends the
+    partition's rows as a batch; the next run stores them and shows their cost at the batch rate."""
+    import dagster as dg
+
+    from assets.install import install
+    from orchestration.embedding_assets import BATCH_MODE_TAG, embeddings_asset, embeddings_asset_key
+    from orchestration.instance import prepare_instance
+    from orchestration.resources import VectorsyncDatabase
+
+    schema = unique("dgb")
+    conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    conn.execute(sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, body text)").format(sql.Identifier(schema, "docs")))
+    conn.execute(sql.SQL("INSERT INTO {} SELECT i, 'row ' || i || ' says something' FROM generate_series(1, 30) i")
+                 .format(sql.Identifier(schema, "docs")))
+    spec = parse_spec(_declaration(schema, unique("dgb"), server.base_url, buckets=1), "test.yaml")
+    install(conn, [(spec, "test.yaml")])
+    asset = embeddings_asset(spec, "test.yaml")
+    resources = {"database": VectorsyncDatabase(url=db_url)}
+    home = prepare_instance(db_url, tmp_path / "dagster_home")
+    server.batches.hold = True
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        sent = dg.materialize([asset], instance=instance, partition_key="000", resources=resources,
+                              tags={BATCH_MODE_TAG: "batch"})
+        assert sent.success
+        assert instance.get_run_by_id(sent.run_id).tags["vectorsync/batches_submitted"] == "1"
+        assert len(server.batches.created()) == 1 and _embedded_texts(server) == []
+        server.batches.hold = False
+        for _ in range(3):  # the ordinary runs after it: poll, then collect and store
+            stored = dg.materialize([asset], instance=instance, partition_key="000", resources=resources)
+            assert stored.success
+            if instance.get_run_by_id(stored.run_id).tags["vectorsync/rows_written"] == "30":
+                break
+        else:
+            raise AssertionError("the batch was never stored")
+        tags = instance.get_run_by_id(stored.run_id).tags
+        (job,) = _jobs(conn, spec.name)
+        assert int(tags["vectorsync/batch_tokens"]) == job["tokens"] == 30 * 4
+        half = round(job["tokens"] * SMALL_PRICE / 2 / 1e6, 6)  # figures keep six decimals
+        assert float(tags["vectorsync/batch_cost_usd"]) == float(tags["vectorsync/batch_saved_usd"]) == half
+        materialization = instance.get_latest_materialization_event(embeddings_asset_key(spec))
+        metadata = materialization.asset_materialization.metadata
+        assert metadata["batch_tokens"].value == job["tokens"]
+    assert _embedded_texts(server) == []
