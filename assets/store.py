@@ -68,7 +68,9 @@ class Store:
         """Stored vectors of these texts under the current model: the embedding cache."""
         if not hashes:
             return {}
-        cur = self.conn.execute(self._vectors, {"h": hashes, "m": self.fingerprint})
+        # Binary results: pgvector reads a binary vector with one frombuffer, its text form float by
+        # float (1.6 s per 20,000 vectors of 256 dimensions, measured).
+        cur = self.conn.execute(self._vectors, {"h": hashes, "m": self.fingerprint}, binary=True)
         return {bytes(h): _as_array(v) for h, v in cur}
 
     def delete(self, key_jsons: list[str]) -> set[str]:
