@@ -14,7 +14,7 @@ the next batches "failed", "expired" (after `expire_after_lines` lines were done
 are kept, as the real API keeps them) or "cancelled"; `line_fails(text)` fails a line (HTTP 500
 in the error file); the server's poison predicate fails a line with HTTP 400; `hold_create` makes
 POST /v1/batches wait, after the batch was made, until the event is set (a client killed then
-never learns the batch's id). The vectors of a line are the embeddings endpoint's own.
+never learns the batch's id); `refuse_uploads` answers the next uploads with HTTP 400. The vectors of a line are the embeddings endpoint's own.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class BatchDesk:
         self.expire_after_lines = 0
         self.line_fails: Callable[[str], bool] | None = None
         self.hold_create: threading.Event | None = None
+        self.refuse_uploads = 0  # the next uploads answered HTTP 400
         self.lines_embedded = 0  # inputs embedded through batches, for assertions
 
     @staticmethod
@@ -92,6 +93,10 @@ class BatchDesk:
     # ---------------------------------------------------------------------------------------------
 
     def _upload(self, content_type: str, raw: bytes) -> tuple[int, bytes, dict[str, str]]:
+        with self._lock:
+            if self.refuse_uploads > 0:
+                self.refuse_uploads -= 1
+                return _error(400, "injected upload refusal")
         message = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw)
         fields: dict[str, Any] = {}
         filename = "upload"

@@ -226,6 +226,32 @@ def test_rows_changed_or_deleted_while_their_batch_is_pending(make_batch_table, 
     assert table.pending() == 0
 
 
+def test_a_job_whose_upload_never_happened_is_dropped_and_sent_anew(make_batch_table, server: OpenAIServer) -> None:
+    """A run that died (here: failed) before its upload leaves a job with nothing sent: the next
+    run drops it and sends its own, and no text is paid for twice."""
+    from assets.providers.base import ProviderError
+
+    table = make_batch_table(20)
+    server.batches.refuse_uploads = 1
+    with pytest.raises(ProviderError, match="upload refusal"):
+        _sync_all(table, full=True, batch=True)
+    (job,) = _jobs(table.conn, table.spec.name)
+    assert job["state"] == "preparing" and not server.batches.created()
+    _sync_all(table, full=True, batch=True)
+    (job,) = _jobs(table.conn, table.spec.name)
+    assert job["state"] == "submitted" and len(server.batches.created()) == 1
+    _sync_until_collected(table)
+    assert len(_stored_vectors(table)) == 20 and _embedded_texts(server) == []
+
+
+def test_batch_mode_is_refused_for_a_provider_without_a_batch_api() -> None:
+    from assets.spec import SpecError
+
+    with pytest.raises(SpecError, match="backfill.mode: batch needs provider.kind openai"):
+        parse_spec({"name": "local_batch", "source": "public.docs", "columns": ["body"],
+                    "backfill": {"mode": "batch"}}, "test.yaml")
+
+
 @pytest.mark.parametrize("window", ["while_creating", "while_waiting"])
 def test_a_killed_run_is_resumed_with_the_same_batch(
     tmp_path: Path, db_url: str, conn: psycopg.Connection, server: OpenAIServer, window: str
