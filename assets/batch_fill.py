@@ -33,6 +33,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import IO
 
 import psycopg
 from psycopg import sql
@@ -279,7 +280,8 @@ class BatchFill:
                 sent = True
         return sent
 
-    def _send(self, buckets: list[int], items: list[tuple[bytes, int, int]], file, stats: dict[int, SyncStats]) -> None:  # type: ignore[no-untyped-def]
+    def _send(self, buckets: list[int], items: list[tuple[bytes, int, int]], file: IO[bytes],
+              stats: dict[int, SyncStats]) -> None:
         """Record the job, its items and the buckets' sweep requests; upload; create the batch."""
         with self.conn.transaction():
             job_id = self.conn.execute(
