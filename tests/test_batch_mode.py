@@ -244,6 +244,36 @@ def test_a_job_whose_upload_never_happened_is_dropped_and_sent_anew(make_batch_t
     assert len(_stored_vectors(table)) == 20 and _embedded_texts(server) == []
 
 
+def test_the_least_privilege_run_role_can_send_and_collect_a_batch(
+    make_batch_table, server: OpenAIServer, conn: psycopg.Connection, db_url: str
+) -> None:
+    from psycopg.conninfo import make_conninfo
+
+    from assets.engine import EmbeddingEngine
+    from assets.grants import grant_run_role
+
+    table = make_batch_table(20)
+    role = unique("vs_batch_runner")
+    conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    try:
+        grant_run_role(conn, [table.table], role)
+        with psycopg.connect(make_conninfo(db_url, user=role), autocommit=True) as as_role:
+            provider = OpenAICompatibleProvider(table.spec.provider)
+            engine = EmbeddingEngine(as_role, table.table, provider)
+            try:
+                engine.sync_buckets(range(4), full=True, batch=True)
+                for _ in range(3):
+                    engine.sync_buckets(range(4))
+            finally:
+                engine.close()
+                provider.close()
+        assert len(_stored_vectors(table)) == 20 and _embedded_texts(server) == []
+        assert _jobs(conn, table.spec.name)[0]["state"] == "done"
+    finally:
+        conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
 def test_batch_mode_is_refused_for_a_provider_without_a_batch_api() -> None:
     from assets.spec import SpecError
 
