@@ -270,8 +270,8 @@ class RunLedger:
         if not self.enabled:
             return 0.0
         return self.conn.execute(
-            sql.SQL("""SELECT coalesce(sum(cost_usd), 0) FROM vectorsync.runs
-                       WHERE table_name = %(name)s AND updated_at >= date_trunc('day', now(), 'UTC')""")
+            sql.SQL("""SELECT (SELECT coalesce(sum(cost_usd), 0) FROM vectorsync.runs
+                       WHERE table_name = %(name)s AND updated_at >= date_trunc('day', now(), 'UTC'))""")
             + _batch_spend_since(self.conn, sql.SQL("date_trunc('day', now(), 'UTC')")),
             {"name": self.spec.name},
         ).fetchone()[0]

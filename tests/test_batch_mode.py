@@ -139,7 +139,7 @@ def test_a_completed_batch_stores_the_synchronous_vectors_without_a_synchronous_
 
 
 def test_batch_lines_are_billed_at_half_the_list_price(make_batch_table, server: OpenAIServer) -> None:
-    table = make_batch_table(60)
+    table = make_batch_table(60, budget={"daily_usd": 1.0})
     _sync_all(table, full=True, batch=True)
     figures: dict = {}
     for _ in range(5):
@@ -154,6 +154,11 @@ def test_batch_lines_are_billed_at_half_the_list_price(make_batch_table, server:
     assert spend.tokens_day == job["tokens"]
     assert spend.cost_day == pytest.approx(job["cost_usd"])
     assert spend.saved_month == pytest.approx(job["tokens"] * SMALL_PRICE / 2 / 1e6)
+    # The daily budget counts the batch's cost as today's spend.
+    from assets.usage import RunLedger
+
+    ledger = RunLedger(table.conn, unique("run"), table.spec, "test", [0])
+    assert ledger.metered(table.engine.provider).spent_elsewhere == pytest.approx(job["cost_usd"])
 
 
 def test_a_failed_line_goes_the_ordinary_way_and_a_bad_input_to_the_ledger(
