@@ -52,6 +52,15 @@ class Page:
     keys: list[str] = field(default_factory=list)
     has_chunks: set[str] = field(default_factory=set)
     has_failures: set[str] = field(default_factory=set)
+    # Called once this page and every page before it are written (the engine releases a bucket's
+    # lock here). A page with nothing else in it is only this marker: no statement, no room taken.
+    after_write: Callable[[], None] | None = None
+    # Every page before this one is written before any page after it is read: a key read again
+    # while an earlier page still has it in flight is written twice (see _prepare).
+    flush: bool = False
+
+    def is_marker(self) -> bool:
+        return not self.rows and not self.absent and not self.change_ids
 
     def of(self, bucket: int) -> SyncStats:
         return self.stats.setdefault(bucket, SyncStats())
@@ -97,17 +106,25 @@ class Pipeline:
         were read, as soon as their requests are done; at most max_pages are in flight.
         Returns how many pages were processed."""
         inflight: deque[Page] = deque()
-        done = 0
+        done = unwritten = 0  # pages, markers not counted
+
+        def finish_oldest() -> None:
+            nonlocal done, unwritten
+            page = inflight.popleft()
+            if not page.is_marker():
+                done, unwritten = done + 1, unwritten - 1
+            self._finish(page, stats)
+
         try:
             for page in pages:
-                self._prepare(page)
+                if not page.is_marker():
+                    self._prepare(page)
+                    unwritten += 1
                 inflight.append(page)
-                while inflight and (len(inflight) >= self.max_pages or inflight[0].ready()):
-                    self._finish(inflight.popleft(), stats)
-                    done += 1
+                while inflight and (unwritten >= self.max_pages or inflight[0].ready() or page.flush):
+                    finish_oldest()
             while inflight:
-                self._finish(inflight.popleft(), stats)
-                done += 1
+                finish_oldest()
         except BaseException:
             # Nothing of an unwritten page is cleared: its changes stay in the log for the next run.
             futures = [b.future for page in inflight for b in page.batches() if b.future is not None]
@@ -251,6 +268,10 @@ class Pipeline:
 
     def _finish(self, page: Page, stats: dict[int, SyncStats]) -> None:
         """Wait for the requests the page needs, then write it in one short transaction."""
+        if page.is_marker():
+            if page.after_write is not None:
+                page.after_write()
+            return
         try:
             if self._open is not None and any(b is self._open for b in page.batches()):
                 self._send_open()
@@ -290,6 +311,8 @@ class Pipeline:
             stats[bucket].merge(s)
         if self.on_page is not None:
             self.on_page(page.stats)
+        if page.after_write is not None:
+            page.after_write()
 
     def _release(self, page: Page) -> None:
         """The page is written (or abandoned): a request no unwritten page needs any more is
