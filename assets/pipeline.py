@@ -29,7 +29,7 @@ from .sync_stats import SyncStats
 from .template import RenderError, render
 from .text import chunk, fit_to_token_limit, text_hash
 
-# A cap on the pipeline's read-ahead, in source rows (see Pipeline.max_pages).
+# A cap on the pipeline's read-ahead, in source rows (see Pipeline.max_rows).
 _MAX_ROWS_IN_FLIGHT = 20_000
 
 
@@ -62,6 +62,10 @@ class Page:
     def is_marker(self) -> bool:
         return not self.rows and not self.absent and not self.change_ids
 
+    def size(self) -> int:
+        """Rows, for the read-ahead's count (at least 1: every page takes room)."""
+        return max(1, len(self.rows) + len(self.absent))
+
     def of(self, bucket: int) -> SyncStats:
         return self.stats.setdefault(bucket, SyncStats())
 
@@ -85,12 +89,14 @@ class Pipeline:
         self.fingerprint = spec.fingerprint
         self._template = spec.template_parts
         self._pool = ThreadPoolExecutor(max_workers=provider.max_concurrency)
-        # Pages in flight: enough requests queued to keep every concurrent slot busy three times
-        # over (so slots never idle while the oldest page is written and the next ones are read),
-        # at least two pages (the next page is prepared while the provider works on this one), and
-        # at most _MAX_ROWS_IN_FLIGHT rows: memory stays bounded whatever a bucket holds.
+        # Rows in flight (read, not yet written): enough requests queued to keep every concurrent
+        # slot busy three times over (so slots never idle while the oldest page is written and the
+        # next ones are read), at least two full pages (the next page is prepared while the
+        # provider works on this one), and at most _MAX_ROWS_IN_FLIGHT: memory stays bounded
+        # whatever a bucket holds. Counted in rows, not pages: a run reads bucket by bucket, and
+        # a bucket's last page (every page of a small bucket) is short.
         per_page = max(1, -(-spec.page_size // max(1, provider.max_inputs_per_request)))
-        self.max_pages = min(
+        self.max_rows = spec.page_size * min(
             max(2, -(-3 * provider.max_concurrency // per_page)),
             max(2, _MAX_ROWS_IN_FLIGHT // spec.page_size),
         )
@@ -103,25 +109,25 @@ class Pipeline:
 
     def run(self, pages: Iterator[Page], stats: dict[int, SyncStats]) -> int:
         """Prepare each page (requests submitted) as it is read, and write pages in the order they
-        were read, as soon as their requests are done; at most max_pages are in flight.
+        were read, as soon as their requests are done; at most max_rows are in flight.
         Returns how many pages were processed."""
         inflight: deque[Page] = deque()
-        done = unwritten = 0  # pages, markers not counted
+        done = unwritten = 0  # pages written, rows in flight
 
         def finish_oldest() -> None:
             nonlocal done, unwritten
             page = inflight.popleft()
             if not page.is_marker():
-                done, unwritten = done + 1, unwritten - 1
+                done, unwritten = done + 1, unwritten - page.size()
             self._finish(page, stats)
 
         try:
             for page in pages:
                 if not page.is_marker():
                     self._prepare(page)
-                    unwritten += 1
+                    unwritten += page.size()
                 inflight.append(page)
-                while inflight and (unwritten >= self.max_pages or inflight[0].ready() or page.flush):
+                while inflight and (unwritten >= self.max_rows or inflight[0].ready() or page.flush):
                     finish_oldest()
             while inflight:
                 finish_oldest()
