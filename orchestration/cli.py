@@ -204,8 +204,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
         metered.on_request = on_request
         outcome, reason = "failed", None
         try:
-            # All buckets in one pass, as a run's sweep does: bucket after bucket would let the
-            # provider's concurrency idle at every bucket's end (a small bucket fills one request).
+            # All buckets in one call, as a run's sweep does: one sync_bucket call per bucket would
+            # let the provider's concurrency idle at every bucket's end (a small bucket fills one request).
             ledger.settle(engine.sync_buckets(buckets, full=args.full, should_stop=lambda: metered.exhausted))
             outcome = "succeeded"
         except BudgetExceeded as exc:
