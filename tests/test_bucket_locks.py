@@ -52,17 +52,16 @@ def _buckets_held(conn: psycopg.Connection, by: psycopg.Connection) -> set[int]:
 
 class _Run:
     """One run on its own connection and thread; its first provider request blocks until
-    `release` is set (after setting `blocked`), and `on_bucket_written(b)` is set as pages of
-    bucket b are written."""
+    `release` is set (after setting `blocked`), and `written[b]` is set once a page of bucket b
+    is written."""
 
-    def __init__(self, db_url: str, t, local_provider, buckets: list[int], lock_wait_seconds: float = WAIT,
-                 block: bool = True) -> None:
+    def __init__(self, db_url: str, t, local_provider, buckets: list[int], block: bool = True) -> None:
         self.conn = psycopg.connect(db_url, autocommit=True)
         self.provider = RecordingProvider(local_provider)
         self.blocked, self.release = threading.Event(), threading.Event()
         if block:
             self.provider.during_request = self._block
-        self.engine = EmbeddingEngine(self.conn, t.table, self.provider, lock_wait_seconds=lock_wait_seconds)
+        self.engine = EmbeddingEngine(self.conn, t.table, self.provider, lock_wait_seconds=WAIT)
         self.written: dict[int, threading.Event] = {b: threading.Event() for b in buckets}
         self.engine.on_page = self._page_written
         self.buckets = buckets
