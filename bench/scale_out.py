@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import psycopg
 from psycopg import sql
+
+from assets.catalog import ResolvedTable
 
 from bench.common import (
     Benchmark,
@@ -77,7 +80,8 @@ def _backfill(ctx: Context, declaration: dict[str, Any], k: int, provider: str) 
     return seconds, reports
 
 
-def _measure(ctx: Context, conn, declaration: dict[str, Any], table, provider: str, ks: list[int],
+def _measure(ctx: Context, conn: psycopg.Connection, declaration: dict[str, Any], table: ResolvedTable,
+             provider: str, ks: list[int],
              rows: int) -> tuple[dict[int, list[float]], list[dict[str, Any]]]:
     """rows/s for each k, per round, the order of the k's rotated every round."""
     rates: dict[int, list[float]] = {k: [] for k in ks}
@@ -110,7 +114,8 @@ def _measure(ctx: Context, conn, declaration: dict[str, Any], table, provider: s
     return rates, details
 
 
-def _table(conn, schema: str, rows: int, chars: int, provider: dict[str, Any], buckets: int):
+def _table(conn: psycopg.Connection, schema: str, rows: int, chars: int, provider: dict[str, Any],
+           buckets: int) -> tuple[dict[str, Any], ResolvedTable]:
     create_source(conn, schema, "id int PRIMARY KEY, body text")
     conn.execute(
         sql.SQL("INSERT INTO {} SELECT g, left(repeat(md5(g::text) || ' ', %s), %s) FROM generate_series(1, %s) g")
