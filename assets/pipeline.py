@@ -29,7 +29,7 @@ from .sync_stats import SyncStats
 from .template import RenderError, render
 from .text import chunk, fit_to_token_limit, text_hash
 
-# A cap on the pipeline's read-ahead, in source rows (see Pipeline.max_pages).
+# A cap on the pipeline's read-ahead, in source rows (see Pipeline.max_rows).
 _MAX_ROWS_IN_FLIGHT = 20_000
 
 
@@ -52,6 +52,19 @@ class Page:
     keys: list[str] = field(default_factory=list)
     has_chunks: set[str] = field(default_factory=set)
     has_failures: set[str] = field(default_factory=set)
+    # Called once this page and every page before it are written (the engine releases a bucket's
+    # lock here). A page with nothing else in it is only this marker: no statement, no room taken.
+    after_write: Callable[[], None] | None = None
+    # Every page before this one is written before any page after it is read: a key read again
+    # while an earlier page still has it in flight is written twice (see _prepare).
+    flush: bool = False
+
+    def is_marker(self) -> bool:
+        return not self.rows and not self.absent and not self.change_ids
+
+    def size(self) -> int:
+        """Rows, for the read-ahead's count (at least 1: every page takes room)."""
+        return max(1, len(self.rows) + len(self.absent))
 
     def of(self, bucket: int) -> SyncStats:
         return self.stats.setdefault(bucket, SyncStats())
@@ -75,12 +88,14 @@ class Pipeline:
         self.on_page: Callable[[dict[int, SyncStats]], None] | None = None
         self.fingerprint = spec.fingerprint
         self._pool = ThreadPoolExecutor(max_workers=provider.max_concurrency)
-        # Pages in flight: enough requests queued to keep every concurrent slot busy three times
-        # over (so slots never idle while the oldest page is written and the next ones are read),
-        # at least two pages (the next page is prepared while the provider works on this one), and
-        # at most _MAX_ROWS_IN_FLIGHT rows: memory stays bounded whatever a bucket holds.
+        # Rows in flight (read, not yet written): enough requests queued to keep every concurrent
+        # slot busy three times over (so slots never idle while the oldest page is written and the
+        # next ones are read), at least two full pages (the next page is prepared while the
+        # provider works on this one), and at most _MAX_ROWS_IN_FLIGHT: memory stays bounded
+        # whatever a bucket holds. Counted in rows, not pages: a run reads bucket by bucket, and
+        # a bucket's last page (every page of a small bucket) is short.
         per_page = max(1, -(-spec.page_size // max(1, provider.max_inputs_per_request)))
-        self.max_pages = min(
+        self.max_rows = spec.page_size * min(
             max(2, -(-3 * provider.max_concurrency // per_page)),
             max(2, _MAX_ROWS_IN_FLIGHT // spec.page_size),
         )
@@ -93,20 +108,28 @@ class Pipeline:
 
     def run(self, pages: Iterator[Page], stats: dict[int, SyncStats]) -> int:
         """Prepare each page (requests submitted) as it is read, and write pages in the order they
-        were read, as soon as their requests are done; at most max_pages are in flight.
+        were read, as soon as their requests are done; at most max_rows are in flight.
         Returns how many pages were processed."""
         inflight: deque[Page] = deque()
-        done = 0
+        done = unwritten = 0  # pages written, rows in flight
+
+        def finish_oldest() -> None:
+            nonlocal done, unwritten
+            page = inflight.popleft()
+            if not page.is_marker():
+                done, unwritten = done + 1, unwritten - page.size()
+            self._finish(page, stats)
+
         try:
             for page in pages:
-                self._prepare(page)
+                if not page.is_marker():
+                    self._prepare(page)
+                    unwritten += page.size()
                 inflight.append(page)
-                while inflight and (len(inflight) >= self.max_pages or inflight[0].ready()):
-                    self._finish(inflight.popleft(), stats)
-                    done += 1
+                while inflight and (unwritten >= self.max_rows or inflight[0].ready() or page.flush):
+                    finish_oldest()
             while inflight:
-                self._finish(inflight.popleft(), stats)
-                done += 1
+                finish_oldest()
         except BaseException:
             # Nothing of an unwritten page is cleared: its changes stay in the log for the next run.
             futures = [b.future for page in inflight for b in page.batches() if b.future is not None]
@@ -218,6 +241,10 @@ class Pipeline:
 
     def _finish(self, page: Page, stats: dict[int, SyncStats]) -> None:
         """Wait for the requests the page needs, then write it in one short transaction."""
+        if page.is_marker():
+            if page.after_write is not None:
+                page.after_write()
+            return
         try:
             if self._open is not None and any(b is self._open for b in page.batches()):
                 self._send_open()
@@ -257,6 +284,8 @@ class Pipeline:
             stats[bucket].merge(s)
         if self.on_page is not None:
             self.on_page(page.stats)
+        if page.after_write is not None:
+            page.after_write()
 
     def _release(self, page: Page) -> None:
         """The page is written (or abandoned): a request no unwritten page needs any more is

@@ -207,8 +207,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
         metered.on_request = on_request
         outcome, reason = "failed", None
         try:
-            # All buckets in one pass, as a run's sweep does: bucket after bucket would let the
-            # provider's concurrency idle at every bucket's end (a small bucket fills one request).
+            # All buckets in one call, as a run's sweep does: one sync_bucket call per bucket would
+            # let the provider's concurrency idle at every bucket's end (a small bucket fills one request).
             ledger.settle(engine.sync_buckets(buckets, full=full, should_stop=lambda: metered.exhausted,
                                               batch=True if args.batch else None, batch_wait_seconds=args.wait))
             outcome = "succeeded"

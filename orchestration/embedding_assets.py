@@ -377,9 +377,9 @@ def _sweep_buckets(
     context: dg.AssetExecutionContext, spec: TableSpec, engine: EmbeddingEngine, buckets: list[int],
     ledger: RunLedger, should_stop: Callable[[], bool], batch: bool | None = None, batch_wait_seconds: float = 0.0,
 ) -> None:
-    # One pass over the source for all of the run's buckets: a backfill of every partition costs
-    # one scan, not one per bucket.
-    context.log.info(f"{spec.name}: sweeping buckets {buckets[0]}..{buckets[-1]} in one pass"
+    # One engine call for all of the run's buckets: it sweeps them one at a time, each locked only
+    # while it is worked on, with the provider kept busy across bucket boundaries.
+    context.log.info(f"{spec.name}: sweeping buckets {buckets[0]}..{buckets[-1]}"
                      + (" through the batch API" if batch else ""))
     worked = engine.sync_buckets(buckets, full=True, should_stop=should_stop, batch=batch,
                                  batch_wait_seconds=batch_wait_seconds)
