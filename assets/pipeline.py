@@ -26,8 +26,8 @@ from .source_rows import Row
 from .spec import TableSpec
 from .store import Store
 from .sync_stats import SyncStats
-from .template import RenderError, render
-from .text import chunk, fit_to_token_limit, text_hash
+from .template import RenderError
+from .text import NO_CONTENT, fit_rows_to_token_limit, row_pieces
 
 # A cap on the pipeline's read-ahead, in source rows (see Pipeline.max_pages).
 _MAX_ROWS_IN_FLIGHT = 20_000
@@ -127,17 +127,17 @@ class Pipeline:
         candidates: list[Row] = []
         for row in page.rows:
             try:
-                text = render(self._template, row.values)
+                pieces = row_pieces(self._template, row.values, self.spec.chunking)
             except RenderError as exc:
                 # Never stored as something else: the row goes to the ledger with its column.
                 page.unprocessable.append((row, f"cannot render the template: {exc}"))
                 continue
-            if not text.strip() or all(v is None or not str(v).strip() for v in row.values.values()):
-                page.skipped.append((row, "no content: every text column is NULL or empty"))
+            if not pieces:
+                page.skipped.append((row, NO_CONTENT))
                 continue
-            row.pieces = chunk(text, self.spec.chunking)
+            row.pieces = pieces
             candidates.append(row)
-        tokens = self._fit_to_token_limit(candidates)
+        tokens = fit_rows_to_token_limit(candidates, self.provider)
 
         # A key that an earlier, unwritten page is about to write must be written again after it,
         # whatever the store says now: the store does not show that write yet.
@@ -224,25 +224,6 @@ class Pipeline:
         batch, self._open = self._open, None
         if batch is not None and batch.items:
             batch.future = self._pool.submit(embed_isolating, self.provider, batch.items)
-
-    def _fit_to_token_limit(self, rows: list[Row]) -> dict[bytes, int]:
-        """Split any piece the model would truncate (never cut silently), and hash every piece.
-        Tokens are counted in one call per page rather than one per row; returns them by hash."""
-        pieces = [p for r in rows for p in r.pieces]
-        if not pieces:
-            return {}
-        counts = iter(self.provider.count_tokens(pieces))
-        limit = self.provider.max_tokens_per_input
-        tokens: dict[bytes, int] = {}
-        for row in rows:
-            row_counts = [next(counts) for _ in row.pieces]
-            if max(row_counts) > limit:
-                row.pieces = fit_to_token_limit(row.pieces, self.provider.count_tokens, limit)
-                row.hashes = [text_hash(p) for p in row.pieces]
-                continue  # counted again, if it is embedded, by _count_missing
-            row.hashes = [text_hash(p) for p in row.pieces]
-            tokens.update(zip(row.hashes, row_counts))
-        return tokens
 
     def _count_missing(self, items: list[tuple[bytes, str]], tokens: dict[bytes, int]) -> list[int]:
         unknown = [t for h, t in items if h not in tokens]
