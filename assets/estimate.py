@@ -10,19 +10,20 @@ this fill has the same text (a run never sends one text twice). The rest is coun
 provider's own token counter (OpenAI's models offline, with tiktoken; no key and no request), and
 priced with assets/usage.py's per-model prices.
 
-Memory: one page of rows, plus 12 bytes per distinct chunk still to send (an 8-byte prefix of its
-hash and its token count, in numpy arrays, compacted as they grow), so millions of rows fit in a
-few tens of MiB. Two different texts whose SHA-256 share the first 8 bytes would be counted once:
-at 10 million chunks the chance is about 3 in a million.
+Memory: one page of rows. The hashes and token counts of the chunks to send go to a temporary
+table of the session (about 60 bytes a chunk, on the server's temporary space), which counts a
+text met on several pages once; the process's memory does not grow with the table (`python -m
+bench estimate`: 100,000 rows against 10,000).
 """
 
 from __future__ import annotations
 
 import time
+import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import psycopg
 from psycopg import sql
 
@@ -35,8 +36,6 @@ from .usage import cost_usd, price_per_million
 
 # Rows read per query: large enough that a million rows is a few hundred round trips.
 DEFAULT_PAGE_SIZE = 2000
-# Distinct chunk hashes kept before duplicates are dropped from the arrays (a compaction).
-_COMPACT_EVERY = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -93,39 +92,41 @@ def estimate_fill(
     lookups = [_reuse_query(relation) for relation in reusable]
     prefix = reuse_prefix(spec)
     template = spec.template_parts
-    tally = _Tally()
     buckets = list(range(spec.buckets))
-    after: str | None = None
-    while True:
-        rows = reader.in_key_order(buckets, after, page_size)
-        if not rows:
-            break
-        after = rows[-1].key_json
-        tally.rows += len(rows)
-        candidates: list[Row] = []
-        for row in rows:
-            try:
-                row.pieces = row_pieces(template, row.values, spec.chunking)
-            except RenderError:
-                tally.rows_unrenderable += 1
-                continue
-            if row.pieces:
-                candidates.append(row)
-            else:
-                tally.rows_empty += 1
-        tokens = fit_rows_to_token_limit(candidates, counter)
-        texts = {h: p for row in candidates for h, p in zip(row.hashes, row.pieces)}
-        tally.chunks += sum(len(row.hashes) for row in candidates)
-        stored = _stored(conn, lookups, prefix, list(texts))
-        missing = [h for h in texts if h not in stored and h not in tokens]
-        tokens.update(zip(missing, counter.count_tokens([texts[h] for h in missing])))
-        tally.add([h for h in texts if h not in stored], tokens)
-    to_send, token_total = tally.distinct()
+    n = Counter[str]()
+    to_send = _Distinct(conn)
+    try:
+        after: str | None = None
+        while rows := reader.in_key_order(buckets, after, page_size):
+            after = rows[-1].key_json
+            n["rows"] += len(rows)
+            candidates: list[Row] = []
+            for row in rows:
+                try:
+                    row.pieces = row_pieces(template, row.values, spec.chunking)
+                except RenderError:
+                    n["unrenderable"] += 1
+                    continue
+                if row.pieces:
+                    candidates.append(row)
+                else:
+                    n["empty"] += 1
+            tokens = fit_rows_to_token_limit(candidates, counter)
+            n["chunks"] += sum(len(row.hashes) for row in candidates)
+            texts = {h: p for row in candidates for h, p in zip(row.hashes, row.pieces)}
+            stored = _stored(conn, lookups, prefix, list(texts))
+            # Pieces of a row that had to be split to fit the model are counted here.
+            missing = [h for h in texts if h not in stored and h not in tokens]
+            tokens.update(zip(missing, counter.count_tokens([texts[h] for h in missing])))
+            to_send.add([h for h in texts if h not in stored], tokens)
+        chunks_to_send, token_total = to_send.totals()
+    finally:
+        to_send.drop()
     price = price_per_million(spec.provider)
     return FillEstimate(
-        rows=tally.rows, chunks=tally.chunks, chunks_reused=tally.chunks - to_send, chunks_to_send=to_send,
-        tokens=token_total, usd=cost_usd(token_total, price), price_per_million=price,
-        rows_empty=tally.rows_empty, rows_unrenderable=tally.rows_unrenderable,
+        rows=n["rows"], chunks=n["chunks"], chunks_reused=n["chunks"] - chunks_to_send,
+        chunks_to_send=chunks_to_send, tokens=token_total, usd=cost_usd(token_total, price),
+        price_per_million=price, rows_empty=n["empty"], rows_unrenderable=n["unrenderable"],
         seconds=time.perf_counter() - started,
     )
 
@@ -153,32 +154,33 @@ def token_counter_for(spec: ProviderSpec) -> TokenCounting:
     return provider_for(spec)
 
 
-class _Tally:
-    """Counts, and the distinct chunks still to send as (8-byte hash prefix, tokens) arrays."""
+class _Distinct:
+    """The chunks still to send, (text hash, tokens), in a temporary table of the session: a
+    text met on several pages is counted once at the end, and the process keeps none of it."""
 
-    def __init__(self) -> None:
-        self.rows = self.chunks = self.rows_empty = self.rows_unrenderable = 0
-        self._keys: list[np.ndarray] = []
-        self._tokens: list[np.ndarray] = []
-        self._pending = 0
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self.conn = conn
+        self.table = sql.Identifier(f"vectorsync_estimate_{uuid.uuid4().hex[:16]}")
+        conn.execute(sql.SQL("CREATE TEMPORARY TABLE {} (text_hash bytea NOT NULL, tokens int NOT NULL)")
+                     .format(self.table))
 
     def add(self, hashes: list[bytes], tokens: dict[bytes, int]) -> None:
         if not hashes:
             return
-        self._keys.append(np.frombuffer(b"".join(h[:8] for h in hashes), dtype=np.uint64))
-        self._tokens.append(np.fromiter((tokens[h] for h in hashes), dtype=np.uint32, count=len(hashes)))
-        self._pending += len(hashes)
-        if self._pending >= _COMPACT_EVERY:
-            self.distinct()
+        with self.conn.cursor().copy(sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(self.table)) as copy:
+            copy.set_types(["bytea", "int4"])
+            for h in hashes:
+                copy.write_row((h, tokens[h]))
 
-    def distinct(self) -> tuple[int, int]:
-        """Drop repeated texts (the first occurrence is the one sent); returns (chunks, tokens)."""
-        if not self._keys:
-            return 0, 0
-        keys, first = np.unique(np.concatenate(self._keys), return_index=True)
-        tokens = np.concatenate(self._tokens)[first]
-        self._keys, self._tokens, self._pending = [keys], [tokens], 0
-        return int(keys.size), int(tokens.sum(dtype=np.int64))
+    def totals(self) -> tuple[int, int]:
+        """(distinct chunks, their tokens): the first occurrence of a text is the one sent."""
+        chunks, tokens = self.conn.execute(sql.SQL(
+            "SELECT count(*), coalesce(sum(tokens), 0) FROM (SELECT DISTINCT ON (text_hash) tokens FROM {}) d"
+        ).format(self.table)).fetchone()
+        return int(chunks), int(tokens)
+
+    def drop(self) -> None:
+        self.conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(self.table))
 
 
 def _reuse_query(relation: sql.Composable) -> sql.Composed:

@@ -257,7 +257,7 @@ def test_a_worse_candidate_is_refused_by_the_gate(conn: psycopg.Connection, make
 
 def test_the_demo_golden_set_on_real_documentation(conn: psycopg.Connection, make_table, local_provider) -> None:
     """The demo's golden set on this interpreter's documentation: every answer exists, and the
-    local model finds most of them among the answers' documents and 300 others (the whole corpus
+    local model finds most of them among the answers' documents and 150 others (the whole corpus
     takes minutes to embed here: `python -m bench golden` scores the full demo table)."""
     from orchestration.corpus import python_docs_rows
 
@@ -265,7 +265,7 @@ def test_the_demo_golden_set_on_real_documentation(conn: psycopg.Connection, mak
     golden = load_golden(DEMO_GOLDEN, ["doc_id"])
     assert len(golden.queries) >= 25
     answers = {json.loads(key)[0] for q in golden.queries for key in q.expected}
-    chosen = [d for i, d in enumerate(docs) if d.doc_id in answers or i % 10 == 0]
+    chosen = [d for i, d in enumerate(docs) if d.doc_id in answers or i % 20 == 0]
     t = make_table("doc_id text PRIMARY KEY, kind text, title text, body text", columns=["title", "body"],
                    template="# {title}\n\n{body}", chunking={"size": 800, "overlap": 100})
     with conn.cursor() as cur:
@@ -276,4 +276,4 @@ def test_the_demo_golden_set_on_real_documentation(conn: psycopg.Connection, mak
     t.sync()
     metrics = evaluate(checked.golden, table_search(conn, t.table, local_provider))
     print(f"demo golden set, {len(chosen)} documents: recall@10 {metrics.recall_at_k:.4f}, MRR@10 {metrics.mrr_at_10:.4f}")
-    assert metrics.recall_at_k >= 0.5 and metrics.mrr_at_10 >= 0.4
+    assert metrics.recall_at_k >= 0.8 and metrics.mrr_at_10 >= 0.7  # measured 0.93 and 0.87
