@@ -117,7 +117,8 @@ def estimate_fill(
             stored = _stored(conn, lookups, prefix, list(texts))
             # Pieces of a row that had to be split to fit the model are counted here.
             missing = [h for h in texts if h not in stored and h not in tokens]
-            tokens.update(zip(missing, counter.count_tokens([texts[h] for h in missing])))
+            if missing:  # a tokenizer may refuse an empty batch
+                tokens.update(zip(missing, counter.count_tokens([texts[h] for h in missing])))
             to_send.add([h for h in texts if h not in stored], tokens)
         chunks_to_send, token_total = to_send.totals()
     finally:

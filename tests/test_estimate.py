@@ -173,3 +173,18 @@ def _yaml(data: dict[str, Any]) -> str:
     import yaml
 
     return yaml.safe_dump(data)
+
+
+def test_the_local_model_estimate(conn: psycopg.Connection, make_table, recording) -> None:
+    """With the local model: its tokenizer counts, and a store that holds every text leaves
+    nothing to send (no empty batch reaches the tokenizer)."""
+    t = make_table("id int PRIMARY KEY, body text", columns=["body"], chunking={"size": 120, "overlap": 20})
+    conn.execute(sql.SQL("INSERT INTO {} SELECT i, repeat('Sentence ' || i || ' of the catalogue. ', 1 + i % 9) "
+                         "FROM generate_series(1, 60) i").format(t.table.source))
+    estimate = estimate_fill(conn, t.table, provider=recording)
+    t.sync()
+    assert estimate.chunks_to_send == len(recording.inputs) == len(set(recording.inputs))
+    assert estimate.tokens == sum(recording.count_tokens(recording.inputs))
+    assert estimate.usd == 0.0  # a local model costs nothing
+    again = estimate_fill(conn, t.table, [t.table.with_parameters().store])  # its own counter, loaded here
+    assert (again.chunks_to_send, again.tokens, again.chunks) == (0, 0, estimate.chunks)
