@@ -139,8 +139,9 @@ def store_search(
     `provider`: the shape of vectorsync.hybrid_search's vector side (the nearest `candidates`
     chunks, default max(8 x depth, 40), one per row at its best distance). `exact` turns index
     scans off (the exact ranking, for comparison with HNSW); otherwise `ef_search` (default the
-    declaration's) is the graph search's width. `store` is composed for statements with parameters
-    (ResolvedTable.with_parameters())."""
+    declaration's) is the graph search's width, set for each query's own transaction (on an
+    autocommit connection; inside a caller's transaction it lasts until that one ends). `store` is
+    composed for statements with parameters (ResolvedTable.with_parameters())."""
     operator = OPERATORS[distance or table.spec.distance]
     t = table.with_parameters()
     if conn.adapters.types.get("vector") is None:
