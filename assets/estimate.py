@@ -23,6 +23,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import psycopg
 from psycopg import sql
@@ -36,6 +37,8 @@ from .usage import cost_usd, price_per_million
 
 # Rows read per query: large enough that a million rows is a few hundred round trips.
 DEFAULT_PAGE_SIZE = 2000
+# Which stored vectors count as reusable (see estimate_fill).
+ReuseBy = Literal["model", "fingerprint"]
 
 
 @dataclass(frozen=True)
@@ -74,12 +77,18 @@ def estimate_fill(
     reusable: Sequence[sql.Composable] = (),
     provider: TokenCounting | None = None,
     page_size: int = DEFAULT_PAGE_SIZE,
+    reuse_by: ReuseBy = "model",
 ) -> FillEstimate:
     """The cost of embedding every row of `table` now, reusing vectors found in the `reusable`
     store relations (e.g. the active version's store, for a candidate version; the table's own
     store, for what a full sync would send; none, for a full re-embed from scratch). They are
     composed for statements with parameters, as the engine's are (ResolvedTable.with_parameters()),
     so that a % in a name is not read as a placeholder.
+
+    `reuse_by` "model" reuses a vector stored under the same provider model and dimensions, as a
+    version fills beside the active one; "fingerprint" only one stored under this declaration's
+    whole fingerprint, as today's engine looks up its cache (store.Store.vectors), so that a
+    template or chunking changed in place re-sends every chunk.
 
     `provider` counts tokens; by default the declaration's own counter (the local model's
     tokenizer, or tiktoken for OpenAI's models, without a key). Puts the session on the key text
@@ -89,8 +98,8 @@ def estimate_fill(
     counter = provider if provider is not None else token_counter_for(spec.provider)
     use_key_text_settings(conn)
     reader = SourceReader(conn, table.with_parameters())
-    lookups = [_reuse_query(relation) for relation in reusable]
-    prefix = reuse_prefix(spec)
+    lookups = [_reuse_query(relation, reuse_by) for relation in reusable]
+    prefix = reuse_prefix(spec) if reuse_by == "model" else spec.fingerprint
     template = spec.template_parts
     buckets = list(range(spec.buckets))
     n = Counter[str]()
@@ -184,16 +193,16 @@ class _Distinct:
         self.conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(self.table))
 
 
-def _reuse_query(relation: sql.Composable) -> sql.Composed:
+def _reuse_query(relation: sql.Composable, reuse_by: ReuseBy) -> sql.Composed:
     # One probe of the store's text_hash index per hash, as Store.vectors looks up its cache.
     return sql.SQL(
         "SELECT h.x FROM unnest(%b::bytea[]) AS h(x) WHERE EXISTS "
-        "(SELECT 1 FROM {} e WHERE e.text_hash = h.x AND starts_with(e.model, %s))"
-    ).format(relation)
+        "(SELECT 1 FROM {} e WHERE e.text_hash = h.x AND {})"
+    ).format(relation, sql.SQL("starts_with(e.model, %s)" if reuse_by == "model" else "e.model = %s"))
 
 
 def _stored(conn: psycopg.Connection, lookups: list[sql.Composed], prefix: str, hashes: list[bytes]) -> set[bytes]:
-    """The hashes among `hashes` with a vector under `prefix` in any reusable store."""
+    """The hashes among `hashes` with a vector under `prefix` (or that fingerprint) in any reusable store."""
     found: set[bytes] = set()
     for query in lookups:
         wanted = [h for h in hashes if h not in found]

@@ -226,8 +226,10 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 def cmd_estimate(args: argparse.Namespace) -> int:
     """What a full fill of the declared table would send and cost, reusing what its store holds
-    under the same model (a new template or chunking keeps the vectors of unchanged texts);
-    nothing is sent to the provider."""
+    under the declaration's fingerprint, as the engine does today (so a template or chunking
+    changed in place counts every chunk again); nothing is sent to the provider. Once versions
+    reuse vectors across versions by model (issue 15), the candidate's estimate is reuse_by="model"
+    against the active version's store."""
     from assets.estimate import estimate_fill
 
     spec, origin = _find(args, args.name)
@@ -235,11 +237,11 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         table = resolve(conn, spec, origin)
         require_installed(conn, spec)  # before a model load: one clear error line
         reusable = [] if args.no_reuse else [table.with_parameters().store]
-        e = estimate_fill(conn, table, reusable)
+        e = estimate_fill(conn, table, reusable, reuse_by="fingerprint")
     print(f"table: {spec.name} ({spec.fingerprint})")
     print(f"rows: {e.rows:,} ({e.rows_empty:,} without content, {e.rows_unrenderable:,} the template cannot render)")
     print(f"chunks: {e.chunks:,}")
-    print(f"reused: {e.chunks_reused:,}" + ("" if args.no_reuse else " (stored under the same model, or repeated)"))
+    print(f"reused: {e.chunks_reused:,}" + (" (repeated texts)" if args.no_reuse else " (stored, or repeated)"))
     print(f"chunks to send: {e.chunks_to_send:,}")
     print(f"tokens: {e.tokens:,}")
     print(f"cost: ${e.usd:.6f} at ${e.price_per_million:g} per million tokens")

@@ -136,6 +136,28 @@ def test_reuse_is_counted_by_text_and_provider_model(conn: psycopg.Connection) -
     assert across.chunks_to_send == len(set(new_texts))  # only the fill's own repeated text is spared
 
 
+def test_a_change_in_place_is_estimated_as_todays_engine_sends_it(conn: psycopg.Connection) -> None:
+    """Today's engine looks its cache up by the whole fingerprint: a chunking changed in place
+    re-sends every chunk, and reuse_by="fingerprint" says so; reuse_by="model" is what a version
+    filled beside the old one, reusing by model, would send."""
+    schema = _schema_with_docs(conn)
+    with OpenAIServer(dimensions=8) as server:
+        spec = _spec(schema, server, unique("inplace"))
+        old, _ = _fill(conn, spec)
+        store = old.table.with_parameters().store
+        changed = parse_spec({**spec.model_dump(mode="json", by_alias=True), "chunking": {"size": 500, "overlap": 30}},
+                             "test")
+        table = resolve(conn, changed, "test")
+        by_fingerprint = estimate_fill(conn, table, [store], reuse_by="fingerprint")
+        by_model = estimate_fill(conn, table, [store])
+        before = len(server.requests)
+        _fill(conn, changed)  # installs the new chunking over the same store, then a full sync
+        sent = _sent(server, before)
+    assert by_fingerprint.chunks_to_send == len(sent) == len(set(sent))
+    assert by_fingerprint.tokens == sum(token_counter("text-embedding-3-small")(sent))
+    assert by_model.chunks_to_send < by_fingerprint.chunks_to_send
+
+
 def test_cli_estimate(tmp_path: Path, db_url: str, conn: psycopg.Connection) -> None:
     schema = _schema_with_docs(conn)
     tables = tmp_path / "tables"
