@@ -1,8 +1,8 @@
 """What filling a table (or a new version of it) will cost, before anything is sent. Free of Dagster.
 
 Every source row is read in key order, page by page, rendered, chunked, split to the model's input
-limit and hashed by the same functions a run uses (text.row_pieces, text.fit_rows_to_token_limit),
-so the chunks counted are the chunks a run would store. A chunk costs nothing when its text
+limit and hashed by the function a run uses (pipeline.prepare_rows), so the chunks counted are the
+chunks a run would store. A chunk costs nothing when its text
 already has a vector under the same provider model and dimensions in one of the `reusable` stores
 (the store's `model` column holds the fingerprint `<kind>/<model>/<dims>/<shape>`: the shape part,
 template and chunking, does not change the vector of a given text), or when an earlier chunk of
@@ -23,17 +23,16 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import psycopg
 from psycopg import sql
 
 from .catalog import ResolvedTable, use_key_text_settings
+from .pipeline import prepare_rows
 from .source_rows import Row, SourceReader
 from .spec import ProviderSpec, TableSpec
-from .template import RenderError
-from .text import TokenCounting, fit_rows_to_token_limit, row_pieces
-from .usage import cost_usd, price_per_million
+from .usage import batch_price_per_million, cost_usd, price_per_million
 
 # Rows read per query: large enough that a million rows is a few hundred round trips.
 DEFAULT_PAGE_SIZE = 2000
@@ -59,6 +58,7 @@ class FillEstimate:
     rows_empty: int = 0
     rows_unrenderable: int = 0
     seconds: float = 0.0
+    usd_batch: float = 0.0  # the same tokens through the provider's batch API (a backfill's --batch)
 
     def as_dict(self) -> dict[str, float | int]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -100,7 +100,6 @@ def estimate_fill(
     reader = SourceReader(conn, table.with_parameters())
     lookups = [_reuse_query(relation, reuse_by) for relation in reusable]
     prefix = reuse_prefix(spec) if reuse_by == "model" else spec.fingerprint
-    template = spec.template_parts
     buckets = list(range(spec.buckets))
     n = Counter[str]()
     to_send = _Distinct(conn)
@@ -109,18 +108,11 @@ def estimate_fill(
         while rows := reader.in_key_order(buckets, after, page_size):
             after = rows[-1].key_json
             n["rows"] += len(rows)
-            candidates: list[Row] = []
-            for row in rows:
-                try:
-                    row.pieces = row_pieces(template, row.values, spec.chunking)
-                except RenderError:
-                    n["unrenderable"] += 1
-                    continue
-                if row.pieces:
-                    candidates.append(row)
-                else:
-                    n["empty"] += 1
-            tokens = fit_rows_to_token_limit(candidates, counter)
+            empty: list[tuple[Row, str]] = []
+            unrenderable: list[tuple[Row, str]] = []
+            candidates, tokens = prepare_rows(rows, spec, counter, empty, unrenderable)  # type: ignore[arg-type]
+            n["empty"] += len(empty)
+            n["unrenderable"] += len(unrenderable)
             n["chunks"] += sum(len(row.hashes) for row in candidates)
             texts = {h: p for row in candidates for h, p in zip(row.hashes, row.pieces)}
             stored = _stored(conn, lookups, prefix, list(texts))
@@ -137,8 +129,17 @@ def estimate_fill(
         rows=n["rows"], chunks=n["chunks"], chunks_reused=n["chunks"] - chunks_to_send,
         chunks_to_send=chunks_to_send, tokens=token_total, usd=cost_usd(token_total, price),
         price_per_million=price, rows_empty=n["empty"], rows_unrenderable=n["unrenderable"],
-        seconds=time.perf_counter() - started,
+        seconds=time.perf_counter() - started, usd_batch=cost_usd(token_total, batch_price_per_million(spec.provider)),
     )
+
+
+class TokenCounting(Protocol):
+    """What chunking to the model's limit and counting need of a provider: an estimate needs no
+    more (no key, no request). pipeline.prepare_rows uses only these two."""
+
+    max_tokens_per_input: int
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]: ...
 
 
 @dataclass

@@ -63,7 +63,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             print("nothing installed yet: run `vectorsync install`")
             return 0
         header = ("table", "source", "source rows", "embedded", "current", "chunks", "pending",
-                  "failed", "dead", "skipped", "tokens 24h", "cost 24h", "tokens 30d", "cost 30d")
+                  "failed", "dead", "skipped", "tokens 24h", "cost 24h", "tokens 30d", "cost 30d", "batch saved 30d")
         spend = spend_by_table(conn)
         rows, problems = [], []
         for name in names:
@@ -75,7 +75,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             used = spend.get(name, Spend(0, 0.0, 0, 0.0))
             rows.append((s.name, s.source, s.source_rows, s.rows_embedded, s.rows_current, s.chunks,
                          s.pending_changes, s.failed_rows, s.dead_rows, s.skipped_rows,
-                         used.tokens_day, f"${used.cost_day:.4f}", used.tokens_month, f"${used.cost_month:.4f}"))
+                         used.tokens_day, f"${used.cost_day:.4f}", used.tokens_month, f"${used.cost_month:.4f}",
+                         f"${used.saved_month:.4f}"))
     _print_table(header, rows)
     # Reported, not fatal: status is what one runs to find out what is wrong.
     for problem in problems:
@@ -170,7 +171,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
     from assets.engine import EmbeddingEngine, SyncStats, retry_policy
     from assets.providers import provider_for
-    from assets.usage import BudgetExceeded, RunLedger, rows_to_visit
+    from assets.batch_fill import batch_jobs_pending
+    from assets.usage import BudgetExceeded, RunLedger, batch_price_per_million, cost_usd, rows_to_visit
 
     from .progress import ProgressDisplay, Reading
 
@@ -179,7 +181,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
     with connect() as conn, connect() as ledger_conn:
         table = resolve(conn, spec, origin)
         require_installed(conn, spec)
-        expected = rows_to_visit(conn, table, buckets, args.full)
+        full = args.full or args.batch  # a batch is a backfill: every row of the buckets is compared
+        expected = rows_to_visit(conn, table, buckets, full)
         provider = provider_for(spec.provider)  # a local model loads here, before the clock starts
         ledger = RunLedger(ledger_conn, f"cli-{uuid.uuid4().hex[:12]}", spec, "cli", buckets, rows_expected=expected)
         metered = ledger.metered(provider)
@@ -206,7 +209,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
         try:
             # All buckets in one pass, as a run's sweep does: bucket after bucket would let the
             # provider's concurrency idle at every bucket's end (a small bucket fills one request).
-            ledger.settle(engine.sync_buckets(buckets, full=args.full, should_stop=lambda: metered.exhausted))
+            ledger.settle(engine.sync_buckets(buckets, full=full, should_stop=lambda: metered.exhausted,
+                                              batch=True if args.batch else None, batch_wait_seconds=args.wait))
             outcome = "succeeded"
         except BudgetExceeded as exc:
             outcome, reason = "over_budget", str(exc)
@@ -215,9 +219,14 @@ def cmd_sync(args: argparse.Namespace) -> int:
             show(force=True)
             display.close()
             ledger.finish(outcome, reason)
+        pending = batch_jobs_pending(conn, spec.name)
     total = ledger.totals()
+    batch_cost = cost_usd(total.batch_tokens, batch_price_per_million(spec.provider))
     print(", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in total.as_dict().items())
-          + f", cost_usd={metered.cost_usd:.6f}")
+          + f", cost_usd={metered.cost_usd + batch_cost:.6f}, batch_cost_usd={batch_cost:.6f}")
+    if pending:
+        print(f"batches pending: {', '.join(pending)}: their buckets are swept by the next run after they "
+              "complete (`vectorsync sync NAME`, a change run, or --wait)")
     if reason:
         print(f"error: {reason}", file=sys.stderr)
         return 1
@@ -244,7 +253,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     print(f"reused: {e.chunks_reused:,}" + (" (repeated texts)" if args.no_reuse else " (stored, or repeated)"))
     print(f"chunks to send: {e.chunks_to_send:,}")
     print(f"tokens: {e.tokens:,}")
-    print(f"cost: ${e.usd:.6f} at ${e.price_per_million:g} per million tokens")
+    print(f"cost: ${e.usd:.6f} at ${e.price_per_million:g} per million tokens "
+          f"(${e.usd_batch:.6f} through the batch API)")
     print(f"seconds: {e.seconds:.2f}")
     return 0
 
@@ -308,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--bucket", type=int)
     p.add_argument("--full", action="store_true", help="compare every row, not just the change log")
+    p.add_argument("--batch", action="store_true", help="a full sync whose missing vectors go through the "
+                   "provider's batch API at half price; stored when the batch completes (within 24 h), by "
+                   "this command if it still waits (--wait) or by the next run")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for pending "
+                   "batches of the buckets, then store what they returned")
     p = sub.add_parser("estimate", help="chunks, tokens and dollars a full fill of a table would send, "
                        "sending nothing")
     p.add_argument("name")

@@ -95,6 +95,7 @@ def test_the_estimate_is_what_a_sync_then_sends(conn: psycopg.Connection, chunki
     assert estimate.tokens == sum(token_counter("text-embedding-3-small")(sent))
     assert estimate.price_per_million == 0.02
     assert estimate.usd == pytest.approx(estimate.tokens * 0.02 / 1_000_000)
+    assert estimate.usd_batch == pytest.approx(estimate.usd / 2)
     # Streamed in small pages, the count is the same.
     small = estimate_fill(conn, table, page_size=7)
     assert small.as_dict() | {"seconds": 0} == estimate.as_dict() | {"seconds": 0}
