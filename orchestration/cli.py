@@ -1,4 +1,4 @@
-"""`vectorsync`: install, status, search, sync and the demo."""
+"""`vectorsync`: install, status, search, sync, estimate and the demo."""
 
 from __future__ import annotations
 
@@ -233,6 +233,32 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    """What a full fill of the declared table would send and cost, reusing what its store holds
+    under the declaration's fingerprint, as the engine does today (so a template or chunking
+    changed in place counts every chunk again); nothing is sent to the provider. Once versions
+    reuse vectors across versions by model (issue 15), the candidate's estimate is reuse_by="model"
+    against the active version's store."""
+    from assets.estimate import estimate_fill
+
+    spec, origin = _find(args, args.name)
+    with connect() as conn:
+        table = resolve(conn, spec, origin)
+        require_installed(conn, spec)  # before a model load: one clear error line
+        reusable = [] if args.no_reuse else [table.with_parameters().store]
+        e = estimate_fill(conn, table, reusable, reuse_by="fingerprint")
+    print(f"table: {spec.name} ({spec.fingerprint})")
+    print(f"rows: {e.rows:,} ({e.rows_empty:,} without content, {e.rows_unrenderable:,} the template cannot render)")
+    print(f"chunks: {e.chunks:,}")
+    print(f"reused: {e.chunks_reused:,}" + (" (repeated texts)" if args.no_reuse else " (stored, or repeated)"))
+    print(f"chunks to send: {e.chunks_to_send:,}")
+    print(f"tokens: {e.tokens:,}")
+    print(f"cost: ${e.usd:.6f} at ${e.price_per_million:g} per million tokens "
+          f"(${e.usd_batch:.6f} through the batch API)")
+    print(f"seconds: {e.seconds:.2f}")
+    return 0
+
+
 def cmd_dagster_instance(args: argparse.Namespace) -> int:
     """Write $DAGSTER_HOME/dagster.yaml for the database at DATABASE_URL (or the embedded one), or
     print it. The URL comes from the environment, never the command line, where `ps` shows it."""
@@ -297,6 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "this command if it still waits (--wait) or by the next run")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for pending "
                    "batches of the buckets, then store what they returned")
+    p = sub.add_parser("estimate", help="chunks, tokens and dollars a full fill of a table would send, "
+                       "sending nothing")
+    p.add_argument("name")
+    p.add_argument("--no-reuse", action="store_true", help="count every chunk, as if the store were empty "
+                   "(a full re-embed from scratch)")
     p = sub.add_parser("demo", help="embed Python's documentation, search it, then serve Dagster's UI")
     p.add_argument("--no-serve", action="store_true", help="stop after the searches")
     p.add_argument("--port", type=int, default=3000)
@@ -313,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {
         "install": cmd_install, "status": cmd_status, "search": cmd_search, "sync": cmd_sync,
-        "demo": cmd_demo, "serve": cmd_serve, "index": cmd_index, "database-url": lambda a: print(database_url()) or 0,
+        "demo": cmd_demo, "serve": cmd_serve, "estimate": cmd_estimate, "index": cmd_index, "database-url": lambda a: print(database_url()) or 0,
         "dagster-instance": cmd_dagster_instance,
     }
     try:
