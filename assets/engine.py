@@ -19,7 +19,7 @@ Where failures go, and when they are retried, is ledger.py's alone.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack
 
 import psycopg
@@ -48,7 +48,10 @@ class EmbeddingEngine:
         provider: EmbeddingProvider,
         retry: RetryPolicy = RetryPolicy(),
         lock_wait_seconds: float = 600.0,
+        reuse_from: Sequence[tuple[str, str]] = (),
     ) -> None:
+        """`table` is one model version of a table (assets/versions.py: version 1 is the
+        declaration itself); `reuse_from` the stores whose vectors it may reuse (store.py)."""
         if not conn.autocommit:
             raise ValueError("the engine needs an autocommit connection; it opens its own transactions")
         self.conn = conn
@@ -57,12 +60,14 @@ class EmbeddingEngine:
         self.provider = provider
         self.retry = retry
         self.lock_wait_seconds = lock_wait_seconds
+        # Each version locks its own buckets: a candidate filling never waits for the active's run.
+        self.lock_name = self.spec.name if self.spec.version == 1 else f"{self.spec.name}@v{self.spec.version}"
         register_vector(conn)
         table = table.with_parameters()  # every statement below runs with parameters
         self.source = SourceReader(conn, table)
         self.changes = ChangeLog(conn, table)
         self.ledger = FailureLedger(conn, table, retry)
-        self.store = Store(conn, table)
+        self.store = Store(conn, table, reuse_from)
         self.pipeline = Pipeline(conn, self.spec, provider, self.store, self.ledger, self.changes)
         self.sweep = Sweep(conn, table, self.source, self.ledger, self.changes)
 
@@ -109,7 +114,7 @@ class EmbeddingEngine:
             with ExitStack() as locks:
                 # Ascending order: two runs over overlapping sets never wait on each other in a cycle.
                 for bucket in wanted:
-                    locks.enter_context(bucket_lock(self.conn, self.spec.name, bucket, self.lock_wait_seconds))
+                    locks.enter_context(bucket_lock(self.conn, self.lock_name, bucket, self.lock_wait_seconds))
                 markers = self._drain_changes(wanted, stats, should_stop)
                 sweep = wanted if full else sorted(markers)
                 if sweep and not should_stop():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,9 +22,19 @@ from .source_rows import Row
 
 
 class Store:
-    def __init__(self, conn: psycopg.Connection, table: ResolvedTable) -> None:
+    """`reuse_from`: the (schema, table) of the stores of the table's other live model versions made by the same provider
+    model, dimensions and vector type (assets/versions.py). The embedding cache looks there too,
+    so a change of template or chunking re-sends no chunk text whose vector is already stored."""
+
+    def __init__(
+        self, conn: psycopg.Connection, table: ResolvedTable, reuse_from: Sequence[tuple[str, str]] = ()
+    ) -> None:
         self.conn = conn
         self.fingerprint = table.spec.fingerprint
+        p = table.spec.provider
+        # A fingerprint is kind/model/dimensions/<hash of template and chunking>: the same text
+        # under any fingerprint with this head has the same vector.
+        self._model_head = f"{p.kind}/{p.model}/{p.dimensions}/"
         t = table
         # Key columns are copied in their binary form, as read (bytea carries those bytes as they are).
         self._copy_types = ["bytea"] * len(t.key) + ["int4", "text", "bytea", "text", "int4", "bytea"]
@@ -36,10 +46,14 @@ class Store:
             "ORDER BY x.chunk_seq"
         ).format(t.key_probe(), t.key_json("e"), t.store, t.key_matches("e"))
         # %b: a bytea[] in binary, which psycopg builds without quoting each element in Python.
+        found = [sql.SQL("(SELECT embedding::vector FROM {} WHERE text_hash = h.x AND model = %(fp)s LIMIT 1)")
+                 .format(t.store)]
+        found += [sql.SQL("(SELECT embedding::vector FROM {} WHERE text_hash = h.x "
+                          "AND starts_with(model, %(head)s) LIMIT 1)").format(t.ident(*other)) for other in reuse_from]
         self._vectors = sql.SQL(
-            "SELECT h.x, c.embedding::vector FROM unnest(%b::bytea[]) AS h(x) CROSS JOIN LATERAL "
-            "(SELECT embedding FROM {} WHERE text_hash = h.x AND model = %s LIMIT 1) c"
-        ).format(t.store)
+            "SELECT h.x, c.embedding FROM unnest(%(hashes)b::bytea[]) AS h(x) CROSS JOIN LATERAL "
+            "(SELECT coalesce({}) AS embedding) c WHERE c.embedding IS NOT NULL"
+        ).format(sql.SQL(", ").join(found))
         self._delete = sql.SQL(
             "DELETE FROM {} e WHERE e.ctid = ANY(ARRAY(SELECT x.ctid FROM {} CROSS JOIN LATERAL "
             "(SELECT d.ctid FROM {} d WHERE {} OFFSET 0) x)) RETURNING {}::text"
@@ -63,7 +77,7 @@ class Store:
         """Stored vectors of these texts under the current model: the embedding cache."""
         if not hashes:
             return {}
-        cur = self.conn.execute(self._vectors, (hashes, self.fingerprint))
+        cur = self.conn.execute(self._vectors, {"hashes": hashes, "fp": self.fingerprint, "head": self._model_head})
         return {bytes(h): _as_array(v) for h, v in cur}
 
     def delete(self, key_jsons: list[str]) -> set[str]:
