@@ -86,6 +86,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     from assets.providers import provider_for
     from assets.search import SearchError, hybrid_search, search
+    from assets.versions import installed_spec
 
     # --where values stay text: the search casts each to its column's type, so `id=7` compares as
     # an integer and `added=2024-01-31` as a date. A column given twice matches any of its values.
@@ -104,7 +105,8 @@ def cmd_search(args: argparse.Namespace) -> int:
             require_installed(conn, spec)  # before the service or a model load: one clear error line
             hits = _search_by_service(args, spec, where)
             if hits is None:  # no service runs for this database and declaration: load the model here
-                provider = provider_for(spec.provider)
+                # The active version's model, which may not be the declared one yet (a candidate fills).
+                provider = provider_for(installed_spec(conn, spec).provider)
                 if args.hybrid:
                     hits = hybrid_search(conn, table, provider, args.query, k=args.k, where=where,
                                          rrf_k=args.rrf_k, text_match=args.match)
@@ -134,7 +136,8 @@ def _search_by_service(args: argparse.Namespace, spec: TableSpec, where: dict) -
     if client is None:
         return None
     fusion = {"rrf_k": args.rrf_k, "text_match": args.match} if args.hybrid else {}
-    return client.search(spec.name, spec.fingerprint, args.query, k=args.k, hybrid=args.hybrid,
+    # No fingerprint: the service embeds with the active version's model, as the database says.
+    return client.search(spec.name, None, args.query, k=args.k, hybrid=args.hybrid,
                          where=where, **fusion)
 
 
