@@ -270,3 +270,13 @@ def maybe_auto_promote(conn: psycopg.Connection, declared: ResolvedTable, gate: 
     if not coverage(conn, versions.version_table(conn, declared, candidate)).complete:
         return None
     return promote(conn, declared, gate)
+
+
+def progress(conn: psycopg.Connection, table: ResolvedTable) -> tuple[int, int]:
+    """(rows with a first chunk under the version's fingerprint, source rows): a cheaper figure
+    than `coverage` for a run's metadata, one count of each table."""
+    spec = table.spec
+    covered = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE chunk_seq = 0 AND model = {}").format(
+        table.store, sql.Literal(spec.fingerprint))).fetchone()[0]
+    total = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table.source)).fetchone()[0]
+    return covered, total
