@@ -21,7 +21,7 @@ from assets.spec import TableSpec
 
 from .names import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
 from .resources import VectorsyncDatabase
-from .versions_dagster import drop_expired_versions, has_expired_versions
+from .versions_dagster import drop_expired_versions, has_expired_versions, one_op_job
 
 
 def _all_buckets(spec: TableSpec) -> dict[str, str]:
@@ -128,16 +128,9 @@ def index_upkeep_job(spec: TableSpec, origin: str) -> dg.JobDefinition:
             raise dg.Failure(f"table {spec.name}: index {state.index} is still missing or invalid")
         return dg.Output(None, metadata={"bytes_freed": freed})
 
-    @dg.job(
-        name=f"{spec.name}_vector_index",
-        description=f"Builds the vector index of {spec.name} once its store is large enough.",
-        executor_def=dg.in_process_executor,
-        tags={"vectorsync/table": spec.name},
-    )
-    def _job() -> None:
-        build()
-
-    return _job
+    return one_op_job(spec, f"{spec.name}_vector_index",
+                      f"Builds the vector index of {spec.name} once its store is large enough, and drops "
+                      "previous model versions whose keep period is over.", build)
 
 
 def index_upkeep_schedule(spec: TableSpec, origin: str, job: dg.JobDefinition) -> dg.ScheduleDefinition:

@@ -2,7 +2,6 @@
 one by the asset itself, the others here), shows a candidate's progress, promotes a complete one
 when the declaration says `promote: auto`; the `<name>_promote` job; dropping expired versions."""
 
-from __future__ import annotations
 
 import dagster as dg
 import psycopg
@@ -93,14 +92,17 @@ def promote_job(spec: TableSpec, origin: str) -> dg.JobDefinition:
         return dg.Output(None, metadata={"active_version": switched.active, "previous_version": switched.previous,
                                          "bytes_freed": sum(switched.dropped.values())})
 
-    @dg.job(
-        name=f"{spec.name}_promote",
-        description=f"Promotes {spec.name}'s candidate model version once it is complete.",
-        executor_def=dg.in_process_executor,
-        tags={"vectorsync/table": spec.name},
-    )
+    return one_op_job(spec, f"{spec.name}_promote",
+                      f"Promotes {spec.name}'s candidate model version once it is complete.", promote_candidate)
+
+
+def one_op_job(spec: TableSpec, name: str, description: str, op: dg.OpDefinition) -> dg.JobDefinition:
+    """A table's job of one op, run in the run's own process."""
+
+    @dg.job(name=name, description=description, executor_def=dg.in_process_executor,
+            tags={"vectorsync/table": spec.name})
     def _job() -> None:
-        promote_candidate()
+        op()
 
     return _job
 

@@ -82,6 +82,18 @@ def sync_all(conn: psycopg.Connection, declared: ResolvedTable, buckets: list[in
             engine.close()
 
 
+def two_versions(conn: psycopg.Connection, rows: int, prefix: str, new_provider: dict,
+                 **new_fields) -> tuple[str, ResolvedTable, ResolvedTable, TableSpec]:
+    """A source of `rows` rows embedded by the local model (version 1, synced), then declared with
+    `new_provider` and installed: (name, version 1's table, the new declaration's table, its spec)."""
+    source = make_source(conn, rows)
+    name = unique(prefix)
+    old = installed(conn, declare(source, name))
+    sync_all(conn, old)
+    spec = declare(source, name, provider=new_provider, **new_fields)
+    return name, old, installed(conn, spec), spec
+
+
 def states(conn: psycopg.Connection, name: str) -> dict[int, str]:
     return dict(conn.execute("SELECT version, state FROM vectorsync.versions WHERE table_name = %s", (name,)))
 
@@ -94,12 +106,7 @@ def column_type(conn: psycopg.Connection, relation: sql.Identifier, column: str 
 
 def test_same_dimension_model_change_fills_beside_and_switches(conn: psycopg.Connection) -> None:
     with OpenAIServer(dimensions=384) as server:
-        source = make_source(conn, 30)
-        name = unique("same")
-        old = installed(conn, declare(source, name))
-        sync_all(conn, old)
-        new_spec = declare(source, name, provider=openai(server, "embed-b", 384))
-        new = installed(conn, new_spec)
+        name, old, new, new_spec = two_versions(conn, 30, "same", openai(server, "embed-b", 384))
         assert states(conn, name) == {1: "active", 2: "candidate"}
         # Until the switch, search embeds with the installed model (not the declared one) and
         # answers from version 1: the new model's server sees no query.
@@ -123,12 +130,7 @@ def test_same_dimension_model_change_fills_beside_and_switches(conn: psycopg.Con
 
 def test_dimension_change_384_to_1536_and_rollback(conn: psycopg.Connection) -> None:
     with OpenAIServer(dimensions=1536) as server:
-        source = make_source(conn, 24)
-        name = unique("dims")
-        old = installed(conn, declare(source, name))
-        sync_all(conn, old)
-        big = declare(source, name, provider=openai(server, "text-embedding-3-small", 1536))
-        new = installed(conn, big)
+        name, old, new, big = two_versions(conn, 24, "dims", openai(server, "text-embedding-3-small", 1536))
         candidate = versions.in_state(conn, name, "candidate")
         assert column_type(conn, candidate.store) == "vector(1536)"
         assert column_type(conn, old.view) == "vector(384)"
@@ -179,11 +181,7 @@ def test_template_only_change_sends_no_unchanged_chunk_text(conn: psycopg.Connec
 
 def test_promotion_is_refused_until_complete_and_gated(conn: psycopg.Connection) -> None:
     with OpenAIServer(dimensions=32) as server:
-        source = make_source(conn, 40)
-        name = unique("gate")
-        old = installed(conn, declare(source, name))
-        sync_all(conn, old)
-        new = installed(conn, declare(source, name, provider=openai(server, "embed", 32)))
+        name, _, new, _ = two_versions(conn, 40, "gate", openai(server, "embed", 32))
         with pytest.raises(PromotionRefused, match=r"covers 0/40 rows \(4 buckets waiting"):
             promote(conn, new)
         sync_all(conn, new, buckets=[0, 1])
@@ -206,12 +204,8 @@ def test_promotion_is_refused_until_complete_and_gated(conn: psycopg.Connection)
 
 def test_expired_previous_version_is_dropped_with_its_space(conn: psycopg.Connection) -> None:
     with OpenAIServer(dimensions=8) as server:
-        source = make_source(conn, 20)
-        name = unique("drop")
-        old = installed(conn, declare(source, name))
-        sync_all(conn, old)
-        new = installed(conn, declare(source, name, provider=openai(server, "embed", 8),
-                                      versions={"keep_previous_hours": 0}))
+        name, old, new, _ = two_versions(conn, 20, "drop", openai(server, "embed", 8),
+                                         versions={"keep_previous_hours": 0})
         sync_all(conn, new)
         switch = promote(conn, new)
         assert list(switch.dropped) == [1] and switch.dropped[1] > 0
