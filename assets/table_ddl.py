@@ -99,10 +99,27 @@ def create_version_objects(conn: psycopg.Connection, table: ResolvedTable) -> No
 
 
 def replace_view(conn: psycopg.Connection, active: ResolvedTable, recreate: bool) -> None:
-    """Point the table's view at the active version's store; `recreate` drops it first (a switch to
-    a store whose vectors have another type, which CREATE OR REPLACE VIEW cannot do)."""
-    if recreate:
-        conn.execute(sql.SQL("DROP VIEW IF EXISTS {}").format(active.view))
+    """Point the table's view at the active version's store. With `recreate`, a view whose
+    embedding column has another type than the store's is dropped first (CREATE OR REPLACE VIEW
+    cannot change a column's type), and the privileges granted on it are granted again."""
+    view = active.view.as_string(conn)
+    found = conn.execute(
+        """SELECT format_type(a.atttypid, a.atttypmod) IS DISTINCT FROM %s::text,
+                  ARRAY(SELECT format('GRANT %%s ON %%s TO %%s%%s', x.privilege_type, %s::text,
+                                      CASE WHEN x.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END,
+                                      CASE WHEN x.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END)
+                        FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) x
+                        LEFT JOIN pg_roles r ON r.oid = x.grantee
+                        WHERE c.oid = to_regclass(%s::text) AND x.grantee <> c.relowner)
+           FROM pg_attribute a WHERE a.attrelid = to_regclass(%s::text) AND a.attname = 'embedding'""",
+        (f"{active.spec.vector_type}({active.spec.provider.dimensions})", view, view, view),
+    ).fetchone()
+    if recreate and found is not None and found[0]:
+        conn.execute(sql.SQL("DROP VIEW {}").format(active.view))
+        run_script(conn, "view.sql", table_objects(active))
+        for grant in found[1]:
+            conn.execute(grant)
+        return
     run_script(conn, "view.sql", table_objects(active))
 
 

@@ -134,10 +134,16 @@ def test_dimension_change_384_to_1536_and_rollback(conn: psycopg.Connection) -> 
         candidate = versions.in_state(conn, name, "candidate")
         assert column_type(conn, candidate.store) == "vector(1536)"
         assert column_type(conn, old.view) == "vector(384)"
+        reader = unique("reader")
+        conn.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(reader)))
+        conn.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(old.view, sql.Identifier(reader)))
         sync_all(conn, new)
         switch = promote(conn, new)
         assert (switch.active, switch.previous) == (2, 1)
         assert column_type(conn, old.view) == "vector(1536)"
+        # The view was recreated for its new column type, with the privileges granted on it.
+        assert conn.execute("SELECT has_table_privilege(%s, %s, 'SELECT')",
+                            (reader, old.view.as_string(conn))).fetchone()[0]
         hits = hybrid_search(conn, new, None, "rollback version", k=3)
         assert hits and {h.model for h in hits} == {big.fingerprint}
         # Rows written after the switch reach both versions: the previous one is kept current.
