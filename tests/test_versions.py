@@ -24,7 +24,7 @@ from assets import versions
 from assets.catalog import ResolvedTable, resolve
 from assets.engine import EmbeddingEngine
 from assets.install import install
-from assets.promotion import GateResult, PromotionRefused, coverage, promote, rollback
+from assets.promotion import GateResult, PromotionRefused, coverage, maybe_auto_promote, promote, rollback
 from assets.providers import provider_for
 from assets.search import hybrid_search, search
 from assets.spec import TableSpec, parse_spec
@@ -366,3 +366,17 @@ def test_cli_versions_promote_and_rollback(conn: psycopg.Connection, tmp_path: P
         assert "version 1 is active" in capsys.readouterr().out
         assert main([*args, "rollback", name]) == 2
         assert "no previous version" in capsys.readouterr().err
+
+
+def test_auto_promotion_waits_for_completion_and_never_undoes_a_rollback(conn: psycopg.Connection) -> None:
+    with OpenAIServer(dimensions=8) as server:
+        name, old, new, spec = two_versions(conn, 16, "auto", openai(server, "embed", 8),
+                                            versions={"promote": "auto"})
+        sync_all(conn, new, buckets=[0])
+        assert maybe_auto_promote(conn, new) is None  # still filling: nothing happens
+        sync_all(conn, new)
+        assert maybe_auto_promote(conn, new).active == 2
+        rollback(conn, new)
+        sync_all(conn, new)
+        assert maybe_auto_promote(conn, new) is None  # the rolled-back version waits for a person
+        assert states(conn, name) == {1: "active", 2: "candidate"}
