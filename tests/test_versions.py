@@ -26,7 +26,7 @@ from assets.engine import EmbeddingEngine
 from assets.install import install
 from assets.promotion import GateResult, PromotionRefused, coverage, maybe_auto_promote, promote, rollback
 from assets.providers import provider_for
-from assets.search import hybrid_search, search
+from assets.search import Fusion, hybrid_search, run_search, search
 from assets.spec import TableSpec, parse_spec
 from orchestration.cli import main
 from orchestration.database import connect
@@ -198,6 +198,12 @@ def test_promotion_is_refused_until_complete_and_gated(conn: psycopg.Connection)
 
         def refuse(pair) -> GateResult:
             seen.append((pair.active.version.version, pair.candidate.version.version, pair.coverage.complete))
+            # A gate can search each version with its own model, as an evaluation does.
+            for side in (pair.active, pair.candidate):
+                vector = provider_for(side.table.spec.provider).embed(["rollback version"]).vectors[0]
+                hits = run_search(pair.conn, side.table, vector, None, 3, None, Fusion(),
+                                  version=side.version.version)
+                assert hits and {h.model for h in hits} == {side.version.fingerprint}
             return GateResult(False, "recall@10 0.61 < 0.80 - 0.02")
 
         with pytest.raises(PromotionRefused, match="the gate refused: recall@10"):
