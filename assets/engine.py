@@ -10,7 +10,8 @@ A run over one or more buckets:
      claimed; pages flow through the read-ahead pipeline (pipeline.py);
   3. in a full run, or when the log asks for it (TRUNCATE, install), sweeps every source row of the
      buckets the same way, in one pass in key order, and deletes store rows whose source row is
-     gone (sweep.py).
+     gone (sweep.py); in batch mode, or while a bucket's batch is pending, batch_fill.py decides
+     first which buckets are swept now (the others wait, parked, for their batch).
 A change that arrives while its row is being embedded has a new change-log entry that this run did
 not claim, so it is embedded again with its new text: nothing is lost and nothing stays stale.
 Where failures go, and when they are retried, is ledger.py's alone.
@@ -25,6 +26,7 @@ from contextlib import ExitStack
 import psycopg
 from pgvector.psycopg import register_vector
 
+from .batch_fill import BatchFill
 from .catalog import ResolvedTable, use_key_text_settings
 from .changelog import ChangeLog, ClaimedPage
 from .ledger import FailureLedger, RetryPolicy, retry_policy
@@ -70,9 +72,11 @@ class EmbeddingEngine:
         self.store = Store(conn, table, reuse_from)
         self.pipeline = Pipeline(conn, self.spec, provider, self.store, self.ledger, self.changes)
         self.sweep = Sweep(conn, table, self.source, self.ledger, self.changes)
+        self.batch_fill = BatchFill(conn, table, self.sweep, self.store, provider)
 
     def close(self) -> None:
         self.pipeline.close()
+        self.batch_fill.close()
 
     @property
     def on_page(self) -> Callable[[dict[int, SyncStats]], None] | None:
@@ -90,7 +94,8 @@ class EmbeddingEngine:
         return self.sync_buckets([bucket], full=full, should_stop=should_stop)[bucket]
 
     def sync_buckets(
-        self, buckets: Iterable[int], full: bool = False, should_stop: Callable[[], bool] = lambda: False
+        self, buckets: Iterable[int], full: bool = False, should_stop: Callable[[], bool] = lambda: False,
+        batch: bool | None = None, batch_wait_seconds: float = 0.0,
     ) -> dict[int, SyncStats]:
         """Make several buckets current in one pass: one scan of the change log and, for a sweep,
         one scan of the source for all of them, with the provider kept busy across bucket
@@ -99,7 +104,11 @@ class EmbeddingEngine:
         Row and chunk counts are exact per bucket; a request's tokens and seconds are shared out
         by the tokens each bucket sent in it, its count goes to the bucket of its first text, and
         `seconds` is the call's time shared out evenly, so the per-bucket figures add up to the
-        call's totals."""
+        call's totals.
+
+        `batch`: sweep through the provider's batch API (None: as the declaration's
+        backfill.mode says); `batch_wait_seconds`: how long to wait for a pending batch before
+        returning with its buckets unswept (batch_fill.py)."""
         wanted = sorted(set(buckets))
         for bucket in wanted:
             if not 0 <= bucket < self.spec.buckets:
@@ -117,6 +126,8 @@ class EmbeddingEngine:
                     locks.enter_context(bucket_lock(self.conn, self.lock_name, bucket, self.lock_wait_seconds))
                 markers = self._drain_changes(wanted, stats, should_stop)
                 sweep = wanted if full else sorted(markers)
+                if sweep and not should_stop():
+                    sweep = self.batch_fill.before_sweep(sweep, stats, batch, batch_wait_seconds, should_stop)
                 if sweep and not should_stop():
                     self._sweep(sweep, stats, should_stop, [i for b in sweep for i in markers.get(b, [])])
                     # Changes that arrived while the sweep ran: picked up now, while the locks are held.
@@ -162,3 +173,4 @@ class EmbeddingEngine:
         self.pipeline.run((Page(rows) for rows in self.sweep.pages(buckets, should_stop)), stats)
         if self.sweep.finished:
             self.sweep.finish(buckets, stats, markers)
+            self.batch_fill.after_sweep(buckets)

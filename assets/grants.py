@@ -7,7 +7,10 @@ nothing more:
     change log's id sequence: USAGE (re-queued retries insert into the log); each view: SELECT;
   - the vectorsync schema: USAGE; the failure ledger: SELECT, INSERT, UPDATE, DELETE; the record of
     failed runs (written by the run-failure sensor): SELECT, INSERT; the run ledger (each run's
-    figures and spend, vectorsync.runs and run_buckets): SELECT, INSERT, UPDATE; the registry, the
+    figures and spend, vectorsync.runs and run_buckets): SELECT, INSERT, UPDATE; batch mode's jobs,
+    items and vector cache: SELECT, INSERT, UPDATE, DELETE, and the jobs' id sequence: USAGE
+    (collecting a batch also uses a temporary table, which PostgreSQL allows every role by
+    default); the registry, the
     migrations table and the failure report: SELECT; every vectorsync function: EXECUTE.
 No CREATE on any schema and no ownership, so the role can run no DDL: it cannot drop or truncate a
 store, alter a trigger or add a table. Advisory locks, LISTEN and pg_notify need no grant. Building
@@ -57,6 +60,10 @@ def grant_run_role(conn: psycopg.Connection, tables: list[ResolvedTable], role: 
             sql.SQL("GRANT {} ON vectorsync.failures TO {}").format(RUN_WRITE, who),
             sql.SQL("GRANT SELECT, INSERT ON vectorsync.run_failures TO {}").format(who),
             sql.SQL("GRANT SELECT, INSERT, UPDATE ON vectorsync.runs, vectorsync.run_buckets TO {}").format(who),
+            # Batch mode (migration 005): runs record, poll and finish batch jobs and read the cache.
+            sql.SQL("GRANT {} ON vectorsync.batch_jobs, vectorsync.batch_items, vectorsync.batch_vectors TO {}")
+            .format(RUN_WRITE, who),
+            sql.SQL("GRANT USAGE ON SEQUENCE vectorsync.batch_jobs_id_seq TO {}").format(who),
             # Functions are executable by PUBLIC by default, but a hardened database revokes that.
             sql.SQL("GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA vectorsync TO {}").format(who),
         ]

@@ -74,7 +74,6 @@ class Pipeline:
         # spend): a call of sync_buckets returns only when all of its buckets are done.
         self.on_page: Callable[[dict[int, SyncStats]], None] | None = None
         self.fingerprint = spec.fingerprint
-        self._template = spec.template_parts
         self._pool = ThreadPoolExecutor(max_workers=provider.max_concurrency)
         # Pages in flight: enough requests queued to keep every concurrent slot busy three times
         # over (so slots never idle while the oldest page is written and the next ones are read),
@@ -124,20 +123,7 @@ class Pipeline:
     def _prepare(self, page: Page) -> None:
         """Render, chunk and hash the page's rows, decide what is unchanged, reuse stored vectors,
         and submit the misses to the provider."""
-        candidates: list[Row] = []
-        for row in page.rows:
-            try:
-                text = render(self._template, row.values)
-            except RenderError as exc:
-                # Never stored as something else: the row goes to the ledger with its column.
-                page.unprocessable.append((row, f"cannot render the template: {exc}"))
-                continue
-            if not text.strip() or all(v is None or not str(v).strip() for v in row.values.values()):
-                page.skipped.append((row, "no content: every text column is NULL or empty"))
-                continue
-            row.pieces = chunk(text, self.spec.chunking)
-            candidates.append(row)
-        tokens = self._fit_to_token_limit(candidates)
+        candidates, tokens = prepare_rows(page.rows, self.spec, self.provider, page.skipped, page.unprocessable)
 
         # A key that an earlier, unwritten page is about to write must be written again after it,
         # whatever the store says now: the store does not show that write yet.
@@ -224,25 +210,6 @@ class Pipeline:
         batch, self._open = self._open, None
         if batch is not None and batch.items:
             batch.future = self._pool.submit(embed_isolating, self.provider, batch.items)
-
-    def _fit_to_token_limit(self, rows: list[Row]) -> dict[bytes, int]:
-        """Split any piece the model would truncate (never cut silently), and hash every piece.
-        Tokens are counted in one call per page rather than one per row; returns them by hash."""
-        pieces = [p for r in rows for p in r.pieces]
-        if not pieces:
-            return {}
-        counts = iter(self.provider.count_tokens(pieces))
-        limit = self.provider.max_tokens_per_input
-        tokens: dict[bytes, int] = {}
-        for row in rows:
-            row_counts = [next(counts) for _ in row.pieces]
-            if max(row_counts) > limit:
-                row.pieces = fit_to_token_limit(row.pieces, self.provider.count_tokens, limit)
-                row.hashes = [text_hash(p) for p in row.pieces]
-                continue  # counted again, if it is embedded, by _count_missing
-            row.hashes = [text_hash(p) for p in row.pieces]
-            tokens.update(zip(row.hashes, row_counts))
-        return tokens
 
     def _count_missing(self, items: list[tuple[bytes, str]], tokens: dict[bytes, int]) -> list[int]:
         unknown = [t for h, t in items if h not in tokens]
@@ -342,6 +309,51 @@ class Pipeline:
                 )
             if page.change_ids:
                 self.changes.clear(page.change_ids, page.of)
+
+
+def prepare_rows(
+    rows: list[Row], spec: TableSpec, provider: EmbeddingProvider,
+    skipped: list[tuple[Row, str]], unprocessable: list[tuple[Row, str]],
+) -> tuple[list[Row], dict[bytes, int]]:
+    """Render, chunk and hash rows (every sweep does it alike, the batch mode's too): returns the
+    rows with text, their pieces and hashes set, and the tokens of each piece counted on the way
+    (by hash). Rows with no text go to `skipped`, rows whose template does not render to
+    `unprocessable`."""
+    template = spec.template_parts
+    candidates: list[Row] = []
+    for row in rows:
+        try:
+            text = render(template, row.values)
+        except RenderError as exc:
+            # Never stored as something else: the row goes to the ledger with its column.
+            unprocessable.append((row, f"cannot render the template: {exc}"))
+            continue
+        if not text.strip() or all(v is None or not str(v).strip() for v in row.values.values()):
+            skipped.append((row, "no content: every text column is NULL or empty"))
+            continue
+        row.pieces = chunk(text, spec.chunking)
+        candidates.append(row)
+    return candidates, _fit_to_token_limit(candidates, provider)
+
+
+def _fit_to_token_limit(rows: list[Row], provider: EmbeddingProvider) -> dict[bytes, int]:
+    """Split any piece the model would truncate (never cut silently), and hash every piece.
+    Tokens are counted in one call per page rather than one per row; returns them by hash."""
+    pieces = [p for r in rows for p in r.pieces]
+    if not pieces:
+        return {}
+    counts = iter(provider.count_tokens(pieces))
+    limit = provider.max_tokens_per_input
+    tokens: dict[bytes, int] = {}
+    for row in rows:
+        row_counts = [next(counts) for _ in row.pieces]
+        if max(row_counts) > limit:
+            row.pieces = fit_to_token_limit(row.pieces, provider.count_tokens, limit)
+            row.hashes = [text_hash(p) for p in row.pieces]
+            continue  # counted again, if it is embedded, by _count_missing
+        row.hashes = [text_hash(p) for p in row.pieces]
+        tokens.update(zip(row.hashes, row_counts))
+    return tokens
 
 
 def _failure(row: Row, kind: str, message: str, at_least: float = 0.0) -> Failure:

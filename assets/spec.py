@@ -181,6 +181,16 @@ class BackfillSpec(_Strict):
     start-up (a new process, ~3-4 s) once for several buckets."""
 
     buckets_per_run: int = Field(4, ge=1, le=1024)
+    # "batch": a sweep (a backfill, the reconcile schedule, `vectorsync sync --full`, the first
+    # sweep after install) sends what is not stored yet through the provider's batch API at half
+    # price, and stores it once the batch completes (within its 24 h window; assets/batch_fill.py).
+    # "sync": ordinary requests. A run can ask for batch mode itself: the run tag
+    # vectorsync/mode=batch (on a UI backfill), run config `batch`, `vectorsync sync --batch`.
+    mode: Literal["sync", "batch"] = "sync"
+    # Below this many texts to send, a sweep in the declared batch mode makes ordinary requests: a
+    # batch would save cents and keep the rows waiting for hours. (A run that asks for batch mode
+    # itself sends any number.)
+    batch_min_chunks: int = Field(1000, ge=1)
 
 
 class AssetPresentation(_Strict):
@@ -319,6 +329,8 @@ class TableSpec(_Strict):
                 unknown = [f for f in fields if f not in self.columns]
                 if unknown:
                     raise ValueError(f"template: uses {unknown} which are not in `columns`")
+        if self.backfill.mode == "batch" and self.provider.kind != "openai":
+            raise ValueError("backfill.mode: batch needs provider.kind openai (a batch API)")
         limit = MAX_INDEXED_DIMENSIONS[self.vector_type]
         if self.provider.dimensions > limit:
             raise ValueError(

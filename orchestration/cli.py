@@ -66,7 +66,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             print("nothing installed yet: run `vectorsync install`")
             return 0
         header = ("table", "source", "source rows", "embedded", "current", "chunks", "pending",
-                  "failed", "dead", "skipped", "tokens 24h", "cost 24h", "tokens 30d", "cost 30d")
+                  "failed", "dead", "skipped", "tokens 24h", "cost 24h", "tokens 30d", "cost 30d", "batch saved 30d")
         spend = spend_by_table(conn)
         rows, problems = [], []
         for name in names:
@@ -78,7 +78,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             used = spend.get(name, Spend(0, 0.0, 0, 0.0))
             rows.append((s.name, s.source, s.source_rows, s.rows_embedded, s.rows_current, s.chunks,
                          s.pending_changes, s.failed_rows, s.dead_rows, s.skipped_rows,
-                         used.tokens_day, f"${used.cost_day:.4f}", used.tokens_month, f"${used.cost_month:.4f}"))
+                         used.tokens_day, f"${used.cost_day:.4f}", used.tokens_month, f"${used.cost_month:.4f}",
+                         f"${used.saved_month:.4f}"))
     _print_table(header, rows)
     # Reported, not fatal: status is what one runs to find out what is wrong.
     for problem in problems:

@@ -2,7 +2,9 @@
 
 `sync NAME` makes every live version of the table current (the active one first, then a candidate
 filling beside it, then a previous one kept for a rollback), each with its own engine, provider
-and run-ledger rows; with `versions.promote: auto` it then promotes a complete candidate.
+and run-ledger rows; with `versions.promote: auto` it then promotes a complete candidate. `--batch`
+sends the missing vectors of one version through the provider's batch API: the candidate's when
+there is one (its fill is the backfill worth half price), else the active version's.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from assets import versions
 from assets.catalog import ResolvedTable, resolve
 from assets.promotion import PromotionRefused, Switch, coverage, maybe_auto_promote, promote, rollback, version_bytes
 from assets.status import require_installed
-from assets.usage import BudgetExceeded, RunLedger, rows_to_visit
+from assets.batch_fill import batch_jobs_pending
+from assets.usage import BudgetExceeded, RunLedger, batch_price_per_million, cost_usd, rows_to_visit
 
 from .database import connect
 from .progress import ProgressDisplay, Reading
@@ -37,8 +40,14 @@ def cmd_sync(args: argparse.Namespace, find: Finder) -> int:
     with connect() as conn, connect() as ledger_conn:
         declared = resolve(conn, spec, origin)
         require_installed(conn, spec)
-        for vt in versions.live_tables(conn, declared):
-            status = max(status, _sync_version(conn, ledger_conn, vt, buckets, args.full, run_id))
+        live = versions.live_tables(conn, declared)
+        batched = next((vt for vt in live if vt.version.state == "candidate"), live[0]) if args.batch else None
+        for vt in live:
+            status = max(status, _sync_version(conn, ledger_conn, vt, buckets, args, run_id, batch=vt is batched))
+        pending = batch_jobs_pending(conn, spec.name)
+        if pending:
+            print(f"batches pending: {', '.join(pending)}: their buckets are swept by the next run after they "
+                  "complete (`vectorsync sync NAME`, a change run, or --wait)")
         if status == 0:
             switched = maybe_auto_promote(conn, declared)
             if switched is not None:
@@ -47,12 +56,13 @@ def cmd_sync(args: argparse.Namespace, find: Finder) -> int:
 
 
 def _sync_version(conn: psycopg.Connection, ledger_conn: psycopg.Connection, vt: versions.VersionTable,
-                  buckets: list[int], full: bool, run_id: str) -> int:
+                  buckets: list[int], args: argparse.Namespace, run_id: str, batch: bool) -> int:
     from assets.engine import EmbeddingEngine, SyncStats, retry_policy
     from assets.providers import provider_for
 
     table, v = vt.table, vt.version
     spec = table.spec
+    full = args.full or batch  # a batch is a backfill: every row of the buckets is compared
     expected = rows_to_visit(conn, table, buckets, full)
     provider = provider_for(spec.provider)  # a local model loads here, before the clock starts
     # The active version's figures under the run's id, another version's beside them.
@@ -83,7 +93,8 @@ def _sync_version(conn: psycopg.Connection, ledger_conn: psycopg.Connection, vt:
     try:
         # All buckets in one pass, as a run's sweep does: bucket after bucket would let the
         # provider's concurrency idle at every bucket's end (a small bucket fills one request).
-        ledger.settle(engine.sync_buckets(buckets, full=full, should_stop=lambda: metered.exhausted))
+        ledger.settle(engine.sync_buckets(buckets, full=full, should_stop=lambda: metered.exhausted,
+                                          batch=True if batch else None, batch_wait_seconds=args.wait))
         outcome = "succeeded"
     except BudgetExceeded as exc:
         outcome, reason = "over_budget", str(exc)
@@ -93,9 +104,10 @@ def _sync_version(conn: psycopg.Connection, ledger_conn: psycopg.Connection, vt:
         display.close()
         ledger.finish(outcome, reason)
     total = ledger.totals()
+    batch_cost = cost_usd(total.batch_tokens, batch_price_per_million(spec.provider))
     prefix = "" if v.state == "active" else f"version {v.version} ({v.state}): "
     print(prefix + ", ".join(f"{k}={x:.2f}" if isinstance(x, float) else f"{k}={x}" for k, x in total.as_dict().items())
-          + f", cost_usd={metered.cost_usd:.6f}")
+          + f", cost_usd={metered.cost_usd + batch_cost:.6f}, batch_cost_usd={batch_cost:.6f}")
     if reason:
         print(f"error: {reason}", file=sys.stderr)
         return 1
@@ -175,6 +187,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name")
     p.add_argument("--bucket", type=int)
     p.add_argument("--full", action="store_true", help="compare every row, not just the change log")
+    p.add_argument("--batch", action="store_true", help="a full sync whose missing vectors go through the "
+                   "provider's batch API at half price (for the candidate version when there is one); stored "
+                   "when the batch completes (within 24 h), by this command if it still waits (--wait) or by "
+                   "the next run")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for pending "
+                   "batches of the buckets, then store what they returned")
     p = sub.add_parser("versions", help="a table's model versions: state, fingerprint, rows covered, size")
     p.add_argument("name")
     p = sub.add_parser("promote", help="make a table's complete candidate version the one search answers from")

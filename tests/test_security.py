@@ -210,6 +210,7 @@ def test_install_grant_gives_a_role_what_runs_need_and_nothing_more(
             | {(store_schema, spec.store_name, p) for p in write}
             | {("vectorsync", spec.queue_name, p) for p in write}
             | {("vectorsync", "failures", p) for p in write}
+            | {("vectorsync", t, p) for t in ("batch_jobs", "batch_items", "batch_vectors") for p in write}
             | {("vectorsync", "run_failures", "SELECT"), ("vectorsync", "run_failures", "INSERT")}
             | {("vectorsync", t, p) for t in ("runs", "run_buckets") for p in ("SELECT", "INSERT", "UPDATE")}
             | {("vectorsync", t, "SELECT") for t in ("embedding_tables", "migrations", "failure_report", "versions")}
