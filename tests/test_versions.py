@@ -386,3 +386,23 @@ def test_auto_promotion_waits_for_completion_and_never_undoes_a_rollback(conn: p
         sync_all(conn, new)
         assert maybe_auto_promote(conn, new) is None  # the rolled-back version waits for a person
         assert states(conn, name) == {1: "active", 2: "candidate"}
+
+
+def test_capture_follows_the_columns_of_every_live_version(conn: psycopg.Connection) -> None:
+    """The active version renders `title` and `body`; the declared candidate only `body`. An edit of
+    the title alone must still reach the active version, which search answers from."""
+    with OpenAIServer(dimensions=8) as server:
+        source = make_source(conn, 6)
+        name = unique("cols")
+        old = installed(conn, declare(source, name, template="{title}: {body}", columns=None))
+        sync_all(conn, old)
+        new = installed(conn, declare(source, name, provider=openai(server, "embed", 8)))
+        sync_all(conn, new)
+        conn.execute(sql.SQL("UPDATE {} SET title = 'renamed' WHERE id = 3").format(old.source))
+        assert conn.execute(sql.SQL("SELECT count(*) FROM {}").format(old.queue)).fetchone()[0] == 1
+        sync_all(conn, new)
+        chunk = conn.execute(sql.SQL("SELECT chunk FROM {} WHERE id = 3").format(old.store)).fetchone()[0]
+        assert chunk.startswith("renamed: ")
+        candidate = versions.in_state(conn, name, "candidate")
+        assert conn.execute(sql.SQL("SELECT chunk FROM {} WHERE id = 3").format(candidate.store)).fetchone()[0] \
+            == body(3)
