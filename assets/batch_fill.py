@@ -119,8 +119,9 @@ class BatchFill:
                 """UPDATE vectorsync.batch_jobs j SET updated_at = now(),
                        swept = ARRAY(SELECT DISTINCT x FROM unnest(j.swept || %(b)s::int[]) x ORDER BY x),
                        state = CASE WHEN j.buckets <@ (j.swept || %(b)s::int[]) THEN 'done' ELSE j.state END
-                   WHERE table_name = %(t)s AND state = 'collected' AND buckets && %(b)s::int[]
-                   RETURNING id, state""", {"t": self.spec.name, "b": buckets}) if state == "done"]
+                   WHERE table_name = %(t)s AND model = %(m)s AND state = 'collected' AND buckets && %(b)s::int[]
+                   RETURNING id, state""", {"t": self.spec.name, "m": self.spec.fingerprint, "b": buckets})
+                if state == "done"]
             if done:
                 self.conn.execute("DELETE FROM vectorsync.batch_vectors WHERE job_id = ANY(%s)", (done,))
                 self.conn.execute("DELETE FROM vectorsync.batch_items WHERE job_id = ANY(%s)", (done,))
@@ -164,10 +165,12 @@ class BatchFill:
         return parked, collected
 
     def _jobs(self, buckets: list[int]) -> list[_Job]:
+        # By model fingerprint too: each model version of a table (assets/versions.py) has its own.
         return [_Job(*r) for r in self.conn.execute(
             """SELECT id, buckets, state, input_file_id, batch_id, extract(epoch FROM created_at)::float8
-               FROM vectorsync.batch_jobs WHERE table_name = %s AND state <> 'done' AND buckets && %s::int[]
-               ORDER BY id""", (self.spec.name, buckets))]
+               FROM vectorsync.batch_jobs WHERE table_name = %s AND model = %s AND state <> 'done'
+               AND buckets && %s::int[]
+               ORDER BY id""", (self.spec.name, self.spec.fingerprint, buckets))]
 
     def _note(self, job_id: int, status: str | None, reason: str | None) -> None:
         self.conn.execute(

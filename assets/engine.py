@@ -27,7 +27,7 @@ Where failures go, and when they are retried, is ledger.py's alone.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import suppress
 
 import psycopg
@@ -57,7 +57,10 @@ class EmbeddingEngine:
         provider: EmbeddingProvider,
         retry: RetryPolicy = RetryPolicy(),
         lock_wait_seconds: float = 600.0,
+        reuse_from: Sequence[tuple[str, str]] = (),
     ) -> None:
+        """`table` is one model version of a table (assets/versions.py: version 1 is the
+        declaration itself); `reuse_from` the stores whose vectors it may reuse (store.py)."""
         if not conn.autocommit:
             raise ValueError("the engine needs an autocommit connection; it opens its own transactions")
         self.conn = conn
@@ -66,12 +69,14 @@ class EmbeddingEngine:
         self.provider = provider
         self.retry = retry
         self.lock_wait_seconds = lock_wait_seconds
+        # Each version locks its own buckets: a candidate filling never waits for the active's run.
+        self.lock_name = self.spec.name if self.spec.version == 1 else f"{self.spec.name}@v{self.spec.version}"
         register_vector(conn)
         table = table.with_parameters()  # every statement below runs with parameters
         self.source = SourceReader(conn, table)
         self.changes = ChangeLog(conn, table)
         self.ledger = FailureLedger(conn, table, retry)
-        self.store = Store(conn, table)
+        self.store = Store(conn, table, reuse_from)
         self.pipeline = Pipeline(conn, self.spec, provider, self.store, self.ledger, self.changes)
         self.sweep = Sweep(conn, table, self.source, self.ledger, self.changes)
         self.batch_fill = BatchFill(conn, table, self.sweep, self.store, provider)
@@ -163,12 +168,12 @@ class EmbeddingEngine:
         finally:
             with suppress(psycopg.Error):
                 for bucket in held:
-                    unlock_bucket(self.conn, self.spec.name, bucket)
+                    unlock_bucket(self.conn, self.lock_name, bucket)
 
     def _wait_for_lock(self, bucket: int, should_stop: Callable[[], bool]) -> None:
         deadline = time.monotonic() + self.lock_wait_seconds
         delay = 0.05
-        while not try_bucket_lock(self.conn, self.spec.name, bucket):
+        while not try_bucket_lock(self.conn, self.lock_name, bucket):
             if time.monotonic() > deadline or should_stop():
                 raise BucketBusy(f"table {self.spec.name}: bucket {bucket} is held by another run")
             time.sleep(delay)
@@ -195,7 +200,7 @@ class EmbeddingEngine:
                 # connection it is gone already, and the error that matters is the one raised).
                 with suppress(psycopg.Error):
                     for bucket in held:
-                        unlock_bucket(self.conn, self.spec.name, bucket)
+                        unlock_bucket(self.conn, self.lock_name, bucket)
             if len(left) < before:
                 waiting_since, delay = None, 0.05
                 continue
@@ -220,7 +225,7 @@ class EmbeddingEngine:
             for bucket in list(left):
                 if should_stop():
                     return
-                if not try_bucket_lock(self.conn, self.spec.name, bucket):
+                if not try_bucket_lock(self.conn, self.lock_name, bucket):
                     continue
                 left.remove(bucket)
                 held.add(bucket)
@@ -231,7 +236,7 @@ class EmbeddingEngine:
 
     def _release(self, bucket: int, held: set[int]) -> None:
         held.discard(bucket)
-        unlock_bucket(self.conn, self.spec.name, bucket)
+        unlock_bucket(self.conn, self.lock_name, bucket)
 
     def _one_bucket(
         self, bucket: int, full: bool, stats: dict[int, SyncStats], should_stop: Callable[[], bool],

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+from . import versions
 from .catalog import ResolvedTable
 
 RUN_WRITE = sql.SQL("SELECT, INSERT, UPDATE, DELETE")
@@ -68,21 +69,23 @@ def grant_run_role(conn: psycopg.Connection, tables: list[ResolvedTable], role: 
         ]
         schemas = sorted({t.spec.source.schema_ for t in tables} | {t.spec.store_schema for t in tables})
         statements += [sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(s), who) for s in schemas]
-        for table in tables:
-            statements += [
-                sql.SQL("GRANT SELECT ON {} TO {}").format(table.source, who),
-                sql.SQL("GRANT {} ON {}, {} TO {}").format(RUN_WRITE, table.store, table.queue, who),
-                sql.SQL("GRANT SELECT ON {} TO {}").format(table.view, who),
-            ]
-            sequence = conn.execute(
-                "SELECT pg_get_serial_sequence(%s, 'id')", (f"vectorsync.{table.spec.queue_name}",)
-            ).fetchone()[0]
-            if sequence is None:
-                raise GrantError(
-                    f"role {role!r}: table {table.spec.name}: change log vectorsync.{table.spec.queue_name} "
-                    "has no id sequence; run `vectorsync install` first"
-                )
-            statements.append(sql.SQL("GRANT USAGE ON SEQUENCE {} TO {}").format(sql.SQL(sequence), who))
+        if versions.installed(conn):
+            statements.append(sql.SQL("GRANT SELECT ON vectorsync.versions TO {}").format(who))
+        for declared in tables:
+            statements.append(sql.SQL("GRANT SELECT ON {} TO {}").format(declared.source, who))
+            statements.append(sql.SQL("GRANT SELECT ON {} TO {}").format(declared.view, who))
+            # Every live model version's store and change log: runs fill a candidate too.
+            for table in (vt.table for vt in versions.live_tables(conn, declared)):
+                statements.append(sql.SQL("GRANT {} ON {}, {} TO {}").format(RUN_WRITE, table.store, table.queue, who))
+                sequence = conn.execute(
+                    "SELECT pg_get_serial_sequence(%s, 'id')", (table.queue.as_string(conn),)
+                ).fetchone()[0]
+                if sequence is None:
+                    raise GrantError(
+                        f"role {role!r}: table {table.spec.name}: change log vectorsync.{table.spec.queue_name} "
+                        "has no id sequence; run `vectorsync install` first"
+                    )
+                statements.append(sql.SQL("GRANT USAGE ON SEQUENCE {} TO {}").format(sql.SQL(sequence), who))
         for statement in statements:
             conn.execute(statement)
     return GrantReport(role, [t.spec.name for t in tables], len(statements))

@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -210,6 +211,21 @@ class AssetPresentation(_Strict):
     kinds: list[str] = []
 
 
+class VersionsSpec(_Strict):
+    """What happens when the declared model (fingerprint, dimensions or vector type) changes: a new
+    version fills beside the active one, and is switched to as `promote` says: `manual` (the
+    `vectorsync promote` command or the `<name>_promote` job), or `auto` (the first run that finds
+    it complete switches to it, through the same gate). The version switched away from is kept,
+    current, for `keep_previous_hours`, so `vectorsync rollback` can switch back; then it is dropped.
+    `max_quality_drop` is the gate's allowed loss of quality (recall@k, MRR@10) from the active to
+    the candidate, when a golden-query evaluation is wired in. None of it shapes a vector, so it
+    is not part of the fingerprint."""
+
+    promote: Literal["manual", "auto"] = "manual"
+    keep_previous_hours: float = Field(24.0, ge=0, le=24 * 365)
+    max_quality_drop: float = Field(0.02, ge=0, le=1)
+
+
 class Budget(_Strict):
     """A ceiling on what the table's runs spend with the provider in a UTC day. A run that would
     pass it stops before the request that would: what it embedded so far is stored, the rest
@@ -275,6 +291,11 @@ class TableSpec(_Strict):
     asset: AssetPresentation = AssetPresentation()
     # How a backfill is split into runs (see BackfillSpec); not in the fingerprint.
     backfill: BackfillSpec = BackfillSpec()
+    # Model versions side by side, promotion and rollback (see VersionsSpec); not in the fingerprint.
+    versions: VersionsSpec = VersionsSpec()
+    # Which model version of the table this spec describes (assets/versions.py): 1 for the
+    # declaration itself; a version's spec carries its number, which names its store and change log.
+    _version: int = PrivateAttr(1)
 
     @field_validator("source", mode="before")
     @classmethod
@@ -343,9 +364,19 @@ class TableSpec(_Strict):
         return self.destination_schema or self.source.schema_
 
     @property
+    def version(self) -> int:
+        return self._version
+
+    def as_version(self, number: int) -> TableSpec:
+        """This spec as model version `number` of its table (its own store and change log)."""
+        copy = self.model_copy()
+        copy._version = number
+        return copy
+
+    @property
     def object_names(self) -> dict[str, str]:
         """The store's, view's, indexes', change log's and triggers' names (assets/names.py)."""
-        return table_object_names(self.name, self.destination)
+        return table_object_names(self.name, self.destination, self._version)
 
     @property
     def view_name(self) -> str:

@@ -23,6 +23,7 @@ from .checks import embeddings_checks
 from .embedding_assets import continuous_job, embeddings_asset, source_asset_spec
 from .schedules import index_upkeep_job, index_upkeep_schedule, reconcile_schedule, retry_schedule
 from .sensors import changes_sensor, continuous_keeper
+from .versions_dagster import promote_job
 
 STARTING_DECLARATION = """\
 # A table to embed. Every field and its default: docs/declaring-a-table.md.
@@ -44,10 +45,11 @@ attributes:
 
 def embedding_table_definitions(spec: TableSpec, origin: str, include_source: bool = True) -> dg.Definitions:
     """Every Dagster definition of one table: its source asset (unless another table over the
-    same source declares it), embeddings asset, checks, change sensor, schedules, index job, and
+    same source declares it), embeddings asset, checks, change sensor, schedules, index job,
+    promote job (model versions), and
     in continuous mode its long-lived job and keeper sensor."""
     index_job = index_upkeep_job(spec, origin)
-    jobs = [index_job]
+    jobs = [index_job, promote_job(spec, origin)]
     sensors = [changes_sensor(spec)]
     if spec.continuous:
         follow = continuous_job(spec, origin)
@@ -77,7 +79,7 @@ class EmbeddingTableScaffolder(dg.Scaffolder):
 @dg.scaffold_with(EmbeddingTableScaffolder)
 class EmbeddingTable(dg.Component):
     """A PostgreSQL table whose rows are kept embedded in a pgvector store: a source asset, an
-    embeddings asset partitioned by key-hash bucket, five checks, a change sensor and schedules
+    embeddings asset partitioned by key-hash bucket, six checks, a change sensor and schedules
     for the reconcile sweep, retries and index upkeep."""
 
     def __init__(self, spec: TableSpec, origin: str = "<python>", include_source: bool = True) -> None:

@@ -13,6 +13,7 @@ import psycopg
 from psycopg import sql
 from pydantic import Field
 
+from assets import versions
 from assets.catalog import ResolvedTable, resolve
 from assets.continuous import CHANNEL, ChangeListener, follow_changes
 from assets.engine import BucketBusy, EmbeddingEngine, SyncStats, retry_policy
@@ -26,6 +27,7 @@ from assets.usage import (
 
 from .names import dagster_name_part
 from .resources import VectorsyncDatabase
+from .versions_dagster import auto_promote, sync_other_versions, version_metadata
 
 GROUP = "embeddings"
 # A run (or a backfill, whose runs inherit its tags) with this tag set to "batch" sweeps through the
@@ -150,16 +152,19 @@ def embeddings_asset(spec: TableSpec, origin: str) -> dg.AssetsDefinition:
         # The engine's connection, and the ledger's: pages are written on the first while requests
         # return on the provider's threads, and both are recorded as they come.
         with database.connect() as conn, database.connect() as ledger_conn:
-            table = resolve(conn, spec, origin)
+            declared = resolve(conn, spec, origin)
+            # Every live model version of these buckets: the active one here, the others after it.
+            live = versions.live_tables(conn, declared)
+            table = live[0].table
             trigger = context.run.tags.get("vectorsync/trigger", "manual")
             expected = rows_to_visit(conn, table, buckets, config.full_sweep)
-            provider = provider_for(spec.provider)  # a local model loads here, before the run's clock
-            ledger = RunLedger(ledger_conn, context.run.run_id, spec, trigger, buckets, rows_expected=expected)
+            provider = provider_for(table.spec.provider)  # a local model loads here, before the run's clock
+            ledger = RunLedger(ledger_conn, context.run.run_id, table.spec, trigger, buckets, rows_expected=expected)
             if not ledger.enabled:
                 context.log.warning(f"{spec.name}: no run ledger (vectorsync.runs) in this database: run "
                                     "`vectorsync install` to apply its migrations; cost and budget are not recorded")
             metered = ledger.metered(provider)
-            engine = EmbeddingEngine(conn, table, metered, retry=retry_policy(spec))
+            engine = EmbeddingEngine(conn, table, metered, retry=retry_policy(spec), reuse_from=live[0].reuse_from)
             engine.on_page = ledger.add
             outcome, reason = "failed", None
             try:
@@ -193,10 +198,16 @@ def embeddings_asset(spec: TableSpec, origin: str) -> dg.AssetsDefinition:
                 raise dg.Failure(description=reason, metadata=run_figures)
             for pk, figures in partition_metadata(conn, table, per_bucket, buckets, ledger.price).items():
                 context.add_asset_metadata(figures, partition_key=pk)
+            sync_other_versions(context, conn, ledger_conn, live[1:], buckets, config.full_sweep,
+                                config.retry_due_failures, trigger)
+            if auto_promote(context, conn, declared) is not None:
+                live = versions.live_tables(conn, declared)
+                table = live[0].table
             metadata = {
                 **backlog_metadata(*change_backlog(conn, table.queue)),
                 "buckets": len(buckets),
-                **store_metadata(spec, table),
+                **store_metadata(table.spec, table),
+                **version_metadata(conn, live),
             }
         return dg.MaterializeResult(metadata=metadata)
 
@@ -438,10 +449,12 @@ def continuous_job(spec: TableSpec, origin: str) -> dg.JobDefinition:
     )
     def follow(context: dg.OpExecutionContext, database: VectorsyncDatabase) -> None:
         with database.connect() as conn, database.connect() as ledger_conn:
-            table = resolve(conn, spec, origin)
+            # The active model version as the run starts (a candidate fills by partition runs; a
+            # promotion takes effect here when the keeper restarts this run).
+            table = versions.active_table(conn, resolve(conn, spec, origin))
             _hold_continuous_lock(conn, spec.name)
-            ledger = RunLedger(ledger_conn, context.run_id, spec, "continuous", list(range(spec.buckets)))
-            metered = ledger.metered(provider_for(spec.provider))
+            ledger = RunLedger(ledger_conn, context.run_id, table.spec, "continuous", list(range(spec.buckets)))
+            metered = ledger.metered(provider_for(table.spec.provider))
             engine = EmbeddingEngine(conn, table, metered, retry=retry_policy(spec), lock_wait_seconds=0.0)
             listener = ChangeListener(database.resolved_url(), spec.name)
 

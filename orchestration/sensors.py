@@ -104,7 +104,6 @@ def observation_due(cursor: dict) -> bool:
 
 def changes_sensor(spec: TableSpec, interval_seconds: int | None = None) -> dg.SensorDefinition:
     key = embeddings_asset_key(spec)
-    queue = sql.Identifier("vectorsync", spec.queue_name)
 
     @dg.sensor(
         name=f"{spec.name}_changes",
@@ -121,8 +120,18 @@ def changes_sensor(spec: TableSpec, interval_seconds: int | None = None) -> dg.S
         # cursor: bucket -> [highest change id already requested, when requested]
         cursor: dict[str, list[float]] = json.loads(context.cursor or "{}")
         with database.pooled() as conn:
-            if conn.execute("SELECT to_regclass(%s)", (f"vectorsync.{spec.queue_name}",)).fetchone()[0] is None:
+            # The active model version's change log (assets/versions.py): capture writes every
+            # change to each live version's log, so the active one names every changed bucket.
+            registered = None
+            if conn.execute("SELECT to_regclass('vectorsync.embedding_tables')").fetchone()[0] is not None:
+                registered = conn.execute(
+                    """SELECT queue_table FROM vectorsync.embedding_tables
+                       WHERE name = %s AND to_regclass('vectorsync.' || quote_ident(queue_table)) IS NOT NULL""",
+                    (spec.name,),
+                ).fetchone()
+            if registered is None:
                 return dg.SensorResult(skip_reason=f"{spec.name} is not installed; run `vectorsync install`")
+            queue = sql.Identifier("vectorsync", registered[0])
             pending = conn.execute(
                 sql.SQL(
                     # Keys, not entries: a bulk statement logs one entry per bucket for all its keys.
