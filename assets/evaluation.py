@@ -17,7 +17,7 @@ its own query model (`store_search`: a candidate version, another model, an exac
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import comb
 from typing import Any
 
@@ -63,8 +63,11 @@ class Metrics:
 
 @dataclass(frozen=True)
 class GateResult:
-    ok: bool
-    reason: str
+    """A promotion gate's verdict (assets/promotion.py), with the figures it judged by."""
+
+    passed: bool
+    reason: str = ""
+    metadata: dict[str, float | int] = field(default_factory=dict)  # e.g. recall@10 of each version
 
 
 def evaluate(golden: GoldenSet, search: SearchFunction, k: int = 10) -> Metrics:
@@ -107,7 +110,8 @@ def compare(active: Metrics, candidate: Metrics, max_drop: float) -> GateResult:
         ok = ok and not worse
         parts.append(f"{name} {c:.4f} against {a:.4f}" + (f" (drops {a - c:.4f}, more than {max_drop:g})" if worse else ""))
     verdict = "candidate passes" if ok else "candidate is worse"
-    return GateResult(ok, f"{verdict} on {candidate.queries} golden queries: " + "; ".join(parts))
+    return GateResult(ok, f"{verdict} on {candidate.queries} golden queries: " + "; ".join(parts),
+                      {**active.metadata("active_"), **candidate.metadata("candidate_")})
 
 
 def table_search(

@@ -25,6 +25,7 @@ from psycopg import sql
 
 from . import versions
 from .catalog import ResolvedTable
+from .evaluation import GateResult
 from .index import build_index, index_state
 from .table_ddl import drop_version, relation_bytes, replace_view
 from .versions import Version
@@ -71,13 +72,6 @@ class ActiveAndCandidate:
     candidate: versions.VersionTable
     coverage: Coverage
     max_quality_drop: float
-
-
-@dataclass(frozen=True)
-class GateResult:
-    passed: bool
-    reason: str = ""
-    metadata: dict[str, float] = field(default_factory=dict)  # e.g. recall@10 of each version
 
 
 Gate = Callable[[ActiveAndCandidate], GateResult]

@@ -218,12 +218,25 @@ class VersionsSpec(_Strict):
     it complete switches to it, through the same gate). The version switched away from is kept,
     current, for `keep_previous_hours`, so `vectorsync rollback` can switch back; then it is dropped.
     `max_quality_drop` is the gate's allowed loss of quality (recall@k, MRR@10) from the active to
-    the candidate, when a golden-query evaluation is wired in. None of it shapes a vector, so it
+    the candidate on the golden queries (`golden` or `golden_sql`), when there are any. None of it shapes a vector, so it
     is not part of the fingerprint."""
 
     promote: Literal["manual", "auto"] = "manual"
     keep_previous_hours: float = Field(24.0, ge=0, le=24 * 365)
     max_quality_drop: float = Field(0.02, ge=0, le=1)
+    # The golden queries the gate and the search_quality asset score (assets/golden.py): a YAML or
+    # JSON Lines file of `query -> expected key(s)`, relative to the declaration's file, or a SQL
+    # query yielding (query text, expected key) rows. Neither: no quality gate.
+    golden: str | None = Field(None, min_length=1)
+    golden_sql: str | None = Field(None, min_length=1)
+    # recall@k's k (MRR is always @10).
+    golden_k: int = Field(10, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _one_golden_source(self) -> VersionsSpec:
+        if self.golden is not None and self.golden_sql is not None:
+            raise ValueError("versions: give `golden` or `golden_sql`, not both")
+        return self
 
 
 class Budget(_Strict):

@@ -56,6 +56,12 @@ def cmd_install(args: argparse.Namespace) -> int:
     for name, notes in report.notes.items():
         for note in notes:
             print(f"{name}: {note}")
+    # What filling each new candidate version will cost, before anything fills it.
+    fresh = [(s, o) for s, o in specs if any(versions_cli.FILL_STARTS in n for n in report.notes.get(s.name, []))]
+    if fresh:
+        with connect() as conn:
+            for spec, origin in fresh:
+                versions_cli.print_estimate(conn, resolve(conn, spec, origin), no_reuse=False, prefix=f"{spec.name}: ")
     return 0
 
 
@@ -170,32 +176,6 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_estimate(args: argparse.Namespace) -> int:
-    """What a full fill of the declared table would send and cost, reusing what its store holds
-    under the declaration's fingerprint, as the engine does today (so a template or chunking
-    changed in place counts every chunk again); nothing is sent to the provider. Once versions
-    reuse vectors across versions by model (issue 15), the candidate's estimate is reuse_by="model"
-    against the active version's store."""
-    from assets.estimate import estimate_fill
-
-    spec, origin = _find(args, args.name)
-    with connect() as conn:
-        table = resolve(conn, spec, origin)
-        require_installed(conn, spec)  # before a model load: one clear error line
-        reusable = [] if args.no_reuse else [table.with_parameters().store]
-        e = estimate_fill(conn, table, reusable, reuse_by="fingerprint")
-    print(f"table: {spec.name} ({spec.fingerprint})")
-    print(f"rows: {e.rows:,} ({e.rows_empty:,} without content, {e.rows_unrenderable:,} the template cannot render)")
-    print(f"chunks: {e.chunks:,}")
-    print(f"reused: {e.chunks_reused:,}" + (" (repeated texts)" if args.no_reuse else " (stored, or repeated)"))
-    print(f"chunks to send: {e.chunks_to_send:,}")
-    print(f"tokens: {e.tokens:,}")
-    print(f"cost: ${e.usd:.6f} at ${e.price_per_million:g} per million tokens "
-          f"(${e.usd_batch:.6f} through the batch API)")
-    print(f"seconds: {e.seconds:.2f}")
-    return 0
-
-
 def cmd_dagster_instance(args: argparse.Namespace) -> int:
     """Write $DAGSTER_HOME/dagster.yaml for the database at DATABASE_URL (or the embedded one), or
     print it. The URL comes from the environment, never the command line, where `ps` shows it."""
@@ -251,12 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8765, help="0: any free port (see search-service.json)")
     p = sub.add_parser("index", help="build a table's HNSW index now, without waiting for the schedule")
     p.add_argument("name")
-    p = sub.add_parser("estimate", help="chunks, tokens and dollars a full fill of a table would send, "
-                       "sending nothing")
-    p.add_argument("name")
-    p.add_argument("--no-reuse", action="store_true", help="count every chunk, as if the store were empty "
-                   "(a full re-embed from scratch)")
-    versions_cli.add_parsers(sub)  # sync, versions, promote, rollback
+    versions_cli.add_parsers(sub)  # sync, estimate, versions, promote, rollback
     p = sub.add_parser("demo", help="embed Python's documentation, search it, then serve Dagster's UI")
     p.add_argument("--no-serve", action="store_true", help="stop after the searches")
     p.add_argument("--port", type=int, default=3000)
@@ -275,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         "install": cmd_install, "status": cmd_status, "search": cmd_search,
         "sync": lambda a: versions_cli.cmd_sync(a, _find), "versions": lambda a: versions_cli.cmd_versions(a, _find),
         "promote": lambda a: versions_cli.cmd_promote(a, _find), "rollback": lambda a: versions_cli.cmd_rollback(a, _find),
-        "demo": cmd_demo, "serve": cmd_serve, "estimate": cmd_estimate, "index": cmd_index,
+        "demo": cmd_demo, "serve": cmd_serve, "estimate": lambda a: versions_cli.cmd_estimate(a, _find), "index": cmd_index,
         "database-url": lambda a: print(database_url()) or 0,
         "dagster-instance": cmd_dagster_instance,
     }

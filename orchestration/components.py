@@ -23,6 +23,7 @@ from .checks import embeddings_checks
 from .embedding_assets import continuous_job, embeddings_asset, source_asset_spec
 from .schedules import index_upkeep_job, index_upkeep_schedule, reconcile_schedule, retry_schedule
 from .sensors import changes_sensor, continuous_keeper
+from .quality import search_quality_asset
 from .versions_dagster import promote_job
 
 STARTING_DECLARATION = """\
@@ -46,7 +47,7 @@ attributes:
 def embedding_table_definitions(spec: TableSpec, origin: str, include_source: bool = True) -> dg.Definitions:
     """Every Dagster definition of one table: its source asset (unless another table over the
     same source declares it), embeddings asset, checks, change sensor, schedules, index job,
-    promote job (model versions), and
+    promote job (model versions), search-quality asset (with golden queries), and
     in continuous mode its long-lived job and keeper sensor."""
     index_job = index_upkeep_job(spec, origin)
     jobs = [index_job, promote_job(spec, origin)]
@@ -56,7 +57,8 @@ def embedding_table_definitions(spec: TableSpec, origin: str, include_source: bo
         jobs.append(follow)
         sensors.append(continuous_keeper(spec, follow))
     return dg.Definitions(
-        assets=[*([source_asset_spec(spec)] if include_source else []), embeddings_asset(spec, origin)],
+        assets=[*([source_asset_spec(spec)] if include_source else []), embeddings_asset(spec, origin),
+                *([search_quality_asset(spec, origin)] if spec.versions.golden or spec.versions.golden_sql else [])],
         asset_checks=embeddings_checks(spec),
         jobs=jobs,
         sensors=sensors,

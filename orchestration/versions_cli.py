@@ -19,6 +19,9 @@ import psycopg
 
 from assets import versions
 from assets.catalog import ResolvedTable, resolve
+from assets.estimate import estimate_fill
+from assets.golden import GoldenError
+from assets.quality_gate import gate_for
 from assets.promotion import PromotionRefused, Switch, coverage, maybe_auto_promote, promote, rollback, version_bytes
 from assets.status import require_installed
 from assets.batch_fill import batch_jobs_pending
@@ -49,7 +52,11 @@ def cmd_sync(args: argparse.Namespace, find: Finder) -> int:
             print(f"batches pending: {', '.join(pending)}: their buckets are swept by the next run after they "
                   "complete (`vectorsync sync NAME`, a change run, or --wait)")
         if status == 0:
-            switched = maybe_auto_promote(conn, declared)
+            try:
+                switched = maybe_auto_promote(conn, declared, gate_for(conn, declared))
+            except PromotionRefused as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
             if switched is not None:
                 print(_switched_line(switched, "promoted (versions.promote: auto)"))
     return status
@@ -114,6 +121,46 @@ def _sync_version(conn: psycopg.Connection, ledger_conn: psycopg.Connection, vt:
     return 0
 
 
+# Install's note for a version that must now be filled (assets/install.py _plan_candidate).
+FILL_STARTS = "created beside active"
+
+
+def cmd_estimate(args: argparse.Namespace, find: Finder) -> int:
+    """What filling the table's candidate version (or, without one, a full sync of the active
+    version) would send and cost; nothing is sent to the provider."""
+    spec, origin = find(args, args.name)
+    with connect() as conn:
+        declared = resolve(conn, spec, origin)
+        require_installed(conn, spec)  # before a tokenizer loads: one clear error line
+        print_estimate(conn, declared, args.no_reuse)
+    return 0
+
+
+def print_estimate(conn: psycopg.Connection, declared: ResolvedTable, no_reuse: bool, prefix: str = "") -> None:
+    """A candidate reuses, by model, what its own store and the other live versions' stores hold
+    (as its fill does, store.Store); the active version only what it stores under its fingerprint."""
+    live = versions.live_tables(conn, declared)
+    target = next((vt for vt in live if vt.version.state == "candidate"), live[0])
+    table = target.table.with_parameters()
+    candidate = target.version.state == "candidate"
+    reusable = [] if no_reuse else [table.store, *(
+        [table.ident(schema, name) for schema, name in target.reuse_from] if candidate else [])]
+    e = estimate_fill(conn, target.table, reusable, reuse_by="model" if candidate else "fingerprint")
+    what = f"filling candidate version {target.version.version}" if candidate else "a full sync"
+    lines = [
+        f"estimate: {what} of {table.spec.name} ({table.spec.fingerprint}); nothing is sent",
+        f"rows: {e.rows:,} ({e.rows_empty:,} without content, {e.rows_unrenderable:,} the template cannot render)",
+        f"chunks: {e.chunks:,}",
+        f"reused: {e.chunks_reused:,}" + (" (repeated texts)" if no_reuse else " (stored, or repeated)"),
+        f"chunks to send: {e.chunks_to_send:,}",
+        f"tokens: {e.tokens:,}",
+        f"cost: ${e.usd:.6f} at ${e.price_per_million:g} per million tokens (${e.usd_batch:.6f} through the batch API)",
+        f"seconds: {e.seconds:.2f}",
+    ]
+    for line in lines:
+        print(prefix + line)
+
+
 def cmd_versions(args: argparse.Namespace, find: Finder) -> int:
     """Each version of a table: number, state, fingerprint, rows covered / total, size, drop_after."""
     spec, origin = find(args, args.name)
@@ -141,7 +188,10 @@ _HEADER = ("version", "state", "fingerprint", "rows covered", "size", "drop afte
 
 
 def cmd_promote(args: argparse.Namespace, find: Finder) -> int:
-    return _switch(args, find, lambda conn, declared: promote(conn, declared), "promoted")
+    def gated(conn: psycopg.Connection, declared: ResolvedTable) -> Switch:
+        return promote(conn, declared, None if args.skip_quality_gate else gate_for(conn, declared))
+
+    return _switch(args, find, gated, "promoted")
 
 
 def cmd_rollback(args: argparse.Namespace, find: Finder) -> int:
@@ -156,7 +206,7 @@ def _switch(args: argparse.Namespace, find: Finder,
         require_installed(conn, spec)
         try:
             switched = action(conn, declared)
-        except PromotionRefused as exc:
+        except (PromotionRefused, GoldenError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     print(_switched_line(switched, verb))
@@ -169,6 +219,8 @@ def _switched_line(s: Switch, verb: str) -> str:
     line = f"table {s.table_name}: {verb}: version {s.active} is active"
     if s.previous is not None:
         line += f", version {s.previous} was"
+    if s.gate is not None:
+        line += f"; quality gate: {s.gate.reason}"
     if s.dropped:
         line += "; dropped " + ", ".join(f"version {n} ({_bytes(b)} freed)" for n, b in s.dropped.items())
     return line
@@ -193,9 +245,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "the next run")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for pending "
                    "batches of the buckets, then store what they returned")
+    p = sub.add_parser("estimate", help="chunks, tokens and dollars filling the candidate version (or a full "
+                       "sync) would send, sending nothing")
+    p.add_argument("name")
+    p.add_argument("--no-reuse", action="store_true", help="count every chunk, as if no store held any "
+                   "(a full re-embed from scratch)")
     p = sub.add_parser("versions", help="a table's model versions: state, fingerprint, rows covered, size")
     p.add_argument("name")
     p = sub.add_parser("promote", help="make a table's complete candidate version the one search answers from")
     p.add_argument("name")
+    p.add_argument("--skip-quality-gate", action="store_true", help="promote even if the candidate scores "
+                   "worse on the golden queries than `versions.max_quality_drop` allows")
     p = sub.add_parser("rollback", help="switch a table back to its previous model version while it is kept")
     p.add_argument("name")

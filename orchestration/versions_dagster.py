@@ -10,7 +10,9 @@ from assets import versions
 from assets.catalog import ResolvedTable, resolve
 from assets.engine import EmbeddingEngine, retry_policy
 from assets.promotion import PromotionRefused, Switch, drop_expired, maybe_auto_promote, progress, promote
+from assets.golden import GoldenError
 from assets.providers import provider_for
+from assets.quality_gate import gate_for, live_quality
 from assets.spec import TableSpec
 from assets.usage import RunLedger
 
@@ -62,8 +64,8 @@ def auto_promote(context: dg.AssetExecutionContext | dg.OpExecutionContext, conn
                  declared: ResolvedTable) -> Switch | None:
     """`versions.promote: auto`: a run that finds the candidate complete promotes it."""
     try:
-        switched = maybe_auto_promote(conn, declared)
-    except PromotionRefused as exc:
+        switched = maybe_auto_promote(conn, declared, gate_for(conn, declared))
+    except (PromotionRefused, GoldenError) as exc:
         context.log.warning(str(exc))
         return None
     if switched is not None:
@@ -85,12 +87,15 @@ def promote_job(spec: TableSpec, origin: str) -> dg.JobDefinition:
     def promote_candidate(context: dg.OpExecutionContext, database: VectorsyncDatabase) -> dg.Output:
         with database.connect() as conn:
             try:
-                switched = promote(conn, resolve(conn, spec, origin))
-            except PromotionRefused as exc:
+                declared = resolve(conn, spec, origin)
+                switched = promote(conn, declared, gate_for(conn, declared))
+            except (PromotionRefused, GoldenError) as exc:
                 raise dg.Failure(description=str(exc)) from None
-        context.log.info(f"{spec.name}: version {switched.active} is active, version {switched.previous} was")
+        context.log.info(f"{spec.name}: version {switched.active} is active, version {switched.previous} was"
+                         + (f"; quality gate: {switched.gate.reason}" if switched.gate else ""))
         return dg.Output(None, metadata={"active_version": switched.active, "previous_version": switched.previous,
-                                         "bytes_freed": sum(switched.dropped.values())})
+                                         "bytes_freed": sum(switched.dropped.values()),
+                                         **(switched.gate.metadata if switched.gate else {})})
 
     return one_op_job(spec, f"{spec.name}_promote",
                       f"Promotes {spec.name}'s candidate model version once it is complete.", promote_candidate)

@@ -26,6 +26,7 @@ from assets.spec import SpecError, TableSpec, load_spec_file
 from orchestration.instance import prepare_instance
 from orchestration.names import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
 from orchestration.resources import VectorsyncDatabase
+from orchestration.quality import search_quality_asset
 from orchestration.versions_dagster import promote_job
 
 from conftest import unique
@@ -305,6 +306,34 @@ def test_candidate_coverage_warns_while_a_new_model_fills_then_the_promote_job_s
     again = promote_job(new_spec, t.origin).execute_in_process(instance=t.instance, resources=new.resources,
                                                                raise_on_error=False)
     assert not again.success
+
+
+def test_search_quality_asset_records_each_live_versions_figures(declare: Declare, tmp_path: Path) -> None:
+    # Beside the declarations (the fixture writes them to tmp_path): queries that are rows' own
+    # texts, which the test server embeds to the very vectors it stored, so every answer ranks first.
+    (tmp_path / "golden.yaml").write_text(yaml.safe_dump([{"query": TEXTS[i], "expected": [i]} for i in (1, 2, 3)]))
+    t = declare(TEXTS, versions={"golden": "golden.yaml", "golden_k": 3})
+    assert t.materialize().success
+
+    def figures() -> dict[str, Any]:
+        result = dg.materialize([search_quality_asset(t.spec, t.origin)], instance=t.instance, resources=t.resources)
+        assert result.success
+        metadata = result.get_asset_materialization_events()[0].materialization.metadata
+        return {k: v.value for k, v in metadata.items()}
+
+    first = figures()
+    assert (first["active_version"], first["active_recall@3"], first["active_mrr@10"]) == (1, 1.0, 1.0)
+    assert not any(k.startswith("candidate_") for k in first)
+    # A candidate filling: both versions are scored, each with its own model.
+    new_spec = t.spec.model_copy(update={"provider": t.spec.provider.model_copy(update={"model": "test-embed-2"})})
+    install(t.conn, [(new_spec, t.origin)])
+    assert Declared(t.conn, t.db_url, t.instance, new_spec, t.origin).materialize().success
+    both = figures()
+    assert (both["candidate_version"], both["candidate_recall@3"], both["active_golden_queries"]) == (2, 1.0, 3)
+    # A golden answer whose row is gone is left out and counted, not scored as a miss.
+    t.conn.execute(sql.SQL("DELETE FROM {} WHERE id = 3").format(t.source))
+    after = figures()
+    assert after["golden_answers_missing"] == 1 and after["active_golden_queries"] == 2
 
 
 # backlog age -------------------------------------------------------------------------------------

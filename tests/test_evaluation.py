@@ -95,13 +95,13 @@ def test_ties_are_scored_as_the_mean_over_every_order() -> None:
 
 def test_gate() -> None:
     active = Metrics(10, 0.80, 0.60, 25)
-    assert compare(active, Metrics(10, 0.80, 0.60, 25), 0.0).ok
-    assert compare(active, Metrics(10, 0.79, 0.61, 25), 0.02).ok
+    assert compare(active, Metrics(10, 0.80, 0.60, 25), 0.0).passed
+    assert compare(active, Metrics(10, 0.79, 0.61, 25), 0.02).passed
     worse = compare(active, Metrics(10, 0.75, 0.62, 25), 0.02)
-    assert not worse.ok and "recall@10 0.7500 against 0.8000 (drops 0.0500, more than 0.02)" in worse.reason
-    assert not compare(active, Metrics(10, 0.90, 0.50, 25), 0.05).ok  # better recall does not buy MRR
+    assert not worse.passed and "recall@10 0.7500 against 0.8000 (drops 0.0500, more than 0.02)" in worse.reason
+    assert not compare(active, Metrics(10, 0.90, 0.50, 25), 0.05).passed  # better recall does not buy MRR
     assert "not comparable" in compare(active, Metrics(5, 0.9, 0.9, 25), 0.1).reason
-    assert not compare(active, Metrics(10, 0.9, 0.9, 24), 0.1).ok
+    assert not compare(active, Metrics(10, 0.9, 0.9, 24), 0.1).passed
     with pytest.raises(ValueError):
         compare(active, active, -0.01)
 
@@ -249,10 +249,10 @@ def test_a_worse_candidate_is_refused_by_the_gate(conn: psycopg.Connection, make
             candidate_table.engine.close()
             provider.close()
     gate = compare(active, candidate, max_drop=0.05)
-    assert not gate.ok and "candidate is worse" in gate.reason, gate.reason
+    assert not gate.passed and "candidate is worse" in gate.reason, gate.reason
     same = evaluate(golden, store_search(conn, active_table.table, active_table.table.with_parameters().store,
                                          local_provider), k=3)
-    assert compare(active, same, max_drop=0.0).ok
+    assert compare(active, same, max_drop=0.0).passed
 
 
 def test_the_demo_golden_set_on_real_documentation(conn: psycopg.Connection, make_table, local_provider) -> None:

@@ -408,3 +408,77 @@ def test_capture_follows_the_columns_of_every_live_version(conn: psycopg.Connect
         candidate = versions.in_state(conn, name, "candidate")
         assert conn.execute(sql.SQL("SELECT chunk FROM {} WHERE id = 3").format(candidate.store)).fetchone()[0] \
             == body(3)
+
+
+TOPICS = {
+    1: ("Baking sourdough bread at home needs a starter, flour, water, salt and a hot oven.",
+        "how do I bake bread with a starter"),
+    2: ("To fix a flat bicycle tyre, remove the wheel, find the puncture and patch the inner tube.",
+        "repair a punctured bike tire"),
+    3: ("Tomato plants want full sun, deep watering and a stake to climb as the fruit grows.",
+        "growing tomatoes in the garden"),
+    4: ("A cat purrs when content and kneads soft blankets with its paws.",
+        "why does my kitten purr"),
+    5: ("Jupiter is the largest planet of the solar system, a gas giant with a great red storm.",
+        "biggest planet orbiting the sun"),
+    6: ("Brew espresso by forcing hot water through finely ground coffee under pressure.",
+        "making strong coffee with an espresso machine"),
+    7: ("The violin has four strings tuned in fifths and is played with a bow.",
+        "string instrument played with a bow"),
+    8: ("Glaciers carve valleys as compacted snow slowly flows downhill under its own weight.",
+        "how ice sheets shape mountain valleys"),
+}
+
+
+def test_golden_queries_gate_promotion_and_install_prices_the_fill(
+    conn: psycopg.Connection, tmp_path: Path, capsys
+) -> None:
+    """A declaration with golden queries: install prints what filling the candidate will cost; a
+    candidate whose model answers them worse (the test server's vectors carry no meaning) is refused
+    by `vectorsync promote` with both versions' figures, and passes only with --skip-quality-gate."""
+    schema = unique("gold")
+    conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    conn.execute(sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, body text)").format(sql.Identifier(schema, "docs")))
+    for i, (text, _) in TOPICS.items():
+        conn.execute(sql.SQL("INSERT INTO {} VALUES (%s, %s)").format(sql.Identifier(schema, "docs")), (i, text))
+    golden = tmp_path / "golden.yaml"
+    golden.write_text(yaml.safe_dump([{"query": q, "expected": [i]} for i, (_, q) in TOPICS.items()]))
+    name = unique("gold")
+    gated = {"golden": "golden.yaml", "golden_k": 3, "max_quality_drop": 0.05}
+    old = declare((schema, "docs"), name, versions=gated)
+    tables = tmp_path / "tables"
+    folder = tables / name  # a component folder: defs.yaml and, beside it, the golden queries
+    folder.mkdir(parents=True)
+    args = ["--tables", str(tables)]
+
+    def write(spec: TableSpec) -> None:
+        attributes = spec.model_dump(mode="json", by_alias=True)
+        (folder / "defs.yaml").write_text(yaml.safe_dump({"type": "orchestration.components.EmbeddingTable",
+                                                          "attributes": attributes}))
+
+    with OpenAIServer(dimensions=384) as server:
+        write(old)
+        (folder / "golden.yaml").write_text(golden.read_text())  # relative to the declaration's file
+        assert main([*args, "install"]) == 0 and main([*args, "sync", name]) == 0
+        new = declare((schema, "docs"), name, versions=gated, provider=openai(server, "embed", 384))
+        write(new)
+        capsys.readouterr()
+        assert main([*args, "install"]) == 0
+        out = capsys.readouterr().out
+        assert f"{name}: estimate: filling candidate version 2" in out
+        assert f"{name}: chunks to send: {len(TOPICS)}" in out and not server.requests  # priced, not sent
+        assert main([*args, "sync", name]) == 0
+        capsys.readouterr()
+        assert main([*args, "promote", name]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "the gate refused: candidate is worse on 8 golden queries" in err, err
+        assert "recall@3" in err and "mrr@10" in err.lower()
+        assert states(conn, name) == {1: "active", 2: "candidate"}
+        assert main([*args, "promote", name, "--skip-quality-gate"]) == 0
+        assert states(conn, name) == {1: "previous", 2: "active"}
+        # The local model answers its own golden queries well: the gate had real figures to compare.
+        from assets.quality_gate import live_quality
+
+        quality = live_quality(conn, resolve(conn, new, str(folder / "defs.yaml")))
+        active, previous = quality.by_state["active"][1], quality.by_state["previous"][1]
+        assert previous.recall_at_k >= 0.75 and previous.mrr_at_10 > active.mrr_at_10
