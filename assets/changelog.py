@@ -54,6 +54,9 @@ class ChangeLog:
                            AND id > %s AND id <= %s ORDER BY id LIMIT %s) AS next) AS counted
                WHERE before < %s ORDER BY id"""
         ).format(table.queue)
+        self._sweep_requested = sql.SQL(
+            "SELECT DISTINCT bucket FROM {} WHERE bucket = ANY(%s::int[]) AND row_keys IS NULL ORDER BY 1"
+        ).format(table.queue)
         self._last = sql.SQL("SELECT max(id) FROM {} WHERE bucket = ANY(%s::int[])").format(table.queue)
         # With each entry's age (queued_at is when the change was logged, in the writer's
         # transaction) and how many keys it held: the commit-to-embedding lag.
@@ -61,6 +64,10 @@ class ChangeLog:
             "DELETE FROM {} WHERE id = ANY(%s) RETURNING bucket, "
             "extract(epoch FROM clock_timestamp() - queued_at)::float8, coalesce(cardinality(row_keys), 1)"
         ).format(table.queue)
+
+    def sweep_requested(self, buckets: list[int]) -> list[int]:
+        """The buckets of `buckets` with a sweep request in the log, ascending."""
+        return [b for (b,) in self.conn.execute(self._sweep_requested, (buckets,))]
 
     def pages(
         self, buckets: list[int], page_size: int, should_stop: Callable[[], bool],

@@ -54,7 +54,8 @@ def index_name(table: ResolvedTable) -> str:
 def _build_lock(table: ResolvedTable) -> str:
     """Held for the whole of a build. A killed builder's connection closes and the lock goes with
     it, so the next upkeep run drops the invalid index it left."""
-    return f"vectorsync-index:{table.spec.name}"
+    version = "" if table.spec.version == 1 else f"@v{table.spec.version}"  # each version has its index
+    return f"vectorsync-index:{table.spec.name}{version}"
 
 
 def index_state(conn: psycopg.Connection, table: ResolvedTable, holding_lock: bool = False) -> IndexState:

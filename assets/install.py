@@ -7,18 +7,19 @@ changes nothing.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import psycopg
 from psycopg import sql
 
-from .catalog import KEY_TEXT_SETTINGS, ResolvedTable, resolve, use_key_text_settings
-from .index import OPERATOR_CLASSES, index_definition, index_name
+from . import versions
+from .catalog import ResolvedTable, resolve, use_key_text_settings
+from .index import index_definition
 from .spec import SpecError, TableSpec
-
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+from .table_ddl import (
+    SQL_DIR, as_version, buckets_stale, create_version_objects, drop_index_of_another_distance, drop_version,
+    install_capture, rebucket, replace_view,
+)
 # Serialises concurrent installs (an arbitrary constant of ours).
 INSTALL_LOCK = 7_311_004_221
 
@@ -28,6 +29,9 @@ class InstallReport:
     migrations_applied: list[str]
     tables: list[str]
     sweeps_requested: list[str]
+    # Per table, one line each on what happened to its model versions (a candidate created,
+    # superseded, ...); others (a cost estimate, say) may add theirs.
+    notes: dict[str, list[str]] = field(default_factory=dict)
 
 
 def install(
@@ -49,8 +53,10 @@ def install(
         applied = _apply_migrations(conn)
         for path in sorted((SQL_DIR / "functions").glob("*.sql")):
             conn.execute(path.read_text())
-        swept = [t.spec.name for t in resolved if install_table(conn, t)]
-    return InstallReport(applied, [t.spec.name for t in resolved], swept)
+        notes: dict[str, list[str]] = {t.spec.name: [] for t in resolved}
+        swept = [t.spec.name for t in resolved if install_table(conn, t, notes[t.spec.name])]
+    return InstallReport(applied, [t.spec.name for t in resolved], swept,
+                         {name: lines for name, lines in notes.items() if lines})
 
 
 def _apply_migrations(conn: psycopg.Connection) -> list[str]:
@@ -68,109 +74,132 @@ def _apply_migrations(conn: psycopg.Connection) -> list[str]:
     return applied
 
 
-def table_objects(table: ResolvedTable) -> dict[str, sql.Composable]:
-    """The placeholders of sql/table/*.sql for one table."""
+def install_table(conn: psycopg.Connection, table: ResolvedTable, notes: list[str] | None = None) -> bool:
+    """Create or refresh one table's versions (store and change log each), its view and capture
+    triggers. Returns whether a sweep of every bucket was requested in any version (first install,
+    a new candidate version, a new destination or bucket count, so rows that predate the triggers
+    or carry an old fingerprint get embedded). What happened to versions is added to `notes`.
+
+    A declaration whose fingerprint or vector type is the active version's is applied in place, as
+    before versions existed. Another one never touches the active store: it becomes (or stays) the
+    candidate version, which fills beside it until promoted (assets/promotion.py)."""
     spec = table.spec
-    names = spec.object_names
-    vector_type = f"{spec.vector_type}({spec.provider.dimensions})"
-
-    def compared(alias: str) -> sql.Composed:
-        return sql.SQL(", ").join(
-            sql.SQL("{}" if c.comparable else "{}::text").format(sql.Identifier(alias, c.name))
-            for c in table.text_columns
-        )
-
-    return {
-        "store_schema": sql.Identifier(spec.store_schema),
-        "store": table.store,
-        "view": table.view,
-        "queue": table.queue,
-        "source": table.source,
-        "key_definitions": sql.SQL(", ").join(
-            sql.SQL("{} {} NOT NULL").format(sql.Identifier(c.name), sql.SQL(c.type_sql)) for c in table.key
-        ),
-        "key_columns": table.key_list(),
-        "vector_type": sql.SQL(vector_type),
-        "hash_index": sql.Identifier(names["hash_index"]),
-        "bucket_index": sql.Identifier(names["bucket_index"]),
-        "fts_index": sql.Identifier(names["fts_index"]),
-        "fts_index_qualified": sql.Literal(sql.Identifier(spec.store_schema, names["fts_index"]).as_string()),
-        "store_qualified": sql.Literal(table.store.as_string()),
-        "text_search_config": sql.Literal(spec.text_search_config),
-        "queue_bucket_index": sql.Identifier(names["queue_bucket_index"]),
-        "queue_qualified": sql.Literal(table.queue.as_string()),
-        "store_source_join": table.key_equal("e", "s"),
-        "capture_function": sql.Identifier("vectorsync", names["capture_function"]),
-        "buckets": sql.Literal(spec.buckets),
-        "new_key": table.key_json("n"),
-        "old_key": table.key_json("o"),
-        "new_bucket": table.bucket_expr("n"),
-        "old_bucket": table.bucket_expr("o"),
-        "old_new_join": table.key_equal("o", "n"),
-        "first_key": sql.Identifier(table.key[0].name),
-        "old_values": compared("o"),
-        "new_values": compared("n"),
-        "table_name": sql.Literal(spec.name),
-        "key_text_settings": sql.SQL(" ").join(
-            sql.SQL("SET {} = {}").format(sql.Identifier(name), sql.Literal(value))
-            for name, value in KEY_TEXT_SETTINGS.items()
-        ),
-        "insert_trigger": sql.Identifier(names["insert_trigger"]),
-        "update_trigger": sql.Identifier(names["update_trigger"]),
-        "delete_trigger": sql.Identifier(names["delete_trigger"]),
-        "truncate_trigger": sql.Identifier(names["truncate_trigger"]),
-    }
-
-
-def install_table(conn: psycopg.Connection, table: ResolvedTable) -> bool:
-    """Create or refresh one table's store, change log, view and triggers. Returns whether
-    a sweep of every bucket was requested (first install, or a new model, template or bucket count,
-    so rows that predate the triggers or carry an old fingerprint get embedded)."""
-    spec = table.spec
-    objects = table_objects(table)
-    store_existed = check_existing_store(conn, table)
-    for name in ("store.sql", "capture.sql"):
-        conn.execute(sql.SQL((SQL_DIR / "table" / name).read_text()).format(**objects))
-    _drop_index_of_another_distance(conn, table)
-    if spec.index.min_rows == 0:
-        # Asked for from the start: the store is empty, so building it here costs nothing.
-        conn.execute(index_definition(table, concurrently=False))
-    _check_objects_exist(conn, table)
-    previous = conn.execute(
+    notes = notes if notes is not None else []
+    registered = conn.execute(
         "SELECT fingerprint, buckets FROM vectorsync.embedding_tables WHERE name = %s", (spec.name,)
     ).fetchone()
+    active = versions.in_state(conn, spec.name, "active")
+    same_as_active = active is None or active.shape == versions.shape(spec)
+    active_table = as_version(table, active.version if active else 1) if same_as_active \
+        else versions.version_table(conn, table, active)
+    _register(conn, active_table, same_as_active)
+    swept = set()
+    if not same_as_active:
+        _plan_candidate(conn, table, notes)
+    else:
+        for old in versions.versions(conn, spec.name, ("candidate",)):
+            notes.append(f"candidate version {old.version} dropped: the declaration is the active version's again")
+            drop_version(conn, table, old, "superseded: the declaration went back to the active version")
+    store_existed = check_existing_store(conn, active_table)
+    for vt in versions.live_tables(conn, table):
+        existed = store_existed if vt.table.spec.version == active_table.spec.version \
+            else check_existing_store(conn, vt.table)
+        create_version_objects(conn, vt.table)
+        drop_index_of_another_distance(conn, vt.table)
+        if spec.index.min_rows == 0:
+            # Asked for from the start: the store is empty, so building it here costs nothing.
+            conn.execute(index_definition(vt.table, concurrently=False))
+        stale = existed and buckets_stale(conn, vt.table)
+        if stale or (registered is not None and registered[1] != spec.buckets):
+            rebucket(conn, vt.table)
+            swept.add(vt.version.version)
+        elif not existed:  # a new table, destination or candidate version: an empty store
+            swept.add(vt.version.version)
+    replace_view(conn, active_table, recreate=False)
+    install_capture(conn, table)
+    for vt in versions.live_tables(conn, table):
+        _check_objects_exist(conn, vt.table, view_and_triggers=vt.version.state == "active")
+    for vt in versions.live_tables(conn, table):
+        if vt.version.version in swept:
+            conn.execute(
+                sql.SQL("INSERT INTO {} (bucket, row_keys) SELECT b, NULL FROM generate_series(0, {} - 1) b")
+                .format(vt.table.queue, sql.Literal(spec.buckets))
+            )
+    return bool(swept)
+
+
+def _register(conn: psycopg.Connection, active: ResolvedTable, declared_is_active: bool) -> None:
+    """vectorsync.embedding_tables describes the active version; its row in vectorsync.versions
+    follows the declaration's non-shaping fields (buckets, retry, index settings...)."""
+    spec = active.spec
     conn.execute(
         """INSERT INTO vectorsync.embedding_tables
                (name, source_schema, source_table, store_schema, store_table, queue_table,
-                key_columns, buckets, fingerprint, spec)
-           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                key_columns, buckets, fingerprint, spec, version)
+           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
            ON CONFLICT (name) DO UPDATE SET
                source_schema = excluded.source_schema, source_table = excluded.source_table,
                store_schema = excluded.store_schema, store_table = excluded.store_table,
                queue_table = excluded.queue_table, key_columns = excluded.key_columns,
-               buckets = excluded.buckets, fingerprint = excluded.fingerprint, spec = excluded.spec
-           WHERE (embedding_tables.fingerprint, embedding_tables.buckets, embedding_tables.spec)
-                 IS DISTINCT FROM (excluded.fingerprint, excluded.buckets, excluded.spec)""",
+               buckets = excluded.buckets, fingerprint = excluded.fingerprint, spec = excluded.spec,
+               version = excluded.version
+           WHERE (embedding_tables.fingerprint, embedding_tables.buckets, embedding_tables.spec,
+                  embedding_tables.store_table, embedding_tables.queue_table)
+                 IS DISTINCT FROM (excluded.fingerprint, excluded.buckets, excluded.spec,
+                                   excluded.store_table, excluded.queue_table)""",
         (
             spec.name, spec.source.schema_, spec.source.table, spec.store_schema, spec.store_name,
-            spec.queue_name, [c.name for c in table.key], spec.buckets, spec.fingerprint,
-            json.dumps(spec.model_dump(mode="json", by_alias=True)),
+            spec.queue_name, [c.name for c in active.key], spec.buckets, spec.fingerprint,
+            versions.spec_json(spec), spec.version,
         ),
     )
-    stale_buckets = store_existed and _buckets_stale(conn, table)
-    if previous == (spec.fingerprint, spec.buckets) and store_existed and not stale_buckets:
-        return False  # a new destination is an empty store: it needs the sweep too
-    if stale_buckets or (previous is not None and previous[1] != spec.buckets):
-        _rebucket(conn, table)
     conn.execute(
-        sql.SQL("INSERT INTO {} (bucket, row_keys) SELECT b, NULL FROM generate_series(0, {} - 1) b").format(
-            table.queue, sql.Literal(spec.buckets)
-        )
+        """INSERT INTO vectorsync.versions AS v (table_name, version, state, fingerprint, spec,
+               store_schema, store_table, queue_table, promoted_at)
+           VALUES (%s, %s, 'active', %s, %s, %s, %s, %s, now())
+           ON CONFLICT (table_name, version) DO UPDATE SET spec = excluded.spec,
+               fingerprint = excluded.fingerprint, store_schema = excluded.store_schema,
+               store_table = excluded.store_table, queue_table = excluded.queue_table""",
+        (spec.name, spec.version, spec.fingerprint, versions.spec_json(spec), spec.store_schema,
+         spec.store_name, spec.queue_name),
     )
-    return True
 
 
-def _check_objects_exist(conn: psycopg.Connection, table: ResolvedTable) -> None:
+def _plan_candidate(conn: psycopg.Connection, table: ResolvedTable, notes: list[str]) -> None:
+    """The candidate version for a declaration that differs from the active version: the existing
+    candidate if it has the same shape, a kept previous version of that shape (current, since
+    capture kept writing to it) made candidate again, or a new version; an existing candidate of
+    another shape is superseded and dropped."""
+    spec = table.spec
+    shape = versions.shape(spec)
+    others = versions.versions(conn, spec.name, ("candidate", "previous"))
+    match = next((v for v in others if v.shape == shape), None)
+    for old in others:
+        if old.state == "candidate" and old is not match:
+            notes.append(f"candidate version {old.version} ({old.fingerprint}) dropped: superseded by a new declaration")
+            drop_version(conn, table, old, f"superseded by {spec.fingerprint}")
+    if match is not None:
+        if match.state == "previous":
+            notes.append(f"previous version {match.version} is the candidate again (it was kept current)")
+        number = match.version
+    else:
+        number = conn.execute("SELECT coalesce(max(version), 0) + 1 FROM vectorsync.versions WHERE table_name = %s",
+                              (spec.name,)).fetchone()[0]
+        notes.append(f"candidate version {number} ({spec.fingerprint}) created beside active; "
+                     f"fill it with `vectorsync sync {spec.name}` or a backfill, then `vectorsync promote {spec.name}`")
+    candidate = table.spec.as_version(number)
+    conn.execute(
+        """INSERT INTO vectorsync.versions AS v (table_name, version, state, fingerprint, spec,
+               store_schema, store_table, queue_table)
+           VALUES (%s, %s, 'candidate', %s, %s, %s, %s, %s)
+           ON CONFLICT (table_name, version) DO UPDATE SET state = 'candidate', spec = excluded.spec,
+               drop_after = NULL""",
+        (spec.name, number, spec.fingerprint, versions.spec_json(candidate), spec.store_schema,
+         candidate.store_name, candidate.queue_name),
+    )
+
+
+def _check_objects_exist(conn: psycopg.Connection, table: ResolvedTable, view_and_triggers: bool) -> None:
     """Every object install meant to create is there, on the table it belongs to: DDL that says
     IF NOT EXISTS succeeds quietly when a same-named object is something else, and an install that
     left an index out must fail now, not be found out by a slow search later."""
@@ -179,7 +208,7 @@ def _check_objects_exist(conn: psycopg.Connection, table: ResolvedTable) -> None
     store = (spec.store_schema, names["store"])
     queue = ("vectorsync", names["queue"])
     expected_relations = [
-        ("store", store, None), ("view", (spec.store_schema, names["view"]), None), ("change log", queue, None),
+        ("store", store, None), ("change log", queue, None),
         ("text-hash index", (spec.store_schema, names["hash_index"]), store),
         ("bucket index", (spec.store_schema, names["bucket_index"]), store),
         ("full-text index", (spec.store_schema, names["fts_index"]), store),
@@ -187,6 +216,8 @@ def _check_objects_exist(conn: psycopg.Connection, table: ResolvedTable) -> None
     ]
     if spec.index.min_rows == 0:
         expected_relations.append(("vector index", (spec.store_schema, names["hnsw_index"]), store))
+    if view_and_triggers:
+        expected_relations.append(("view", (spec.store_schema, names["view"]), None))
     missing = []
     for role, (schema, name), on in expected_relations:
         found = conn.execute(
@@ -206,22 +237,10 @@ def _check_objects_exist(conn: psycopg.Connection, table: ResolvedTable) -> None
     )}
     missing += [f"trigger {names[t]} on {spec.source.qualified}"
                 for t in ("insert_trigger", "update_trigger", "delete_trigger", "truncate_trigger")
-                if names[t] not in triggers]
+                if view_and_triggers and names[t] not in triggers]
     if missing:
         raise SpecError(table.origin, "destination", f"table {spec.name}: install did not create "
                         f"{', '.join(missing)}; is another object using that name?")
-
-
-def _buckets_stale(conn: psycopg.Connection, table: ResolvedTable) -> bool:
-    """Whether stored chunks carry buckets that bucket_of no longer gives them: a new bucket
-    count, or a store written by a version that hashed keys another way."""
-    # Several rows: with 16 buckets, one row keeps its bucket under another hash one time in 16.
-    found = conn.execute(
-        sql.SQL("SELECT bool_or(bucket <> {}) FROM (SELECT * FROM {} LIMIT 64) s").format(
-            table.bucket_expr("s"), table.store
-        )
-    ).fetchone()
-    return bool(found and found[0])
 
 
 def check_existing_store(conn: psycopg.Connection, table: ResolvedTable) -> bool:
@@ -236,44 +255,21 @@ def check_existing_store(conn: psycopg.Connection, table: ResolvedTable) -> bool
     if found is None:
         return False
     wanted = f"{spec.vector_type}({spec.provider.dimensions})"
-    if found[0] != wanted:
+    if found[0] != wanted and not _is_another_version(conn, table):
         field = "vector_type" if not found[0].startswith(f"{spec.vector_type}(") else "provider.dimensions"
         raise SpecError(
             table.origin, field,
             f"table {spec.name}: the store {spec.store_schema}.{spec.store_name} holds {found[0]} vectors, "
-            f"not {wanted}; declare a new `destination` to embed side by side (docs/changing-a-model.md)",
+            f"not {wanted}, and is no model version of this table; is another table using that name?",
         )
     return True
 
 
-def _drop_index_of_another_distance(conn: psycopg.Connection, table: ResolvedTable) -> None:
-    """A changed `distance` needs an index with another operator class: drop the old one, and
-    the index upkeep schedule builds the new one (or install does, with index.min_rows 0)."""
+def _is_another_version(conn: psycopg.Connection, table: ResolvedTable) -> bool:
+    """Whether the store is registered as a model version of this table: a declaration of another
+    dimension or vector type is then a new version (install creates it), not a clash."""
     spec = table.spec
-    definition = conn.execute(
-        "SELECT pg_get_indexdef(to_regclass(%s))",
-        (sql.Identifier(spec.store_schema, index_name(table)).as_string(conn),),
-    ).fetchone()[0]
-    if definition and OPERATOR_CLASSES[(spec.vector_type, spec.distance)] not in definition:
-        conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(spec.store_schema, index_name(table))))
-
-
-def _rebucket(conn: psycopg.Connection, table: ResolvedTable) -> None:
-    """A new bucket count moves stored chunks, pending changes and failures to their new buckets."""
-    buckets = sql.Literal(table.spec.buckets)
-    conn.execute(sql.SQL("UPDATE {} SET bucket = {}").format(table.store, table.bucket_expr()))
-    # Pending keys are logged again under their new buckets; sweep requests are dropped, since
-    # the caller asks for a sweep of every bucket.
-    conn.execute(
-        sql.SQL(
-            """WITH old AS (DELETE FROM {q} RETURNING row_keys)
-               INSERT INTO {q} (bucket, row_keys)
-               SELECT vectorsync.bucket_of(k, {n}), array_agg(k)
-               FROM old CROSS JOIN LATERAL unnest(old.row_keys) AS e(k)
-               GROUP BY 1"""
-        ).format(q=table.queue, n=buckets)
-    )
-    conn.execute(
-        "UPDATE vectorsync.failures SET bucket = vectorsync.bucket_of(row_key, %s) WHERE table_name = %s",
-        (table.spec.buckets, table.spec.name),
-    )
+    return versions.installed(conn) and conn.execute(
+        "SELECT 1 FROM vectorsync.versions WHERE table_name = %s AND store_schema = %s AND store_table = %s",
+        (spec.name, spec.store_schema, spec.store_name),
+    ).fetchone() is not None

@@ -12,6 +12,8 @@
   runs of the buckets with due rows (due_buckets); the run puts them back in the change log
   (FailureLedger.requeue_due). The sweep leaves rows that are dead or not due alone.
 - A row leaves the ledger when it is written, found unchanged, or deleted from the source.
+- Each model version of a table (assets/versions.py) has its own rows (column `version`): a
+  candidate filling beside the active version never clears, or counts against, the active's.
 - The report: the view vectorsync.failure_report (sql/functions/failure_view.sql) shows each row
   as 'retrying', 'dead' or 'skipped' next to failed runs; `vectorsync status` counts them and the
   dead_letters check fails while any row is dead.
@@ -78,31 +80,32 @@ class FailureLedger:
         self.conn = conn
         self.table = table
         self.name = table.spec.name
+        self.version = table.spec.version
         self.retry = retry
 
     def kinds(self, key_jsons: list[str]) -> dict[str, str]:
         """The ledger's entries for these keys: key -> error kind."""
         if not key_jsons:
             return {}
-        return dict(self.conn.execute(_KINDS, (self.name, key_array(key_jsons))))
+        return dict(self.conn.execute(_KINDS, (self.name, self.version, key_array(key_jsons))))
 
     def held_back(self, key_jsons: list[str]) -> set[str]:
         """Keys of failed rows whose next attempt is not due, or that are dead: the sweep leaves
         them alone (a change to a row's text still reaches it through the change log)."""
-        return {k for (k,) in self.conn.execute(_HELD_BACK, (self.name, key_array(key_jsons)))}
+        return {k for (k,) in self.conn.execute(_HELD_BACK, (self.name, self.version, key_array(key_jsons)))}
 
     def forget(self, key_jsons: list[str]) -> None:
         """These rows are fine now (written, unchanged, or gone)."""
-        self.conn.execute(_FORGET, (self.name, key_array(key_jsons)))
+        self.conn.execute(_FORGET, (self.name, self.version, key_array(key_jsons)))
 
     def forget_orphans(self, buckets: list[int]) -> None:
         """Entries of rows no longer in the source, after a sweep of `buckets`."""
         self.conn.execute(
             sql.SQL(
-                """DELETE FROM vectorsync.failures f WHERE f.table_name = %s AND f.bucket = ANY(%s::int[])
-                   AND NOT EXISTS (SELECT 1 FROM {} s WHERE ({}) = ({}))"""
+                """DELETE FROM vectorsync.failures f WHERE f.table_name = %s AND f.version = %s
+                   AND f.bucket = ANY(%s::int[]) AND NOT EXISTS (SELECT 1 FROM {} s WHERE ({}) = ({}))"""
             ).format(self.table.source, self.table.key_list("s"), self.table.key_from_json(sql.SQL("f.row_key"))),
-            (self.name, buckets),
+            (self.name, self.version, buckets),
         )
 
     def record(self, failures: Iterable[Failure], retry: bool, dead: bool = False) -> None:
@@ -113,7 +116,7 @@ class FailureLedger:
                 _RECORD,
                 [
                     {
-                        "table": self.name, "key": f.key_json, "bucket": f.bucket, "kind": f.kind,
+                        "table": self.name, "version": self.version, "key": f.key_json, "bucket": f.bucket, "kind": f.kind,
                         "error": f"table {self.name}, row {f.key_json}: {f.message}"[:2000],
                         "retry": retry, "counts": f.kind in ROW_LEVEL_KINDS, "give_up": dead,
                         "max": r.max_attempts, "base": r.base_seconds, "cap": r.max_seconds,
@@ -130,21 +133,22 @@ class FailureLedger:
                 sql.SQL(
                     """WITH due AS (
                            UPDATE vectorsync.failures SET next_attempt_at = NULL
-                           WHERE table_name = %s AND {} RETURNING bucket, row_key),
+                           WHERE table_name = %s AND version = %s AND {} RETURNING bucket, row_key),
                        logged AS (
                            INSERT INTO {} (bucket, row_keys) SELECT bucket, array_agg(row_key) FROM due
                            GROUP BY bucket RETURNING cardinality(row_keys) AS n)
                        SELECT coalesce(sum(n), 0)::int FROM logged"""
                 ).format(DUE, self.table.queue),
-                (self.name,),
+                (self.name, self.version),
             ).fetchone()[0]
 
 
 _IN_KEYS = "row_key = ANY(ARRAY(SELECT jsonb_array_elements(%s::jsonb)))"
-_KINDS = sql.SQL("SELECT row_key::text, error_kind FROM vectorsync.failures WHERE table_name = %s AND " + _IN_KEYS)
-_FORGET = sql.SQL("DELETE FROM vectorsync.failures WHERE table_name = %s AND " + _IN_KEYS)
+_OF_VERSION = "table_name = %s AND version = %s AND "
+_KINDS = sql.SQL("SELECT row_key::text, error_kind FROM vectorsync.failures WHERE " + _OF_VERSION + _IN_KEYS)
+_FORGET = sql.SQL("DELETE FROM vectorsync.failures WHERE " + _OF_VERSION + _IN_KEYS)
 _HELD_BACK = sql.SQL(
-    "SELECT row_key::text FROM vectorsync.failures WHERE table_name = %s AND " + _IN_KEYS
+    "SELECT row_key::text FROM vectorsync.failures WHERE " + _OF_VERSION + _IN_KEYS
     + " AND error_kind <> 'skipped' AND (dead OR next_attempt_at > now())"
 )
 # A skipped row (no content) is not an attempt: a later real failure counts from one. The next
@@ -156,13 +160,13 @@ _HELD_BACK = sql.SQL(
 _ATTEMPTS = sql.SQL("(CASE WHEN f.error_kind = 'skipped' THEN 1 ELSE f.attempts + 1 END)")
 _RECORD = sql.SQL(
     """INSERT INTO vectorsync.failures AS f
-           (table_name, row_key, bucket, error_kind, last_error, next_attempt_at, dead)
-       VALUES (%(table)s, %(key)s::jsonb, %(bucket)s, %(kind)s, %(error)s,
+           (table_name, version, row_key, bucket, error_kind, last_error, next_attempt_at, dead)
+       VALUES (%(table)s, %(version)s, %(key)s::jsonb, %(bucket)s, %(kind)s, %(error)s,
                CASE WHEN %(retry)s AND NOT %(give_up)s AND (%(max)s > 1 OR NOT %(counts)s)
                     THEN now() + make_interval(secs => greatest(
                         %(at_least)s, least(%(cap)s, %(base)s * (0.8 + random() * 0.4)))) END,
                %(give_up)s OR (%(retry)s AND %(counts)s AND %(max)s <= 1))
-       ON CONFLICT (table_name, row_key) DO UPDATE SET
+       ON CONFLICT (table_name, version, row_key) DO UPDATE SET
            bucket = excluded.bucket,
            error_kind = excluded.error_kind,
            last_error = excluded.last_error,

@@ -3,10 +3,6 @@ a killed holder's lock goes with its connection. Free of Dagster."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import psycopg
 
 
@@ -32,23 +28,19 @@ class BucketBusy(RuntimeError):
     """Another run holds a bucket this run asked for, longer than it was willing to wait."""
 
 
-@contextmanager
-def bucket_lock(conn: psycopg.Connection, table_name: str, bucket: int, wait_seconds: float) -> Iterator[None]:
-    """Hold the lock on (table, bucket), so two runs never write the same bucket at once; waits up
-    to `wait_seconds` for it (polling, backing off to 1 s), then raises BucketBusy. No transaction
-    stays open while a run waits for its provider. (Keyed by two integers rather than one name, as
-    every version so far has done, so runs of an older release still exclude newer ones.)"""
-    deadline = time.monotonic() + wait_seconds
-    delay = 0.05
-    while not conn.execute(
+# A bucket's lock is keyed by two integers rather than one name, as every version so far has
+# done, so runs of an older release still exclude newer ones. Never waited for inside the
+# database: a run that finds a bucket held does its other buckets first (EmbeddingEngine), and a
+# blocking wait could not be given up without cancelling the statement.
+
+def try_bucket_lock(conn: psycopg.Connection, table_name: str, bucket: int) -> bool:
+    """Take the lock on (table, bucket) if no other session holds it, so two runs never write the
+    same bucket at once; returns whether it was taken. No transaction stays open while it is held."""
+    return conn.execute(
         "SELECT pg_try_advisory_lock(hashtext('vectorsync:' || %s), %s)", (table_name, bucket)
-    ).fetchone()[0]:
-        if time.monotonic() > deadline:
-            raise BucketBusy(f"table {table_name}: bucket {bucket} is held by another run")
-        time.sleep(delay)
-        delay = min(delay * 2, 1.0)
-    try:
-        yield
-    finally:
-        if not conn.closed:
-            conn.execute("SELECT pg_advisory_unlock(hashtext('vectorsync:' || %s), %s)", (table_name, bucket))
+    ).fetchone()[0]
+
+
+def unlock_bucket(conn: psycopg.Connection, table_name: str, bucket: int) -> None:
+    if not conn.closed:
+        conn.execute("SELECT pg_advisory_unlock(hashtext('vectorsync:' || %s), %s)", (table_name, bucket))

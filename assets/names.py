@@ -32,16 +32,21 @@ def fits(name: str) -> bool:
     return len(name.encode("utf-8")) <= MAX_IDENTIFIER_BYTES
 
 
-def table_object_names(name: str, destination: str | None) -> dict[str, str]:
+def table_object_names(name: str, destination: str | None, version: int = 1) -> dict[str, str]:
     """Every object of one declared table, by role. Each is built from the whole, uncut name of
-    what it belongs to, then fitted: a cut store name never makes two index names equal."""
+    what it belongs to, then fitted: a cut store name never makes two index names equal.
+
+    Model version 1 keeps the names every install had before versions existed; version N >= 2
+    has its own store (`<view>_v<N>_store`) and change log (`changes_<name>_v<N>`) and their
+    indexes. The view, the capture function and the triggers belong to the table, not a version."""
     view = destination or f"{name}_embeddings"
-    store = f"{view}_store"
-    queue = f"changes_{name}"
+    tag = "" if version == 1 else f"_v{version}"
+    store = f"{view}{tag}_store"
+    queue = f"changes_{name}{tag}"
     trigger = f"vectorsync_{name}"
     parts = {
         "view": (view, ""),
-        "store": (view, "_store"),
+        "store": (view, f"{tag}_store"),
         "hash_index": (store, "_hash"),
         "bucket_index": (store, "_bkt"),
         "fts_index": (store, "_fts"),

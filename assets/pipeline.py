@@ -29,7 +29,7 @@ from .sync_stats import SyncStats
 from .template import RenderError, render
 from .text import chunk, fit_to_token_limit, text_hash
 
-# A cap on the pipeline's read-ahead, in source rows (see Pipeline.max_pages).
+# A cap on the pipeline's read-ahead, in source rows (see Pipeline.max_rows).
 _MAX_ROWS_IN_FLIGHT = 20_000
 
 
@@ -52,6 +52,19 @@ class Page:
     keys: list[str] = field(default_factory=list)
     has_chunks: set[str] = field(default_factory=set)
     has_failures: set[str] = field(default_factory=set)
+    # Called once this page and every page before it are written (the engine releases a bucket's
+    # lock here). A page with nothing else in it is only this marker: no statement, no room taken.
+    after_write: Callable[[], None] | None = None
+    # Every page before this one is written before any page after it is read: a key read again
+    # while an earlier page still has it in flight is written twice (see _prepare).
+    flush: bool = False
+
+    def is_marker(self) -> bool:
+        return not self.rows and not self.absent and not self.change_ids
+
+    def size(self) -> int:
+        """Rows, for the read-ahead's count (at least 1: every page takes room)."""
+        return max(1, len(self.rows) + len(self.absent))
 
     def of(self, bucket: int) -> SyncStats:
         return self.stats.setdefault(bucket, SyncStats())
@@ -74,14 +87,15 @@ class Pipeline:
         # spend): a call of sync_buckets returns only when all of its buckets are done.
         self.on_page: Callable[[dict[int, SyncStats]], None] | None = None
         self.fingerprint = spec.fingerprint
-        self._template = spec.template_parts
         self._pool = ThreadPoolExecutor(max_workers=provider.max_concurrency)
-        # Pages in flight: enough requests queued to keep every concurrent slot busy three times
-        # over (so slots never idle while the oldest page is written and the next ones are read),
-        # at least two pages (the next page is prepared while the provider works on this one), and
-        # at most _MAX_ROWS_IN_FLIGHT rows: memory stays bounded whatever a bucket holds.
+        # Rows in flight (read, not yet written): enough requests queued to keep every concurrent
+        # slot busy three times over (so slots never idle while the oldest page is written and the
+        # next ones are read), at least two full pages (the next page is prepared while the
+        # provider works on this one), and at most _MAX_ROWS_IN_FLIGHT: memory stays bounded
+        # whatever a bucket holds. Counted in rows, not pages: a run reads bucket by bucket, and
+        # a bucket's last page (every page of a small bucket) is short.
         per_page = max(1, -(-spec.page_size // max(1, provider.max_inputs_per_request)))
-        self.max_pages = min(
+        self.max_rows = spec.page_size * min(
             max(2, -(-3 * provider.max_concurrency // per_page)),
             max(2, _MAX_ROWS_IN_FLIGHT // spec.page_size),
         )
@@ -94,20 +108,28 @@ class Pipeline:
 
     def run(self, pages: Iterator[Page], stats: dict[int, SyncStats]) -> int:
         """Prepare each page (requests submitted) as it is read, and write pages in the order they
-        were read, as soon as their requests are done; at most max_pages are in flight.
+        were read, as soon as their requests are done; at most max_rows are in flight.
         Returns how many pages were processed."""
         inflight: deque[Page] = deque()
-        done = 0
+        done = unwritten = 0  # pages written, rows in flight
+
+        def finish_oldest() -> None:
+            nonlocal done, unwritten
+            page = inflight.popleft()
+            if not page.is_marker():
+                done, unwritten = done + 1, unwritten - page.size()
+            self._finish(page, stats)
+
         try:
             for page in pages:
-                self._prepare(page)
+                if not page.is_marker():
+                    self._prepare(page)
+                    unwritten += page.size()
                 inflight.append(page)
-                while inflight and (len(inflight) >= self.max_pages or inflight[0].ready()):
-                    self._finish(inflight.popleft(), stats)
-                    done += 1
+                while inflight and (unwritten >= self.max_rows or inflight[0].ready() or page.flush):
+                    finish_oldest()
             while inflight:
-                self._finish(inflight.popleft(), stats)
-                done += 1
+                finish_oldest()
         except BaseException:
             # Nothing of an unwritten page is cleared: its changes stay in the log for the next run.
             futures = [b.future for page in inflight for b in page.batches() if b.future is not None]
@@ -124,20 +146,7 @@ class Pipeline:
     def _prepare(self, page: Page) -> None:
         """Render, chunk and hash the page's rows, decide what is unchanged, reuse stored vectors,
         and submit the misses to the provider."""
-        candidates: list[Row] = []
-        for row in page.rows:
-            try:
-                text = render(self._template, row.values)
-            except RenderError as exc:
-                # Never stored as something else: the row goes to the ledger with its column.
-                page.unprocessable.append((row, f"cannot render the template: {exc}"))
-                continue
-            if not text.strip() or all(v is None or not str(v).strip() for v in row.values.values()):
-                page.skipped.append((row, "no content: every text column is NULL or empty"))
-                continue
-            row.pieces = chunk(text, self.spec.chunking)
-            candidates.append(row)
-        tokens = self._fit_to_token_limit(candidates)
+        candidates, tokens = prepare_rows(page.rows, self.spec, self.provider, page.skipped, page.unprocessable)
 
         # A key that an earlier, unwritten page is about to write must be written again after it,
         # whatever the store says now: the store does not show that write yet.
@@ -225,25 +234,6 @@ class Pipeline:
         if batch is not None and batch.items:
             batch.future = self._pool.submit(embed_isolating, self.provider, batch.items)
 
-    def _fit_to_token_limit(self, rows: list[Row]) -> dict[bytes, int]:
-        """Split any piece the model would truncate (never cut silently), and hash every piece.
-        Tokens are counted in one call per page rather than one per row; returns them by hash."""
-        pieces = [p for r in rows for p in r.pieces]
-        if not pieces:
-            return {}
-        counts = iter(self.provider.count_tokens(pieces))
-        limit = self.provider.max_tokens_per_input
-        tokens: dict[bytes, int] = {}
-        for row in rows:
-            row_counts = [next(counts) for _ in row.pieces]
-            if max(row_counts) > limit:
-                row.pieces = fit_to_token_limit(row.pieces, self.provider.count_tokens, limit)
-                row.hashes = [text_hash(p) for p in row.pieces]
-                continue  # counted again, if it is embedded, by _count_missing
-            row.hashes = [text_hash(p) for p in row.pieces]
-            tokens.update(zip(row.hashes, row_counts))
-        return tokens
-
     def _count_missing(self, items: list[tuple[bytes, str]], tokens: dict[bytes, int]) -> list[int]:
         unknown = [t for h, t in items if h not in tokens]
         counted = iter(self.provider.count_tokens(unknown) if unknown else [])
@@ -251,6 +241,10 @@ class Pipeline:
 
     def _finish(self, page: Page, stats: dict[int, SyncStats]) -> None:
         """Wait for the requests the page needs, then write it in one short transaction."""
+        if page.is_marker():
+            if page.after_write is not None:
+                page.after_write()
+            return
         try:
             if self._open is not None and any(b is self._open for b in page.batches()):
                 self._send_open()
@@ -290,6 +284,8 @@ class Pipeline:
             stats[bucket].merge(s)
         if self.on_page is not None:
             self.on_page(page.stats)
+        if page.after_write is not None:
+            page.after_write()
 
     def _release(self, page: Page) -> None:
         """The page is written (or abandoned): a request no unwritten page needs any more is
@@ -342,6 +338,51 @@ class Pipeline:
                 )
             if page.change_ids:
                 self.changes.clear(page.change_ids, page.of)
+
+
+def prepare_rows(
+    rows: list[Row], spec: TableSpec, provider: EmbeddingProvider,
+    skipped: list[tuple[Row, str]], unprocessable: list[tuple[Row, str]],
+) -> tuple[list[Row], dict[bytes, int]]:
+    """Render, chunk and hash rows (every sweep does it alike, the batch mode's too): returns the
+    rows with text, their pieces and hashes set, and the tokens of each piece counted on the way
+    (by hash). Rows with no text go to `skipped`, rows whose template does not render to
+    `unprocessable`."""
+    template = spec.template_parts
+    candidates: list[Row] = []
+    for row in rows:
+        try:
+            text = render(template, row.values)
+        except RenderError as exc:
+            # Never stored as something else: the row goes to the ledger with its column.
+            unprocessable.append((row, f"cannot render the template: {exc}"))
+            continue
+        if not text.strip() or all(v is None or not str(v).strip() for v in row.values.values()):
+            skipped.append((row, "no content: every text column is NULL or empty"))
+            continue
+        row.pieces = chunk(text, spec.chunking)
+        candidates.append(row)
+    return candidates, _fit_to_token_limit(candidates, provider)
+
+
+def _fit_to_token_limit(rows: list[Row], provider: EmbeddingProvider) -> dict[bytes, int]:
+    """Split any piece the model would truncate (never cut silently), and hash every piece.
+    Tokens are counted in one call per page rather than one per row; returns them by hash."""
+    pieces = [p for r in rows for p in r.pieces]
+    if not pieces:
+        return {}
+    counts = iter(provider.count_tokens(pieces))
+    limit = provider.max_tokens_per_input
+    tokens: dict[bytes, int] = {}
+    for row in rows:
+        row_counts = [next(counts) for _ in row.pieces]
+        if max(row_counts) > limit:
+            row.pieces = fit_to_token_limit(row.pieces, provider.count_tokens, limit)
+            row.hashes = [text_hash(p) for p in row.pieces]
+            continue  # counted again, if it is embedded, by _count_missing
+        row.hashes = [text_hash(p) for p in row.pieces]
+        tokens.update(zip(row.hashes, row_counts))
+    return tokens
 
 
 def _failure(row: Row, kind: str, message: str, at_least: float = 0.0) -> Failure:

@@ -8,6 +8,12 @@ own column types rather than as jsonb. Given no provider, the query is embedded 
 service (`vectorsync serve`, assets/search_service.py) when one runs, and by the model loaded here
 only when none does.
 
+Model versions (assets/versions.py): the query is embedded with the ACTIVE version's model, as the
+database has it (not the declaration, which may already name a new model that is still filling),
+and the SQL function is told that model's fingerprint, so it answers from the store of that very
+version or refuses (VersionSwitched) when a promotion or rollback committed in between; the search
+is then run again with the new active model. No search compares vectors of two models.
+
 Query text is plain text: its words are matched as words, never read as operators, unless the
 caller asks for web-search syntax with text_match="web".
 """
@@ -16,7 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -28,6 +34,13 @@ from psycopg.types.json import Jsonb
 
 from .catalog import ResolvedTable
 from .providers.base import EmbeddingProvider
+from .spec import ProviderSpec
+from .versions import installed_spec
+
+# What the SQL function raises when the caller's query model is no longer the active version's.
+VERSION_SWITCHED = "VS409"
+# A promotion and a rollback in the very moment of one search are rare; three never happen at once.
+_ATTEMPTS = 3
 
 # How a distance becomes a score where higher is closer.
 DISTANCE_TO_SCORE = {
@@ -62,6 +75,7 @@ class SearchHit:
     text_rank: int | None = None
     vector_distance: float | None = None
     text_score: float | None = None
+    model: str | None = None  # the fingerprint of the model that embedded `chunk`
 
 
 class SearchError(ValueError):
@@ -86,7 +100,7 @@ def search(
     """The `k` source rows nearest to `query`, best first, each with its best-matching chunk.
     `where` keeps only rows whose columns equal the given values (see `hybrid_search`). With
     `provider` None the query is embedded by the running search service, or locally without one."""
-    return run_search(conn, table, embed_query(table, provider, query), None, k, where, Fusion())
+    return _on_active(conn, table, provider, query, None, k, where, Fusion())
 
 
 def hybrid_search(
@@ -118,7 +132,33 @@ def hybrid_search(
     values, None means IS NULL. An unknown column or a value the type refuses raises SearchError.
     """
     fusion = Fusion(rrf_k, candidates, text_match, vector_weight, text_weight, absent_rank)
-    return _run(conn, table, embed_query(table, provider, query), query, k, where, fusion)
+    return _on_active(conn, table, provider, query, query, k, where, fusion)
+
+
+class VersionSwitched(RuntimeError):
+    """The active version changed between embedding the query and searching: embed again."""
+
+
+def _same_model(a: ProviderSpec, b: ProviderSpec) -> bool:
+    return (a.kind, a.model, a.dimensions) == (b.kind, b.model, b.dimensions)
+
+
+def _on_active(
+    conn: psycopg.Connection, table: ResolvedTable, provider: EmbeddingProvider | None, query: str,
+    text: str | None, k: int, where: Mapping[str, Any] | None, fusion: Fusion,
+) -> list[SearchHit]:
+    """Embed the query with the active version's model and search that version, again if it was
+    switched meanwhile. A caller's provider is used only if it is that model."""
+    for attempt in range(_ATTEMPTS):
+        active = replace(table, spec=installed_spec(conn, table.spec))
+        own = provider if provider is not None and _same_model(table.spec.provider, active.spec.provider) else None
+        vector = embed_query(active, own, query)
+        try:
+            return run_search(conn, active, vector, text, k, where, fusion, fingerprint=active.spec.fingerprint)
+        except VersionSwitched:
+            if attempt == _ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
@@ -171,19 +211,20 @@ def run_search(
     where: Mapping[str, Any] | None,
     fusion: Fusion,
     typed_rows: bool = True,
+    fingerprint: str | None = None,
+    version: int | None = None,
 ) -> list[SearchHit]:
     """Vector search (text None) or hybrid search for a query vector already computed: what the
     search service runs. Vector hits are scored as `search` scores them. With `typed_rows` False
     the rows are the function's jsonb (dates as text), saving a second join with the source: the
-    service sends JSON anyway."""
-    hits = _run(conn, table, vector, text, k, where, fusion, typed_rows)
+    service sends JSON anyway. `fingerprint`: the model the vector was made with; raises
+    VersionSwitched if the active version has another. `version`: search that live version
+    instead of the active one (to evaluate a candidate)."""
+    hits = _run(conn, table, vector, text, k, where, fusion, typed_rows, fingerprint, version)
     if text is not None:
         return hits
     to_score = DISTANCE_TO_SCORE[table.spec.distance]
-    return [
-        SearchHit(h.key, to_score(h.vector_distance), h.chunk, h.row, h.vector_rank, None, h.vector_distance)
-        for h in hits
-    ]
+    return [replace(h, score=to_score(h.vector_distance), text_rank=None, text_score=None) for h in hits]
 
 
 def _run(
@@ -195,6 +236,8 @@ def _run(
     where: Mapping[str, Any] | None,
     fusion: Fusion,
     typed_rows: bool = True,
+    fingerprint: str | None = None,
+    version: int | None = None,
 ) -> list[SearchHit]:
     name = table.spec.name
     if k < 1:
@@ -209,10 +252,11 @@ def _run(
     statement = sql.SQL(
         """SELECT h.row_key AS vs_key, h.score AS vs_score, h.vector_rank AS vs_vector_rank,
                   h.text_rank AS vs_text_rank, h.vector_distance AS vs_vector_distance,
-                  h.text_score AS vs_text_score, h.chunk AS vs_chunk, {row}
+                  h.text_score AS vs_text_score, h.chunk AS vs_chunk, h.embedding_model AS vs_model, {row}
            FROM vectorsync.hybrid_search(%(name)s, %(vector)s, %(text)s, %(k)s, %(filter)s, %(rrf_k)s,
                                          %(candidates)s, %(text_match)s, %(vector_weight)s,
-                                         %(text_weight)s, %(absent_rank)s) WITH ORDINALITY h
+                                         %(text_weight)s, %(absent_rank)s, %(fingerprint)s,
+                                         %(version)s) WITH ORDINALITY h
            {join}
            ORDER BY h.ordinality"""
     ).format(
@@ -226,7 +270,7 @@ def _run(
     params = {"name": name, "vector": vector, "text": text, "k": k, "filter": filter_json,
               "rrf_k": fusion.rrf_k, "candidates": fusion.candidates, "text_match": fusion.text_match,
               "vector_weight": float(fusion.vector_weight), "text_weight": float(fusion.text_weight),
-              "absent_rank": fusion.absent_rank}
+              "absent_rank": fusion.absent_rank, "fingerprint": fingerprint, "version": version}
     hits = []
     try:
         with conn.cursor(row_factory=dict_row) as cur:
@@ -240,9 +284,12 @@ def _run(
                     text_rank=record.pop("vs_text_rank"),
                     vector_distance=_float(record.pop("vs_vector_distance")),
                     text_score=_float(record.pop("vs_text_score")),
+                    model=record.pop("vs_model"),
                     row=record if typed_rows else record["vs_row"],
                 ))
     except psycopg.Error as exc:
+        if exc.sqlstate == VERSION_SWITCHED:
+            raise VersionSwitched(str(exc)) from None
         # The function names the offending filter column in the error's COLUMN field.
         column = exc.diag.column_name
         if column is not None and exc.diag.table_name == name:

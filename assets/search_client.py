@@ -92,7 +92,7 @@ class SearchClient:
             return None
         return [
             SearchHit(tuple(h["key"]), h["score"], h["chunk"], h["row"], h["vector_rank"], h["text_rank"],
-                      h["vector_distance"], h["text_score"])
+                      h["vector_distance"], h["text_score"], h.get("model"))
             for h in answer["hits"]
         ]
 

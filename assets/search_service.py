@@ -28,6 +28,7 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import replace
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,9 +44,10 @@ from starlette.routing import Route
 from .catalog import ResolvedTable, resolve
 from .providers import provider_for
 from .query_embedding import QueryEmbedder
-from .search import Fusion, SearchError, run_search
+from .search import Fusion, SearchError, VersionSwitched, run_search
 from .search_client import STATE_FILE, database_identity
 from .spec import TableSpec
+from .versions import installed_spec
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
@@ -67,6 +69,9 @@ class SearchService:
         self.pool = ConnectionPool(url, min_size=1, max_size=connections, open=True,
                                    kwargs={"autocommit": True}, configure=register_vector)
         self._resolved: dict[str, ResolvedTable] = {}
+        # Each table's active model version, as the database had it when last looked at; looked
+        # at again when a search finds it switched (VersionSwitched), not on every query.
+        self._active: dict[str, ResolvedTable] = {}
         self._embedders: dict[Any, QueryEmbedder] = {}
         self._lock = threading.Lock()
 
@@ -74,7 +79,8 @@ class SearchService:
         """Load every table's model and run it once (torch's first call is slow), before the
         service says it is ready."""
         for spec, _ in self.specs.values():
-            self._embedder(spec).embed("warm up")
+            self._embedder(spec).embed("warm up")  # the declared model: the next active one
+            self.table({"table": spec.name})[1].embed("warm up")  # the active one
 
     def _embedder(self, spec: TableSpec) -> QueryEmbedder:
         with self._lock:  # one per model: tables that share a model share its embedder
@@ -85,21 +91,29 @@ class SearchService:
     def close(self) -> None:
         self.pool.close()
 
-    def table(self, body: dict[str, Any]) -> tuple[ResolvedTable, QueryEmbedder]:
+    def table(self, body: dict[str, Any], refresh: bool = False) -> tuple[ResolvedTable, QueryEmbedder]:
+        """The table's active version and the embedder of its model."""
         name = body.get("table")
         if not isinstance(name, str) or name not in self.specs:
             raise RequestError(404, f"no table named {name!r} is declared here", str(name), "table")
         spec, origin = self.specs[name]
-        fingerprint = body.get("fingerprint")
-        if fingerprint is not None and fingerprint != spec.fingerprint:
-            raise RequestError(409, f"the service embeds with {spec.fingerprint}, the caller with {fingerprint}",
-                               name, "fingerprint")
         with self._lock:
             if name not in self._resolved:
                 # Resolved once: the catalog lookups would otherwise cost more than the search.
                 with self.pool.connection() as conn:
                     self._resolved[name] = resolve(conn, spec, origin)
-        return self._resolved[name], self._embedder(spec)
+            if refresh or name not in self._active:
+                with self.pool.connection() as conn:
+                    declared = self._resolved[name]
+                    self._active[name] = replace(declared, spec=installed_spec(conn, declared.spec))
+            active = self._active[name]
+        fingerprint = body.get("fingerprint")
+        if fingerprint is not None and fingerprint != active.spec.fingerprint and not refresh:
+            return self.table(body, refresh=True)  # the caller may have seen a switch first
+        if fingerprint is not None and fingerprint != active.spec.fingerprint:
+            raise RequestError(409, f"the active version embeds with {active.spec.fingerprint}, the caller "
+                               f"with {fingerprint}", name, "fingerprint")
+        return active, self._embedder(active.spec)
 
     def search(self, body: dict[str, Any]) -> dict[str, Any]:
         table, embedder = self.table(body)
@@ -109,17 +123,25 @@ class SearchService:
         where = _field(body, "where", dict, name, None)
         hybrid = _field(body, "hybrid", bool, name, False)
         fusion = Fusion(**{f: body[f] for f in FUSION_FIELDS if body.get(f) is not None})
-        started = time.perf_counter()
-        vector = embedder.embed(query)
-        embedded = time.perf_counter()
-        with self.pool.connection() as conn:
-            hits = run_search(conn, table, vector, query if hybrid else None, k, where, fusion, typed_rows=False)
+        for attempt in range(3):
+            started = time.perf_counter()
+            vector = embedder.embed(query)
+            embedded = time.perf_counter()
+            try:
+                with self.pool.connection() as conn:
+                    hits = run_search(conn, table, vector, query if hybrid else None, k, where, fusion,
+                                      typed_rows=False, fingerprint=table.spec.fingerprint)
+                break
+            except VersionSwitched:  # promoted or rolled back since: embed with the new active model
+                if attempt == 2:
+                    raise
+                table, embedder = self.table({"table": name}, refresh=True)
         done = time.perf_counter()
         return {
             "hits": [
                 {"key": list(h.key), "score": h.score, "chunk": h.chunk, "row": h.row,
                  "vector_rank": h.vector_rank, "text_rank": h.text_rank,
-                 "vector_distance": h.vector_distance, "text_score": h.text_score}
+                 "vector_distance": h.vector_distance, "text_score": h.text_score, "model": h.model}
                 for h in hits
             ],
             "ms": {"embed": (embedded - started) * 1000, "sql": (done - embedded) * 1000},

@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -180,6 +181,16 @@ class BackfillSpec(_Strict):
     start-up (a new process, ~3-4 s) once for several buckets."""
 
     buckets_per_run: int = Field(4, ge=1, le=1024)
+    # "batch": a sweep (a backfill, the reconcile schedule, `vectorsync sync --full`, the first
+    # sweep after install) sends what is not stored yet through the provider's batch API at half
+    # price, and stores it once the batch completes (within its 24 h window; assets/batch_fill.py).
+    # "sync": ordinary requests. A run can ask for batch mode itself: the run tag
+    # vectorsync/mode=batch (on a UI backfill), run config `batch`, `vectorsync sync --batch`.
+    mode: Literal["sync", "batch"] = "sync"
+    # Below this many texts to send, a sweep in the declared batch mode makes ordinary requests: a
+    # batch would save cents and keep the rows waiting for hours. (A run that asks for batch mode
+    # itself sends any number.)
+    batch_min_chunks: int = Field(1000, ge=1)
 
 
 class AssetPresentation(_Strict):
@@ -198,6 +209,34 @@ class AssetPresentation(_Strict):
     tags: dict[str, str] = {}
     # Shown beside the default kinds (postgres, pgvector and the provider's).
     kinds: list[str] = []
+
+
+class VersionsSpec(_Strict):
+    """What happens when the declared model (fingerprint, dimensions or vector type) changes: a new
+    version fills beside the active one, and is switched to as `promote` says: `manual` (the
+    `vectorsync promote` command or the `<name>_promote` job), or `auto` (the first run that finds
+    it complete switches to it, through the same gate). The version switched away from is kept,
+    current, for `keep_previous_hours`, so `vectorsync rollback` can switch back; then it is dropped.
+    `max_quality_drop` is the gate's allowed loss of quality (recall@k, MRR@10) from the active to
+    the candidate on the golden queries (`golden` or `golden_sql`), when there are any. None of it shapes a vector, so it
+    is not part of the fingerprint."""
+
+    promote: Literal["manual", "auto"] = "manual"
+    keep_previous_hours: float = Field(24.0, ge=0, le=24 * 365)
+    max_quality_drop: float = Field(0.02, ge=0, le=1)
+    # The golden queries the gate and the search_quality asset score (assets/golden.py): a YAML or
+    # JSON Lines file of `query -> expected key(s)`, relative to the declaration's file, or a SQL
+    # query yielding (query text, expected key) rows. Neither: no quality gate.
+    golden: str | None = Field(None, min_length=1)
+    golden_sql: str | None = Field(None, min_length=1)
+    # recall@k's k (MRR is always @10).
+    golden_k: int = Field(10, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _one_golden_source(self) -> VersionsSpec:
+        if self.golden is not None and self.golden_sql is not None:
+            raise ValueError("versions: give `golden` or `golden_sql`, not both")
+        return self
 
 
 class Budget(_Strict):
@@ -268,6 +307,11 @@ class TableSpec(_Strict):
     asset: AssetPresentation = AssetPresentation()
     # How a backfill is split into runs (see BackfillSpec); not in the fingerprint.
     backfill: BackfillSpec = BackfillSpec()
+    # Model versions side by side, promotion and rollback (see VersionsSpec); not in the fingerprint.
+    versions: VersionsSpec = VersionsSpec()
+    # Which model version of the table this spec describes (assets/versions.py): 1 for the
+    # declaration itself; a version's spec carries its number, which names its store and change log.
+    _version: int = PrivateAttr(1)
 
     @field_validator("source", mode="before")
     @classmethod
@@ -301,6 +345,8 @@ class TableSpec(_Strict):
                 unknown = [f for f in fields if f not in self.columns]
                 if unknown:
                     raise ValueError(f"template: uses {unknown} which are not in `columns`")
+        if self.backfill.mode == "batch" and self.provider.kind != "openai":
+            raise ValueError("backfill.mode: batch needs provider.kind openai (a batch API)")
         limit = MAX_INDEXED_DIMENSIONS[self.vector_type]
         if self.provider.dimensions > limit:
             raise ValueError(
@@ -334,9 +380,19 @@ class TableSpec(_Strict):
         return self.destination_schema or self.source.schema_
 
     @property
+    def version(self) -> int:
+        return self._version
+
+    def as_version(self, number: int) -> TableSpec:
+        """This spec as model version `number` of its table (its own store and change log)."""
+        copy = self.model_copy()
+        copy._version = number
+        return copy
+
+    @property
     def object_names(self) -> dict[str, str]:
         """The store's, view's, indexes', change log's and triggers' names (assets/names.py)."""
-        return table_object_names(self.name, self.destination)
+        return table_object_names(self.name, self.destination, self._version)
 
     @property
     def view_name(self) -> str:

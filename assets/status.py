@@ -30,13 +30,16 @@ def require_installed(conn: psycopg.Connection, spec: TableSpec) -> None:
     with its store and change log): commands check this before any slow step such as a model load."""
     registered = conn.execute("SELECT to_regclass('vectorsync.embedding_tables')").fetchone()[0] is not None
     if registered:
+        # The active model version's store and change log, which need not be the declaration's
+        # names (assets/versions.py).
         registered = conn.execute(
-            "SELECT 1 FROM vectorsync.embedding_tables WHERE name = %s", (spec.name,)
-        ).fetchone() is not None
+            "SELECT store_schema, store_table, queue_table FROM vectorsync.embedding_tables WHERE name = %s",
+            (spec.name,),
+        ).fetchone()
     if not registered:
         raise LookupError(f"table {spec.name} is declared but not installed; run `vectorsync install`")
-    for schema, name, what in ((spec.store_schema, spec.store_name, "store"),
-                               ("vectorsync", spec.queue_name, "change log")):
+    store_schema, store_table, queue_table = registered
+    for schema, name, what in ((store_schema, store_table, "store"), ("vectorsync", queue_table, "change log")):
         relation = sql.Identifier(schema, name).as_string(conn)
         if conn.execute("SELECT to_regclass(%s)", (relation,)).fetchone()[0] is None:
             raise LookupError(f"table {spec.name}: its {what} {relation} does not exist; "
@@ -46,13 +49,13 @@ def require_installed(conn: psycopg.Connection, spec: TableSpec) -> None:
 def table_status(conn: psycopg.Connection, name: str) -> TableStatus:
     reg = conn.execute(
         """SELECT source_schema, source_table, store_schema, store_table, queue_table, key_columns,
-                  fingerprint
+                  fingerprint, version
            FROM vectorsync.embedding_tables WHERE name = %s""",
         (name,),
     ).fetchone()
     if reg is None:
         raise LookupError(f"table {name} is not installed; run `vectorsync install`")
-    src_schema, src_table, store_schema, store_table, queue_table, key_columns, fingerprint = reg
+    src_schema, src_table, store_schema, store_table, queue_table, key_columns, fingerprint, version = reg
     source = sql.Identifier(src_schema, src_table)
     store = sql.Identifier(store_schema, store_table)
     queue = sql.Identifier("vectorsync", queue_table)
@@ -85,8 +88,8 @@ def table_status(conn: psycopg.Connection, name: str) -> TableStatus:
         """SELECT count(*) FILTER (WHERE error_kind <> 'skipped' AND NOT dead),
                   count(*) FILTER (WHERE dead),
                   count(*) FILTER (WHERE error_kind = 'skipped')
-           FROM vectorsync.failures WHERE table_name = %s""",
-        (name,),
+           FROM vectorsync.failures WHERE table_name = %s AND version = %s""",
+        (name, version),
     ).fetchone()
     return TableStatus(
         name, f"{src_schema}.{src_table}", source_rows, embedded, current, chunks, pending, oldest,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,9 +22,19 @@ from .source_rows import Row
 
 
 class Store:
-    def __init__(self, conn: psycopg.Connection, table: ResolvedTable) -> None:
+    """`reuse_from`: the (schema, table) of the stores of the table's other live model versions made by the same provider
+    model, dimensions and vector type (assets/versions.py). The embedding cache looks there too,
+    so a change of template or chunking re-sends no chunk text whose vector is already stored."""
+
+    def __init__(
+        self, conn: psycopg.Connection, table: ResolvedTable, reuse_from: Sequence[tuple[str, str]] = ()
+    ) -> None:
         self.conn = conn
         self.fingerprint = table.spec.fingerprint
+        p = table.spec.provider
+        # A fingerprint is kind/model/dimensions/<hash of template and chunking>: the same text
+        # under any fingerprint with this head has the same vector.
+        self._model_head = f"{p.kind}/{p.model}/{p.dimensions}/"
         t = table
         # Key columns are copied in their binary form, as read (bytea carries those bytes as they are).
         self._copy_types = ["bytea"] * len(t.key) + ["int4", "text", "bytea", "text", "int4", "bytea"]
@@ -36,10 +46,18 @@ class Store:
             "ORDER BY x.chunk_seq"
         ).format(t.key_probe(), t.key_json("e"), t.store, t.key_matches("e"))
         # %b: a bytea[] in binary, which psycopg builds without quoting each element in Python.
+        # A text not in the store is looked up in the other live versions' stores of the same model
+        # (reuse_from), then in the batch mode's pre-paid cache (migration 005, assets/batch_fill.py);
+        # the Append stops at the first branch that answers.
+        cached = conn.execute("SELECT to_regclass('vectorsync.batch_vectors')").fetchone()[0] is not None
+        siblings = [sql.SQL(" UNION ALL (SELECT embedding::vector FROM {} WHERE text_hash = h.x "
+                            "AND starts_with(model, %(head)s) LIMIT 1)").format(t.ident(*other)) for other in reuse_from]
         self._vectors = sql.SQL(
-            "SELECT h.x, c.embedding::vector FROM unnest(%b::bytea[]) AS h(x) CROSS JOIN LATERAL "
-            "(SELECT embedding FROM {} WHERE text_hash = h.x AND model = %s LIMIT 1) c"
-        ).format(t.store)
+            "SELECT h.x, c.embedding FROM unnest(%(h)b::bytea[]) AS h(x) CROSS JOIN LATERAL "
+            "((SELECT embedding::vector FROM {} WHERE text_hash = h.x AND model = %(m)s LIMIT 1){}{} LIMIT 1) c"
+        ).format(t.store, sql.SQL("").join(siblings), sql.SQL(
+            " UNION ALL (SELECT embedding FROM vectorsync.batch_vectors WHERE model = %(m)s AND text_hash = h.x)"
+            if cached else ""))
         self._delete = sql.SQL(
             "DELETE FROM {} e WHERE e.ctid = ANY(ARRAY(SELECT x.ctid FROM {} CROSS JOIN LATERAL "
             "(SELECT d.ctid FROM {} d WHERE {} OFFSET 0) x)) RETURNING {}::text"
@@ -63,7 +81,10 @@ class Store:
         """Stored vectors of these texts under the current model: the embedding cache."""
         if not hashes:
             return {}
-        cur = self.conn.execute(self._vectors, (hashes, self.fingerprint))
+        # Binary results: pgvector reads a binary vector with one frombuffer, its text form float by
+        # float (1.6 s per 20,000 vectors of 256 dimensions, measured).
+        cur = self.conn.execute(self._vectors, {"h": hashes, "m": self.fingerprint, "head": self._model_head},
+                                binary=True)
         return {bytes(h): _as_array(v) for h, v in cur}
 
     def delete(self, key_jsons: list[str]) -> set[str]:

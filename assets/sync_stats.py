@@ -22,6 +22,11 @@ class SyncStats:
     provider_requests: int = 0
     provider_seconds: float = 0.0
     changes_cleared: int = 0
+    # Batch mode (assets/batch_fill.py): batches sent, and the lines and tokens of the batches
+    # collected (billed at the batch price; their vectors are stored by the sweep, as reused).
+    batches_submitted: int = 0
+    batch_lines: int = 0
+    batch_tokens: int = 0
     seconds: float = 0.0
     # (seconds from logging to clearing, keys in the entry) of each change-log entry cleared:
     # the commit-to-embedding lag, weighted by the keys it held (a sweep request counts as one).

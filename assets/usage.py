@@ -37,6 +37,15 @@ def price_per_million(provider: ProviderSpec) -> float:
     return LIST_PRICES.get((provider.kind, provider.model.removeprefix("openai/")), 0.0)
 
 
+# The provider's batch API (assets/batch_fill.py) bills the same tokens at half the price:
+# OpenAI's rule for /v1/batches, applied to the declared price too.
+BATCH_DISCOUNT = 0.5
+
+
+def batch_price_per_million(provider: ProviderSpec) -> float:
+    return price_per_million(provider) * BATCH_DISCOUNT
+
+
 def cost_usd(tokens: int, price_per_million_tokens: float) -> float:
     return tokens * price_per_million_tokens / 1_000_000
 
@@ -261,9 +270,10 @@ class RunLedger:
         if not self.enabled:
             return 0.0
         return self.conn.execute(
-            """SELECT coalesce(sum(cost_usd), 0) FROM vectorsync.runs
-               WHERE table_name = %s AND updated_at >= date_trunc('day', now(), 'UTC')""",
-            (self.spec.name,),
+            sql.SQL("""SELECT (SELECT coalesce(sum(cost_usd), 0) FROM vectorsync.runs
+                       WHERE table_name = %(name)s AND updated_at >= date_trunc('day', now(), 'UTC'))""")
+            + _batch_spend_since(self.conn, sql.SQL("date_trunc('day', now(), 'UTC')")),
+            {"name": self.spec.name},
         ).fetchone()[0]
 
     def _write(self) -> None:
@@ -385,23 +395,45 @@ def budget_reached(conn: psycopg.Connection, spec: TableSpec) -> str | None:
             "today, UTC): changes wait in the change log until tomorrow or a higher budget.daily_usd")
 
 
+def _batch_spend_since(conn: psycopg.Connection, since: sql.Composable) -> sql.Composable:
+    """`+ what the table's batches were billed since `since`` (nothing before the batch
+    migration). A batch's tokens are billed when it is collected, and recorded on its job in the
+    transaction that stores its vectors, so a run killed right after still leaves them counted."""
+    if conn.execute("SELECT to_regclass('vectorsync.batch_jobs')").fetchone()[0] is None:
+        return sql.SQL("")
+    return sql.SQL(" + (SELECT coalesce(sum(cost_usd), 0) FROM vectorsync.batch_jobs "
+                   "WHERE table_name = %(name)s AND collected_at >= {})").format(since)
+
+
 @dataclass(frozen=True)
 class Spend:
     tokens_day: int
     cost_day: float
     tokens_month: int
     cost_month: float
+    # What batch mode saved over the last 30 days: its tokens at the synchronous price, less
+    # what they cost.
+    saved_month: float = 0.0
 
 
 def spend_by_table(conn: psycopg.Connection) -> dict[str, Spend]:
-    """Tokens and cost per table over the last 24 hours and the last 30 days."""
+    """Tokens and cost per table over the last 24 hours and the last 30 days: ordinary requests
+    (the run ledger) and collected batches (vectorsync.batch_jobs) alike."""
     if conn.execute("SELECT to_regclass('vectorsync.runs')").fetchone()[0] is None:
         return {}
+    batches = conn.execute("SELECT to_regclass('vectorsync.batch_jobs')").fetchone()[0] is not None
     found = conn.execute(
-        """SELECT table_name,
-                  coalesce(sum(tokens) FILTER (WHERE updated_at >= now() - interval '1 day'), 0)::bigint,
-                  coalesce(sum(cost_usd) FILTER (WHERE updated_at >= now() - interval '1 day'), 0),
-                  coalesce(sum(tokens), 0)::bigint, coalesce(sum(cost_usd), 0)
-           FROM vectorsync.runs WHERE updated_at >= now() - interval '30 days' GROUP BY table_name"""
+        sql.SQL(
+            """SELECT table_name,
+                      coalesce(sum(tokens) FILTER (WHERE at >= now() - interval '1 day'), 0)::bigint,
+                      coalesce(sum(cost_usd) FILTER (WHERE at >= now() - interval '1 day'), 0),
+                      coalesce(sum(tokens), 0)::bigint, coalesce(sum(cost_usd), 0), coalesce(sum(saved), 0)
+               FROM (SELECT table_name, updated_at AS at, tokens, cost_usd, 0 AS saved FROM vectorsync.runs
+                     {}) AS spent
+               WHERE at >= now() - interval '30 days' GROUP BY table_name"""
+        ).format(sql.SQL(
+            """UNION ALL SELECT table_name, collected_at, tokens, cost_usd,
+                   tokens * list_price_per_million_tokens / 1e6 - cost_usd
+               FROM vectorsync.batch_jobs WHERE collected_at IS NOT NULL""" if batches else ""))
     ).fetchall()
     return {name: Spend(*figures) for name, *figures in found}

@@ -19,6 +19,11 @@ from openai_server import OpenAIServer  # noqa: E402
 # on, the body then waits for the client's delayed ACK (40 ms on Linux), which would be charged
 # to the engine. Production servers (nginx, uvicorn) set TCP_NODELAY; so does this one.
 openai_server._Handler.disable_nagle_algorithm = True
+# socketserver listens with a backlog of 5: when several runs open their connection pools at once
+# (4 runs x 4 connections in bench scale_out) on a busy machine, the kernel drops the overflow and
+# the client's retry of its SYN comes a whole second later. Production servers listen with
+# hundreds (nginx 511, uvicorn 2048).
+openai_server._Server.request_queue_size = 128
 
 
 def _cheap_vector(text: str, dimensions: int) -> np.ndarray:

@@ -5,7 +5,12 @@ coverage          every source row with content is embedded under the current fi
 backlog_age       the oldest pending change is younger than the table's max_backlog_seconds
 dead_letters      no row has exhausted its retries (the top errors are in the metadata)
 vector_validity   every stored vector has the declared dimension, is finite and is not zero
-model_consistency every stored chunk was made by the declared model, template and chunking
+model_consistency every chunk of the active version's store was made by that version's model,
+                  template and chunking
+candidate_coverage a candidate model version filling beside the active one (assets/versions.py):
+                  warns with its progress (rows covered / total) until it is complete
+Every check but candidate_coverage audits the ACTIVE version, as vectorsync.embedding_tables
+registers it: what search answers from.
 """
 
 from collections.abc import Callable, Iterator
@@ -15,7 +20,9 @@ import dagster as dg
 import psycopg
 from psycopg import sql
 
-from assets.catalog import use_key_text_settings
+from assets import versions
+from assets.catalog import resolve, use_key_text_settings
+from assets.promotion import coverage as version_coverage
 from assets.spec import TableSpec
 from assets.status import change_backlog
 
@@ -24,8 +31,19 @@ from .resources import VectorsyncDatabase
 
 
 
-def _store(spec: TableSpec) -> sql.Identifier:
-    return sql.Identifier(spec.store_schema, spec.store_name)
+class _Active:
+    """The active version's store, change log, fingerprint, number and dimensions, as registered."""
+
+    def __init__(self, conn: psycopg.Connection, name: str) -> None:
+        store_schema, store_table, queue_table, self.fingerprint, self.version, dims = conn.execute(
+            """SELECT store_schema, store_table, queue_table, fingerprint, version,
+                      (spec -> 'provider' ->> 'dimensions')::int
+               FROM vectorsync.embedding_tables WHERE name = %s""",
+            (name,),
+        ).fetchone()
+        self.store = sql.Identifier(store_schema, store_table)
+        self.queue = sql.Identifier("vectorsync", queue_table)
+        self.dimensions = dims
 
 
 def _installed(conn: psycopg.Connection, spec: TableSpec) -> bool:
@@ -48,9 +66,9 @@ def _uncovered_rows(conn: psycopg.Connection, name: str) -> tuple[int, list[Any]
     chunk, a stored row whose source is gone, or one sweep marker standing for a whole bucket
     would otherwise cancel out real gaps."""
     (src_schema, src_table, store_schema, store_table, queue_table, key_columns, buckets,
-     fingerprint) = conn.execute(
+     fingerprint, version) = conn.execute(
         """SELECT source_schema, source_table, store_schema, store_table, queue_table, key_columns,
-                  buckets, fingerprint
+                  buckets, fingerprint, version
            FROM vectorsync.embedding_tables WHERE name = %s""",
         (name,),
     ).fetchone()
@@ -82,7 +100,7 @@ def _uncovered_rows(conn: psycopg.Connection, name: str) -> tuple[int, list[Any]
                FROM uncovered u
                WHERE NOT EXISTS (SELECT 1 FROM pending p WHERE p.k = u.k)
                  AND NOT EXISTS (SELECT 1 FROM vectorsync.failures f
-                                 WHERE f.table_name = {name} AND f.row_key = u.k)
+                                 WHERE f.table_name = {name} AND f.version = {version} AND f.row_key = u.k)
                  AND NOT EXISTS (SELECT 1 FROM sweeping w
                                  WHERE w.bucket = vectorsync.bucket_of(u.k, {buckets}))
                ORDER BY u.k LIMIT {samples}"""
@@ -91,6 +109,7 @@ def _uncovered_rows(conn: psycopg.Connection, name: str) -> tuple[int, list[Any]
             key_equal=key_equal, queue=sql.Identifier("vectorsync", queue_table),
             # Literals, not parameters: psycopg would read a % in a quoted name as a placeholder.
             fingerprint=sql.Literal(fingerprint), name=sql.Literal(name), buckets=sql.Literal(buckets),
+            version=sql.Literal(version),
             samples=sql.Literal(SAMPLE_KEYS),
         ),
     ).fetchall()
@@ -99,7 +118,7 @@ def _uncovered_rows(conn: psycopg.Connection, name: str) -> tuple[int, list[Any]
 
 
 def embeddings_checks(spec: TableSpec) -> list[dg.AssetChecksDefinition]:
-    """The five checks of one table, evaluated in one step over one connection: five steps cost
+    """The six checks of one table, evaluated in one step over one connection: six steps cost
     a backfill run a second of step overhead, for queries that take a fraction of that."""
     key = embeddings_asset_key(spec)
     declared: dict[str, tuple[dg.AssetCheckSpec, Callable[[psycopg.Connection], dg.AssetCheckResult]]] = {}
@@ -125,7 +144,7 @@ def embeddings_checks(spec: TableSpec) -> list[dg.AssetChecksDefinition]:
     @check("backlog_age", f"The oldest pending change is younger than {spec.max_backlog_seconds} s: "
            "the sensor and the runs keep up with the writes.")
     def backlog_age(conn: psycopg.Connection) -> dg.AssetCheckResult:
-        pending, oldest = change_backlog(conn, sql.Identifier("vectorsync", spec.queue_name))
+        pending, oldest = change_backlog(conn, _Active(conn, spec.name).queue)
         return dg.AssetCheckResult(
             passed=oldest is None or oldest <= spec.max_backlog_seconds,
             metadata={"pending_changes": pending, "oldest_change_seconds": round(oldest or 0.0, 1),
@@ -146,12 +165,13 @@ def embeddings_checks(spec: TableSpec) -> list[dg.AssetChecksDefinition]:
                              END AS message
                       FROM (SELECT error_kind, last_error,
                                    'table ' || table_name || ', row ' || row_key::text || ': ' AS prefix
-                            FROM vectorsync.failures WHERE table_name = %s AND dead) f) d
+                            FROM vectorsync.failures WHERE table_name = %s AND version = %s AND dead) f) d
                 GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2 LIMIT 5""",
-            (spec.name,),
+            (spec.name, _Active(conn, spec.name).version),
         ).fetchall()
         dead = conn.execute(
-            "SELECT count(*) FROM vectorsync.failures WHERE table_name = %s AND dead", (spec.name,)
+            "SELECT count(*) FROM vectorsync.failures WHERE table_name = %s AND version = %s AND dead",
+            (spec.name, _Active(conn, spec.name).version),
         ).fetchone()[0]
         return dg.AssetCheckResult(
             passed=dead == 0,
@@ -159,9 +179,10 @@ def embeddings_checks(spec: TableSpec) -> list[dg.AssetChecksDefinition]:
                 "\n".join(f"- {n} x {kind}: {err}" for kind, err, n in top) or "none")},
         )
 
-    @check("vector_validity", f"Every stored vector has {spec.provider.dimensions} dimensions, finite "
-           "values and a non-zero length.")
+    @check("vector_validity", "Every vector in the active version's store has that version's "
+           "dimensions, finite values and a non-zero length.")
     def vector_validity(conn: psycopg.Connection) -> dg.AssetCheckResult:
+        active = _Active(conn, spec.name)
         # pgvector refuses NaN and infinity on input; the checks still look, in case of a bug there.
         chunks, wrong_dims, zero, not_finite = conn.execute(
             sql.SQL(
@@ -172,7 +193,7 @@ def embeddings_checks(spec: TableSpec) -> list[dg.AssetChecksDefinition]:
                                            ('NaN'::float8, 'Infinity'::float8))
                    FROM {store}"""
                 # A literal, not a parameter: psycopg would read a % in the store's name as one.
-            ).format(store=_store(spec), dimensions=sql.Literal(spec.provider.dimensions)),
+            ).format(store=active.store, dimensions=sql.Literal(active.dimensions)),
         ).fetchone()
         return dg.AssetCheckResult(
             passed=wrong_dims == zero == not_finite == 0,
@@ -180,27 +201,46 @@ def embeddings_checks(spec: TableSpec) -> list[dg.AssetChecksDefinition]:
                       "not_finite": not_finite},
         )
 
-    @check("model_consistency", "Every stored chunk was embedded under the declared model, template "
-           "and chunking. After a change it warns until a backfill has replaced the old vectors; "
-           "search answers from them meanwhile.")
+    @check("model_consistency", "Every chunk of the active version's store was embedded under that "
+           "version's model, template and chunking (a new declaration fills a candidate version "
+           "beside it instead, see candidate_coverage).")
     def model_consistency(conn: psycopg.Connection) -> dg.AssetCheckResult:
+        active = _Active(conn, spec.name)
         by_model = conn.execute(
-            sql.SQL("SELECT model, count(*) FROM {} GROUP BY model ORDER BY 2 DESC").format(_store(spec))
+            sql.SQL("SELECT model, count(*) FROM {} GROUP BY model ORDER BY 2 DESC").format(active.store)
         ).fetchall()
-        stale = sum(n for model, n in by_model if model != spec.fingerprint)
+        stale = sum(n for model, n in by_model if model != active.fingerprint)
         return dg.AssetCheckResult(
             passed=stale == 0,
             severity=dg.AssetCheckSeverity.WARN,
-            metadata={"fingerprint": spec.fingerprint, "stale_chunks": stale,
+            metadata={"fingerprint": active.fingerprint, "version": active.version, "stale_chunks": stale,
                       "chunks_by_model": dg.MetadataValue.md(
                           "\n".join(f"- {m}: {n}" for m, n in by_model) or "none")},
+        )
+
+    @check("candidate_coverage", "A candidate model version (a new model, dimension, template or "
+           "chunking) fills beside the active one: warns with its progress, rows covered / total, "
+           "until it covers every row and may be promoted; passes when complete or when there is none.")
+    def candidate_coverage(conn: psycopg.Connection) -> dg.AssetCheckResult:
+        candidate = versions.in_state(conn, spec.name, "candidate")
+        if candidate is None:
+            return dg.AssetCheckResult(passed=True, metadata={"candidate_version": "none"})
+        declared = resolve(conn, spec, "<checks>")
+        cov = version_coverage(conn, versions.version_table(conn, declared, candidate))
+        return dg.AssetCheckResult(
+            passed=cov.complete,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={"candidate_version": candidate.version, "fingerprint": candidate.fingerprint,
+                      "rows_covered": cov.rows_covered, "source_rows": cov.source_rows,
+                      "buckets_waiting": cov.sweeps_pending, "rows_failing": cov.rows_failing,
+                      "rolled_back": candidate.rolled_back_at is not None},
         )
 
     @dg.multi_asset_check(
         specs=[check_spec for check_spec, _ in declared.values()],
         name=f"{spec.name}_embeddings_checks",
         description=f"The audit of {spec.name}'s embeddings: coverage, backlog age, dead letters, vector "
-        "validity and model consistency, each its own check in the UI.",
+        "validity, model consistency and a candidate version's coverage, each its own check in the UI.",
         can_subset=True,
     )
     def _checks(

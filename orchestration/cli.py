@@ -1,10 +1,9 @@
-"""`vectorsync`: install, status, search, sync and the demo."""
+"""`vectorsync`: install, status, search, sync, estimate and the demo."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from assets.catalog import resolve
@@ -14,6 +13,7 @@ from assets.spec import SpecError, TableSpec
 from assets.status import installed_tables, require_installed, table_status
 from assets.usage import Spend, spend_by_table
 
+from . import versions_cli
 from .database import connect, database_url, tables_dir, vectorsync_home
 
 DEMO_QUERIES = (
@@ -52,7 +52,16 @@ def cmd_install(args: argparse.Namespace) -> int:
     print(f"migrations applied: {', '.join(report.migrations_applied) or 'none (up to date)'}")
     print(f"tables installed: {', '.join(report.tables) or 'none declared'}")
     if report.sweeps_requested:
-        print(f"full sweeps queued (new table, model or template): {', '.join(report.sweeps_requested)}")
+        print(f"full sweeps queued (new table, model version or destination): {', '.join(report.sweeps_requested)}")
+    for name, notes in report.notes.items():
+        for note in notes:
+            print(f"{name}: {note}")
+    # What filling each new candidate version will cost, before anything fills it.
+    fresh = [(s, o) for s, o in specs if any(versions_cli.FILL_STARTS in n for n in report.notes.get(s.name, []))]
+    if fresh:
+        with connect() as conn:
+            for spec, origin in fresh:
+                versions_cli.print_estimate(conn, resolve(conn, spec, origin), no_reuse=False, prefix=f"{spec.name}: ")
     return 0
 
 
@@ -63,7 +72,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             print("nothing installed yet: run `vectorsync install`")
             return 0
         header = ("table", "source", "source rows", "embedded", "current", "chunks", "pending",
-                  "failed", "dead", "skipped", "tokens 24h", "cost 24h", "tokens 30d", "cost 30d")
+                  "failed", "dead", "skipped", "tokens 24h", "cost 24h", "tokens 30d", "cost 30d", "batch saved 30d")
         spend = spend_by_table(conn)
         rows, problems = [], []
         for name in names:
@@ -75,7 +84,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             used = spend.get(name, Spend(0, 0.0, 0, 0.0))
             rows.append((s.name, s.source, s.source_rows, s.rows_embedded, s.rows_current, s.chunks,
                          s.pending_changes, s.failed_rows, s.dead_rows, s.skipped_rows,
-                         used.tokens_day, f"${used.cost_day:.4f}", used.tokens_month, f"${used.cost_month:.4f}"))
+                         used.tokens_day, f"${used.cost_day:.4f}", used.tokens_month, f"${used.cost_month:.4f}",
+                         f"${used.saved_month:.4f}"))
     _print_table(header, rows)
     # Reported, not fatal: status is what one runs to find out what is wrong.
     for problem in problems:
@@ -86,6 +96,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     from assets.providers import provider_for
     from assets.search import SearchError, hybrid_search, search
+    from assets.versions import installed_spec
 
     # --where values stay text: the search casts each to its column's type, so `id=7` compares as
     # an integer and `added=2024-01-31` as a date. A column given twice matches any of its values.
@@ -104,7 +115,8 @@ def cmd_search(args: argparse.Namespace) -> int:
             require_installed(conn, spec)  # before the service or a model load: one clear error line
             hits = _search_by_service(args, spec, where)
             if hits is None:  # no service runs for this database and declaration: load the model here
-                provider = provider_for(spec.provider)
+                # The active version's model, which may not be the declared one yet (a candidate fills).
+                provider = provider_for(installed_spec(conn, spec).provider)
                 if args.hybrid:
                     hits = hybrid_search(conn, table, provider, args.query, k=args.k, where=where,
                                          rrf_k=args.rrf_k, text_match=args.match)
@@ -134,7 +146,8 @@ def _search_by_service(args: argparse.Namespace, spec: TableSpec, where: dict) -
     if client is None:
         return None
     fusion = {"rrf_k": args.rrf_k, "text_match": args.match} if args.hybrid else {}
-    return client.search(spec.name, spec.fingerprint, args.query, k=args.k, hybrid=args.hybrid,
+    # No fingerprint: the service embeds with the active version's model, as the database says.
+    return client.search(spec.name, None, args.query, k=args.k, hybrid=args.hybrid,
                          where=where, **fusion)
 
 
@@ -160,67 +173,6 @@ def cmd_index(args: argparse.Namespace) -> int:
     else:
         print(f"index {state.index} of {state.table} not built: the store has fewer than index.min_rows "
               f"({state.min_rows}) chunks, where an exact scan is fast")
-    return 0
-
-
-def cmd_sync(args: argparse.Namespace) -> int:
-    """Run the engine directly, without Dagster (for scripts and debugging), with a progress bar
-    on stderr, and record the run's figures and spend like a Dagster run's."""
-    import uuid
-
-    from assets.engine import EmbeddingEngine, SyncStats, retry_policy
-    from assets.providers import provider_for
-    from assets.usage import BudgetExceeded, RunLedger, rows_to_visit
-
-    from .progress import ProgressDisplay, Reading
-
-    spec, origin = _find(args, args.name)
-    buckets = [args.bucket] if args.bucket is not None else list(range(spec.buckets))
-    with connect() as conn, connect() as ledger_conn:
-        table = resolve(conn, spec, origin)
-        require_installed(conn, spec)
-        expected = rows_to_visit(conn, table, buckets, args.full)
-        provider = provider_for(spec.provider)  # a local model loads here, before the clock starts
-        ledger = RunLedger(ledger_conn, f"cli-{uuid.uuid4().hex[:12]}", spec, "cli", buckets, rows_expected=expected)
-        metered = ledger.metered(provider)
-        engine = EmbeddingEngine(conn, table, metered, retry=retry_policy(spec))
-        display = ProgressDisplay(f"{spec.name}", file=sys.stderr)
-        started = time.monotonic()
-
-        def show(force: bool = False) -> None:
-            done = ledger.totals()
-            display.update(Reading(done.rows_seen, expected, metered.chunks, metered.tokens, metered.cost_usd,
-                                   time.monotonic() - started), force=force)
-
-        def on_page(page: dict[int, SyncStats]) -> None:
-            ledger.add(page)
-            show()
-
-        def on_request() -> None:
-            ledger.flush()
-            show()
-
-        engine.on_page = on_page
-        metered.on_request = on_request
-        outcome, reason = "failed", None
-        try:
-            # All buckets in one pass, as a run's sweep does: bucket after bucket would let the
-            # provider's concurrency idle at every bucket's end (a small bucket fills one request).
-            ledger.settle(engine.sync_buckets(buckets, full=args.full, should_stop=lambda: metered.exhausted))
-            outcome = "succeeded"
-        except BudgetExceeded as exc:
-            outcome, reason = "over_budget", str(exc)
-        finally:
-            engine.close()
-            show(force=True)
-            display.close()
-            ledger.finish(outcome, reason)
-    total = ledger.totals()
-    print(", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in total.as_dict().items())
-          + f", cost_usd={metered.cost_usd:.6f}")
-    if reason:
-        print(f"error: {reason}", file=sys.stderr)
-        return 1
     return 0
 
 
@@ -279,10 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8765, help="0: any free port (see search-service.json)")
     p = sub.add_parser("index", help="build a table's HNSW index now, without waiting for the schedule")
     p.add_argument("name")
-    p = sub.add_parser("sync", help="make a table current without Dagster")
-    p.add_argument("name")
-    p.add_argument("--bucket", type=int)
-    p.add_argument("--full", action="store_true", help="compare every row, not just the change log")
+    versions_cli.add_parsers(sub)  # sync, estimate, versions, promote, rollback
     p = sub.add_parser("demo", help="embed Python's documentation, search it, then serve Dagster's UI")
     p.add_argument("--no-serve", action="store_true", help="stop after the searches")
     p.add_argument("--port", type=int, default=3000)
@@ -298,8 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {
-        "install": cmd_install, "status": cmd_status, "search": cmd_search, "sync": cmd_sync,
-        "demo": cmd_demo, "serve": cmd_serve, "index": cmd_index, "database-url": lambda a: print(database_url()) or 0,
+        "install": cmd_install, "status": cmd_status, "search": cmd_search,
+        "sync": lambda a: versions_cli.cmd_sync(a, _find), "versions": lambda a: versions_cli.cmd_versions(a, _find),
+        "promote": lambda a: versions_cli.cmd_promote(a, _find), "rollback": lambda a: versions_cli.cmd_rollback(a, _find),
+        "demo": cmd_demo, "serve": cmd_serve, "estimate": lambda a: versions_cli.cmd_estimate(a, _find), "index": cmd_index,
+        "database-url": lambda a: print(database_url()) or 0,
         "dagster-instance": cmd_dagster_instance,
     }
     try:

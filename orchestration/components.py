@@ -23,6 +23,8 @@ from .checks import embeddings_checks
 from .embedding_assets import continuous_job, embeddings_asset, source_asset_spec
 from .schedules import index_upkeep_job, index_upkeep_schedule, reconcile_schedule, retry_schedule
 from .sensors import SensedTable, changes_job
+from .quality import search_quality_asset
+from .versions_dagster import promote_job
 
 STARTING_DECLARATION = """\
 # A table to embed. Every field and its default: docs/declaring-a-table.md.
@@ -44,15 +46,18 @@ attributes:
 
 def table_definitions(spec: TableSpec, origin: str, include_source: bool = True) -> tuple[dg.Definitions, SensedTable]:
     """Every Dagster definition of one table: its source asset (unless another table over the
-    same source declares it), embeddings asset, checks, schedules, index job, the job of its change
-    runs and, in continuous mode, its long-lived job; and the table as the code location's one
-    tables sensor (orchestration/sensors.py) takes it, with those jobs."""
+    same source declares it), embeddings asset, checks, schedules, index job, promote job (model
+    versions), search-quality asset (with golden queries), the job of its change runs and, in
+    continuous mode, its long-lived job; and the table as the code location's one tables sensor
+    (orchestration/sensors.py) takes it, with those jobs."""
     index_job = index_upkeep_job(spec, origin)
     sensed = SensedTable(spec, changes_job(spec), continuous_job(spec, origin) if spec.continuous else None)
     return dg.Definitions(
-        assets=[*([source_asset_spec(spec)] if include_source else []), embeddings_asset(spec, origin)],
+        assets=[*([source_asset_spec(spec)] if include_source else []), embeddings_asset(spec, origin),
+                *([search_quality_asset(spec, origin)] if spec.versions.golden or spec.versions.golden_sql else [])],
         asset_checks=embeddings_checks(spec),
-        jobs=[index_job, *(j for j in (sensed.changes_job, sensed.continuous_job) if j is not None)],
+        jobs=[index_job, promote_job(spec, origin),
+              *(j for j in (sensed.changes_job, sensed.continuous_job) if j is not None)],
         schedules=[reconcile_schedule(spec), retry_schedule(spec), index_upkeep_schedule(spec, origin, index_job)],
     ), sensed
 
@@ -78,7 +83,7 @@ class EmbeddingTableScaffolder(dg.Scaffolder):
 @dg.scaffold_with(EmbeddingTableScaffolder)
 class EmbeddingTable(dg.Component):
     """A PostgreSQL table whose rows are kept embedded in a pgvector store: a source asset, an
-    embeddings asset partitioned by key-hash bucket, five checks, schedules for the reconcile
+    embeddings asset partitioned by key-hash bucket, six checks, schedules for the reconcile
     sweep, retries and index upkeep, and the jobs its change runs and its continuous run use. The
     code location's one tables sensor (orchestration/definitions.py) starts those runs."""
 

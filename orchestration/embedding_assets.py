@@ -13,6 +13,7 @@ import psycopg
 from psycopg import sql
 from pydantic import Field
 
+from assets import versions
 from assets.catalog import ResolvedTable, resolve
 from assets.continuous import CHANNEL, ChangeListener, follow_changes
 from assets.engine import BucketBusy, EmbeddingEngine, SyncStats, retry_policy
@@ -20,12 +21,18 @@ from assets.locks import held_elsewhere, try_lock
 from assets.providers import provider_for
 from assets.spec import TableSpec
 from assets.status import change_backlog, estimated_rows
-from assets.usage import BudgetExceeded, Lag, RunLedger, cost_usd, lag_of, price_per_million, rows_to_visit
+from assets.usage import (
+    BATCH_DISCOUNT, BudgetExceeded, Lag, RunLedger, cost_usd, lag_of, price_per_million, rows_to_visit,
+)
 
 from .names import dagster_name_part
 from .resources import VectorsyncDatabase
+from .versions_dagster import auto_promote, sync_other_versions, version_metadata
 
 GROUP = "embeddings"
+# A run (or a backfill, whose runs inherit its tags) with this tag set to "batch" sweeps through the
+# provider's batch API.
+BATCH_MODE_TAG = "vectorsync/mode"
 # A run's step is tried again this many times after a transient failure, about this long apart.
 STEP_RETRIES = 2
 STEP_RETRY_SECONDS = 10.0
@@ -70,6 +77,15 @@ class EmbeddingRunConfig(dg.Config):
     )
     linger_max_seconds: float = Field(
         default=120.0, ge=0.0, description="Stop lingering after this long in all, so the run ends."
+    )
+    batch: bool = Field(
+        default=False,
+        description="Sweep through the provider's batch API at half price (also asked for by the run tag "
+        f"{BATCH_MODE_TAG}=batch, e.g. on a backfill, or by the declaration's backfill.mode). The run "
+        "sends the batch and ends; the buckets are stored by the first run after the batch completes.",
+    )
+    batch_wait_seconds: float = Field(
+        default=0.0, ge=0.0, description="Wait this long for the buckets' pending batches, then store them.",
     )
 
 
@@ -136,16 +152,19 @@ def embeddings_asset(spec: TableSpec, origin: str) -> dg.AssetsDefinition:
         # The engine's connection, and the ledger's: pages are written on the first while requests
         # return on the provider's threads, and both are recorded as they come.
         with database.connect() as conn, database.connect() as ledger_conn:
-            table = resolve(conn, spec, origin)
+            declared = resolve(conn, spec, origin)
+            # Every live model version of these buckets: the active one here, the others after it.
+            live = versions.live_tables(conn, declared)
+            table = live[0].table
             trigger = context.run.tags.get("vectorsync/trigger", "manual")
             expected = rows_to_visit(conn, table, buckets, config.full_sweep)
-            provider = provider_for(spec.provider)  # a local model loads here, before the run's clock
-            ledger = RunLedger(ledger_conn, context.run.run_id, spec, trigger, buckets, rows_expected=expected)
+            provider = provider_for(table.spec.provider)  # a local model loads here, before the run's clock
+            ledger = RunLedger(ledger_conn, context.run.run_id, table.spec, trigger, buckets, rows_expected=expected)
             if not ledger.enabled:
                 context.log.warning(f"{spec.name}: no run ledger (vectorsync.runs) in this database: run "
                                     "`vectorsync install` to apply its migrations; cost and budget are not recorded")
             metered = ledger.metered(provider)
-            engine = EmbeddingEngine(conn, table, metered, retry=retry_policy(spec))
+            engine = EmbeddingEngine(conn, table, metered, retry=retry_policy(spec), reuse_from=live[0].reuse_from)
             engine.on_page = ledger.add
             outcome, reason = "failed", None
             try:
@@ -153,7 +172,9 @@ def embeddings_asset(spec: TableSpec, origin: str) -> dg.AssetsDefinition:
                     requeued = engine.requeue_due_failures()
                     context.log.info(f"{spec.name}: {requeued} failed rows due for a retry put back in the change log")
                 if config.full_sweep:
-                    _sweep_buckets(context, spec, engine, buckets, ledger, lambda: metered.exhausted)
+                    batch = config.batch or context.run.tags.get(BATCH_MODE_TAG) == "batch"
+                    _sweep_buckets(context, spec, engine, buckets, ledger, lambda: metered.exhausted,
+                                   batch=True if batch else None, batch_wait_seconds=config.batch_wait_seconds)
                 else:
                     _follow_changes(context, spec, engine, database, buckets, config, ledger)
                 outcome = "succeeded"
@@ -177,10 +198,16 @@ def embeddings_asset(spec: TableSpec, origin: str) -> dg.AssetsDefinition:
                 raise dg.Failure(description=reason, metadata=run_figures)
             for pk, figures in partition_metadata(conn, table, per_bucket, buckets, ledger.price).items():
                 context.add_asset_metadata(figures, partition_key=pk)
+            sync_other_versions(context, conn, ledger_conn, live[1:], buckets, config.full_sweep,
+                                config.retry_due_failures, trigger)
+            if auto_promote(context, conn, declared) is not None:
+                live = versions.live_tables(conn, declared)
+                table = live[0].table
             metadata = {
                 **backlog_metadata(*change_backlog(conn, table.queue)),
                 "buckets": len(buckets),
-                **store_metadata(spec, table),
+                **store_metadata(table.spec, table),
+                **version_metadata(conn, live),
             }
         return dg.MaterializeResult(metadata=metadata)
 
@@ -199,17 +226,27 @@ def _figure(value: float, digits: int = 2) -> float:
     return round(float(value), digits)
 
 
+def batch_figures(batch_tokens: int, price_per_million_tokens: float, prefix: str = "") -> dict:
+    """What batch mode's tokens cost at the batch price, and what they saved against the ordinary one."""
+    batch_cost = cost_usd(batch_tokens, price_per_million_tokens * BATCH_DISCOUNT)
+    return {f"{prefix}batch_cost_usd": round(batch_cost, 6),
+            f"{prefix}batch_saved_usd": round(cost_usd(batch_tokens, price_per_million_tokens) - batch_cost, 6)}
+
+
 def work_metadata(stats: SyncStats, price_per_million_tokens: float) -> dict:
     """What a materialization of one partition says about the work that made it: the figures of
     that bucket alone, the same keys whether a partition run, a backfill or continuous mode made
-    it, so Dagster's plots show each partition's own distribution."""
+    it, so Dagster's plots show each partition's own distribution. cost_usd counts ordinary
+    requests and collected batches alike (these at the batch price)."""
     figures = {k: v for k, v in stats.as_dict().items() if not isinstance(v, float)}
     lag = lag_of(stats.change_lags)
+    batch = batch_figures(stats.batch_tokens, price_per_million_tokens)
     return {
         **figures,
         "provider_seconds": _figure(stats.provider_seconds),
         "seconds": _figure(stats.seconds),
-        "cost_usd": round(cost_usd(stats.tokens, price_per_million_tokens), 6),
+        "cost_usd": round(cost_usd(stats.tokens, price_per_million_tokens) + batch["batch_cost_usd"], 6),
+        **batch,
         "rows_per_second": _figure(stats.rows_written / stats.seconds, 1) if stats.seconds else 0.0,
         **({} if lag is None else {
             "lag_p50_seconds": _figure(lag.p50), "lag_p95_seconds": _figure(lag.p95),
@@ -228,7 +265,9 @@ def backlog_metadata(pending: int | None, oldest: float | None) -> dict:
 def run_totals(total: SyncStats, tokens_sent: int, price: float, lag: Lag | None, buckets: int) -> dict:
     """A run's figures over all its buckets: in its tags, its log and an observation of the
     asset, never repeated on each partition's materialization. `tokens_sent` counts every
-    request the provider answered, also those of pages a failed run did not get to write."""
+    request the provider answered, also those of pages a failed run did not get to write. Batch
+    tokens are those of the batches the run collected, at the batch price."""
+    batch = batch_figures(total.batch_tokens, price, prefix="run_")
     return {
         "run_buckets": buckets,
         "run_rows_seen": total.rows_seen,
@@ -238,7 +277,10 @@ def run_totals(total: SyncStats, tokens_sent: int, price: float, lag: Lag | None
         "run_chunks_embedded": total.chunks_embedded,
         "run_chunks_reused": total.chunks_reused,
         "run_tokens": tokens_sent,
-        "run_cost_usd": round(cost_usd(tokens_sent, price), 6),
+        "run_batch_tokens": total.batch_tokens,
+        "run_batches_submitted": total.batches_submitted,
+        "run_cost_usd": round(cost_usd(tokens_sent, price) + batch["run_batch_cost_usd"], 6),
+        **batch,
         "run_seconds": _figure(total.seconds),
         "run_changes_cleared": total.changes_cleared,
         **({} if lag is None else {
@@ -344,12 +386,16 @@ def store_metadata(spec: TableSpec, table: ResolvedTable) -> dict:
 
 def _sweep_buckets(
     context: dg.AssetExecutionContext, spec: TableSpec, engine: EmbeddingEngine, buckets: list[int],
-    ledger: RunLedger, should_stop: Callable[[], bool],
+    ledger: RunLedger, should_stop: Callable[[], bool], batch: bool | None = None, batch_wait_seconds: float = 0.0,
 ) -> None:
-    # One pass over the source for all of the run's buckets: a backfill of every partition costs
-    # one scan, not one per bucket.
-    context.log.info(f"{spec.name}: sweeping buckets {buckets[0]}..{buckets[-1]} in one pass")
-    worked = engine.sync_buckets(buckets, full=True, should_stop=should_stop)
+    # One engine call for all of the run's buckets: it sweeps them one at a time, each locked only
+    # while it is worked on, with the provider kept busy across bucket boundaries.
+    context.log.info(f"{spec.name}: sweeping buckets {buckets[0]}..{buckets[-1]}"
+                     + (" through the batch API" if batch else ""))
+    worked = engine.sync_buckets(buckets, full=True, should_stop=should_stop, batch=batch,
+                                 batch_wait_seconds=batch_wait_seconds)
+    if any(s.batches_submitted for s in worked.values()):
+        context.log.info(f"{spec.name}: batch sent; its buckets are stored by the first run after it completes")
     ledger.settle(worked)
     for bucket, stats in sorted(worked.items()):
         context.log.info(
@@ -403,10 +449,12 @@ def continuous_job(spec: TableSpec, origin: str) -> dg.JobDefinition:
     )
     def follow(context: dg.OpExecutionContext, database: VectorsyncDatabase) -> None:
         with database.connect() as conn, database.connect() as ledger_conn:
-            table = resolve(conn, spec, origin)
+            # The active model version as the run starts (a candidate fills by partition runs; a
+            # promotion takes effect here when the keeper restarts this run).
+            table = versions.active_table(conn, resolve(conn, spec, origin))
             _hold_continuous_lock(conn, spec.name)
-            ledger = RunLedger(ledger_conn, context.run_id, spec, "continuous", list(range(spec.buckets)))
-            metered = ledger.metered(provider_for(spec.provider))
+            ledger = RunLedger(ledger_conn, context.run_id, table.spec, "continuous", list(range(spec.buckets)))
+            metered = ledger.metered(provider_for(table.spec.provider))
             engine = EmbeddingEngine(conn, table, metered, retry=retry_policy(spec), lock_wait_seconds=0.0)
             listener = ChangeListener(database.resolved_url(), spec.name)
 

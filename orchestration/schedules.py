@@ -4,12 +4,15 @@ reconcile       a full hash comparison of every bucket: repairs rows written wit
                 or under session_replication_role = replica, rows older than the install, and
                 store rows whose source row is gone
 retry_failures  a run of the buckets whose failed rows are due for another attempt
-index_upkeep    a run of the index job once the store is large enough for its HNSW index
+index_upkeep    a run of the index job once the active version's store is large enough for its
+                HNSW index, or once a previous model version's keep period is over (the job drops
+                it and reports the bytes freed)
 """
 
 
 import dagster as dg
 
+from assets import versions
 from assets.catalog import resolve
 from orchestration.embedding_assets import bucket_partition_key, embeddings_asset_key
 from assets.index import build_index, index_state
@@ -18,6 +21,7 @@ from assets.spec import TableSpec
 
 from .names import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
 from .resources import VectorsyncDatabase
+from .versions_dagster import drop_expired_versions, has_expired_versions, one_op_job
 
 
 def _all_buckets(spec: TableSpec) -> dict[str, str]:
@@ -109,28 +113,24 @@ def index_upkeep_job(spec: TableSpec, origin: str) -> dg.JobDefinition:
         "(runs keep writing meanwhile), replacing an invalid index left by an interrupted build.",
         tags={"vectorsync/table": spec.name},
     )
-    def build(context: dg.OpExecutionContext, database: VectorsyncDatabase) -> None:
+    def build(context: dg.OpExecutionContext, database: VectorsyncDatabase) -> dg.Output:
         with database.connect() as conn:
-            state = build_index(conn, resolve(conn, spec, origin))
+            declared = resolve(conn, spec, origin)
+            freed = drop_expired_versions(context, conn, declared)
+            state = build_index(conn, versions.active_table(conn, declared))
         context.log.info(
             f"{spec.name}: index {state.index} exists={state.exists} valid={state.valid} "
             f"building elsewhere={state.building}"
         )
-        if state.building:
-            return  # another run's build is under way; its own run reports how it ends
-        if not (state.exists and state.valid):
+        if state.building:  # another run's build is under way; its own run reports how it ends
+            return dg.Output(None, metadata={"bytes_freed": freed})
+        if not (state.exists and state.valid) and state.store_rows_at_least >= state.min_rows:
             raise dg.Failure(f"table {spec.name}: index {state.index} is still missing or invalid")
+        return dg.Output(None, metadata={"bytes_freed": freed})
 
-    @dg.job(
-        name=f"{spec.name}_vector_index",
-        description=f"Builds the vector index of {spec.name} once its store is large enough.",
-        executor_def=dg.in_process_executor,
-        tags={"vectorsync/table": spec.name},
-    )
-    def _job() -> None:
-        build()
-
-    return _job
+    return one_op_job(spec, f"{spec.name}_vector_index",
+                      f"Builds the vector index of {spec.name} once its store is large enough, and drops "
+                      "previous model versions whose keep period is over.", build)
 
 
 def index_upkeep_schedule(spec: TableSpec, origin: str, job: dg.JobDefinition) -> dg.ScheduleDefinition:
@@ -146,7 +146,10 @@ def index_upkeep_schedule(spec: TableSpec, origin: str, job: dg.JobDefinition) -
         if not _installed(database, spec):
             return dg.SkipReason(f"{spec.name} is not installed; run `vectorsync install`")
         with database.connect() as conn:
-            state = index_state(conn, resolve(conn, spec, origin))
+            declared = resolve(conn, spec, origin)
+            state = index_state(conn, versions.active_table(conn, declared))
+            if has_expired_versions(conn, spec.name):
+                return dg.RunRequest(tags={"vectorsync/table": spec.name, "vectorsync/trigger": "drop_expired"})
         if state.building:
             return dg.SkipReason(f"index {state.index} is being built by another run")
         if not state.needs_build:

@@ -175,10 +175,19 @@ def _table_changes(
     (the table's part of the sensor's, updated in place): bucket -> [highest change id already
     requested, when requested], and the freshness check's and the observation's state."""
     spec = table.spec
-    queue = sql.Identifier("vectorsync", spec.queue_name)
     with database.pooled() as conn:
-        if conn.execute("SELECT to_regclass(%s)", (f"vectorsync.{spec.queue_name}",)).fetchone()[0] is None:
+        # The active model version's change log (assets/versions.py): capture writes every
+        # change to each live version's log, so the active one names every changed bucket.
+        registered = None
+        if conn.execute("SELECT to_regclass('vectorsync.embedding_tables')").fetchone()[0] is not None:
+            registered = conn.execute(
+                """SELECT queue_table FROM vectorsync.embedding_tables
+                   WHERE name = %s AND to_regclass('vectorsync.' || quote_ident(queue_table)) IS NOT NULL""",
+                (spec.name,),
+            ).fetchone()
+        if registered is None:
             return TableTick([], [], NOT_INSTALLED)
+        queue = sql.Identifier("vectorsync", registered[0])
         pending = conn.execute(
             sql.SQL(
                 # Keys, not entries: a bulk statement logs one entry per bucket for all its keys.

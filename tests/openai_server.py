@@ -1,7 +1,11 @@
 """A small OpenAI-compatible embeddings server for tests, standard library and numpy only.
 
 It answers POST /v1/embeddings (and /embeddings) like api.openai.com does, with vectors that
-depend only on the text, so tests can predict them. Every request is recorded for assertions,
+depend only on the text, so tests can predict them. It also keeps files and batches
+(openai_batches.py): upload a JSONL file, create a batch of embedding requests, poll it through
+validating, in_progress and completed (or failed, expired, cancelled), and read its output and
+error files, with faults of its own (a failing line, a failed or expired batch, a batch held in
+progress until the test lets it finish, a create call that hangs after the batch was made). Every request is recorded for assertions,
 and faults can be queued for the next requests (an HTTP status with or without Retry-After, a
 delay that outlasts the client's timeout, a malformed body, a wrong number of vectors, a wrong
 dimension, NaN) or attached to inputs (a "poison" predicate: any request carrying a matching
@@ -28,6 +32,7 @@ from types import TracebackType
 from typing import Any
 
 import numpy as np
+from openai_batches import BatchDesk
 
 EMBEDDING_PATHS = frozenset({"/v1/embeddings", "/embeddings"})
 
@@ -118,7 +123,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.owner._handle(self)
 
     def do_GET(self) -> None:  # noqa: N802
-        self.server.owner._send(self, *self.server.owner._error(404, "not found"))
+        self.server.owner._handle(self)
 
 
 class OpenAIServer:
@@ -147,6 +152,8 @@ class OpenAIServer:
         self._stopping = threading.Event()
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
+        # Files and batches, answered with the same vectors as the embeddings endpoint.
+        self.batches = BatchDesk(self._embeddings, self._stopping, poison=lambda t: bool(self.poison and self.poison(t)))
 
     # Lifecycle ------------------------------------------------------------------------------------
 
@@ -263,6 +270,14 @@ class OpenAIServer:
         except ValueError:
             body = None
         path = handler.path.split("?", 1)[0]
+        if self.batches.handles(path):
+            with self._lock:
+                self._requests.append(RecordedRequest(
+                    handler.command, path, {k.lower(): v for k, v in handler.headers.items()}, body, received_at, None))
+            answer = self.batches.answer(handler.command, handler.path, handler.headers.get("Content-Type", ""), raw)
+            if answer is not None:
+                self._send(handler, *answer)
+            return
         # Only embedding calls consume a fault, so a stray request cannot eat one meant for them.
         with self._lock:
             fault = self._faults.popleft() if path in EMBEDDING_PATHS and self._faults else None
@@ -336,7 +351,8 @@ class OpenAIServer:
     def _send(self, handler: _Handler, status: int, body: bytes, headers: dict[str, str]) -> None:
         try:
             handler.send_response(status)
-            handler.send_header("Content-Type", "application/json")
+            if "Content-Type" not in headers:
+                handler.send_header("Content-Type", "application/json")
             handler.send_header("Content-Length", str(len(body)))
             for name, value in headers.items():
                 handler.send_header(name, value)

@@ -26,6 +26,8 @@ from assets.spec import SpecError, TableSpec, load_spec_file
 from orchestration.instance import prepare_instance
 from orchestration.names import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
 from orchestration.resources import VectorsyncDatabase
+from orchestration.quality import search_quality_asset
+from orchestration.versions_dagster import promote_job
 
 from conftest import unique
 
@@ -261,14 +263,77 @@ def test_one_check_can_run_alone_and_a_failing_query_fails_only_its_own_checks(d
     assert [e.check_name for e in only.get_asset_check_evaluations()] == ["dead_letters"]
 
     # With the store gone, the three checks that read it fail with the error; the two that read
-    # the change log and the ledger still pass.
+    # the change log and the ledger still pass, and so does the candidate's (there is none).
     t.conn.execute(sql.SQL("DROP TABLE {} CASCADE").format(t.store))
     evaluations = t.checks()
-    assert sorted(n for n, e in evaluations.items() if e.passed) == ["backlog_age", "dead_letters"]
+    assert sorted(n for n, e in evaluations.items() if e.passed) == ["backlog_age", "candidate_coverage", "dead_letters"]
     for name in ("coverage", "vector_validity", "model_consistency"):
         assert not evaluations[name].passed
         assert "UndefinedTable" in evaluations[name].metadata["error"].value, name
         assert t.spec.name in evaluations[name].metadata["error"].value
+
+
+# candidate coverage (model versions) -------------------------------------------------------------
+
+
+def test_candidate_coverage_warns_while_a_new_model_fills_then_the_promote_job_switches(declare: Declare) -> None:
+    t = declare(TEXTS)
+    assert t.materialize().success
+    assert t.check("candidate_coverage").passed
+    new_spec = t.spec.model_copy(update={"provider": t.spec.provider.model_copy(update={"model": "test-embed-2"})})
+    install(t.conn, [(new_spec, t.origin)])
+    filling = t.check("candidate_coverage")
+    assert not filling.passed and filling.severity == dg.AssetCheckSeverity.WARN
+    assert (filling.metadata["rows_covered"].value, filling.metadata["source_rows"].value) == (0, 8)
+    assert filling.metadata["fingerprint"].value == new_spec.fingerprint
+    # A run over every partition fills the candidate too; the asset shows its progress, and the
+    # other checks still audit the active version, which is untouched.
+    new = Declared(t.conn, t.db_url, t.instance, new_spec, t.origin)
+    result = new.materialize()
+    assert result.success
+    metadata = result.get_asset_materialization_events()[0].materialization.metadata
+    assert metadata["model_fingerprint"].value == t.spec.fingerprint
+    assert (metadata["candidate_rows_covered"].value, metadata["candidate_source_rows"].value) == (8, 8)
+    evaluations = new.checks()
+    assert all(e.passed for e in evaluations.values()), {n: e.metadata for n, e in evaluations.items()}
+    assert evaluations["model_consistency"].metadata["fingerprint"].value == t.spec.fingerprint
+    promoted = promote_job(new_spec, t.origin).execute_in_process(instance=t.instance, resources=new.resources)
+    assert promoted.success
+    assert dict(t.conn.execute("SELECT version, state FROM vectorsync.versions WHERE table_name = %s",
+                               (new_spec.name,)).fetchall()) == {1: "previous", 2: "active"}
+    assert new.check("model_consistency").metadata["fingerprint"].value == new_spec.fingerprint
+    # Nothing left to promote: the job fails with the reason.
+    again = promote_job(new_spec, t.origin).execute_in_process(instance=t.instance, resources=new.resources,
+                                                               raise_on_error=False)
+    assert not again.success
+
+
+def test_search_quality_asset_records_each_live_versions_figures(declare: Declare, tmp_path: Path) -> None:
+    # Beside the declarations (the fixture writes them to tmp_path): queries that are rows' own
+    # texts, which the test server embeds to the very vectors it stored, so every answer ranks first.
+    (tmp_path / "golden.yaml").write_text(yaml.safe_dump([{"query": TEXTS[i], "expected": [i]} for i in (1, 2, 3)]))
+    t = declare(TEXTS, versions={"golden": "golden.yaml", "golden_k": 3})
+    assert t.materialize().success
+
+    def figures() -> dict[str, Any]:
+        result = dg.materialize([search_quality_asset(t.spec, t.origin)], instance=t.instance, resources=t.resources)
+        assert result.success
+        metadata = result.get_asset_materialization_events()[0].materialization.metadata
+        return {k: v.value for k, v in metadata.items()}
+
+    first = figures()
+    assert (first["active_version"], first["active_recall@3"], first["active_mrr@10"]) == (1, 1.0, 1.0)
+    assert not any(k.startswith("candidate_") for k in first)
+    # A candidate filling: both versions are scored, each with its own model.
+    new_spec = t.spec.model_copy(update={"provider": t.spec.provider.model_copy(update={"model": "test-embed-2"})})
+    install(t.conn, [(new_spec, t.origin)])
+    assert Declared(t.conn, t.db_url, t.instance, new_spec, t.origin).materialize().success
+    both = figures()
+    assert (both["candidate_version"], both["candidate_recall@3"], both["active_golden_queries"]) == (2, 1.0, 3)
+    # A golden answer whose row is gone is left out and counted, not scored as a miss.
+    t.conn.execute(sql.SQL("DELETE FROM {} WHERE id = 3").format(t.source))
+    after = figures()
+    assert after["golden_answers_missing"] == 1 and after["active_golden_queries"] == 2
 
 
 # backlog age -------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from psycopg import sql
 
 from assets.install import install
 from assets.search import search
-from assets.spec import SpecError, load_spec_file, parse_spec
+from assets.spec import ProviderSpec, SpecError, load_spec_file, parse_spec
 from assets.status import table_status
 from assets.text import chunk, text_hash
 
@@ -373,16 +373,28 @@ def test_chunking_covers_the_text() -> None:
     assert chunk("short", Chunking(size=100, overlap=20)) == ["short"]
 
 
-def test_install_refuses_vectors_that_no_longer_fit_the_store(make_table, conn: psycopg.Connection) -> None:
+def test_a_new_dimension_or_vector_type_becomes_a_candidate_beside_the_store(make_table, conn: psycopg.Connection) -> None:
+    """The store search answers from is never altered by a declaration of another size or type:
+    install builds a candidate version beside it (docs/changing-a-model.md)."""
     docs = make_table("id int PRIMARY KEY, body text", columns=["body"])
-    bigger = docs.spec.model_copy(update={"provider": docs.spec.provider.model_copy(update={"dimensions": 512})})
-    with pytest.raises(SpecError) as refused:
-        install(conn, [(bigger, "docs.yaml")])
-    assert refused.value.field == "provider.dimensions" and "holds vector(384)" in str(refused.value)
+
+    def vector_type(spec) -> str | None:
+        found = conn.execute(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = to_regclass(%s) "
+            "AND attname = 'embedding'", (sql.Identifier(spec.store_schema, spec.store_name).as_string(conn),)
+        ).fetchone()
+        return found and found[0]
+
+    bigger = docs.spec.model_copy(update={"provider": ProviderSpec(kind="openai", model="text-embedding-3-small",
+                                                                   dimensions=512, send_dimensions=True)})
+    report = install(conn, [(bigger, "docs.yaml")])
+    assert report.notes[docs.spec.name][0].startswith("candidate version 2")
+    assert vector_type(docs.spec) == "vector(384)" and vector_type(bigger.as_version(2)) == "vector(512)"
     halves = docs.spec.model_copy(update={"vector_type": "halfvec"})
-    with pytest.raises(SpecError) as refused:
-        install(conn, [(halves, "docs.yaml")])
-    assert refused.value.field == "vector_type"
+    report = install(conn, [(halves, "docs.yaml")])
+    assert [n.split(" (")[0] for n in report.notes[docs.spec.name]] == ["candidate version 2", "candidate version 3"]
+    assert vector_type(bigger.as_version(2)) is None and vector_type(halves.as_version(3)) == "halfvec(384)"
+    assert vector_type(docs.spec) == "vector(384)"
 
 
 def test_a_new_distance_replaces_the_index_and_a_new_destination_is_swept(make_table, conn: psycopg.Connection) -> None:

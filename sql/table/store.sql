@@ -1,4 +1,4 @@
--- Idempotent, per declared table. Placeholders are filled by psycopg.sql, which quotes every
+-- Idempotent, per model version of a declared table (assets/versions.py): its store and change log. Placeholders are filled by psycopg.sql, which quotes every
 -- identifier, so hostile table and column names are harmless.
 CREATE SCHEMA IF NOT EXISTS {store_schema};
 
@@ -42,16 +42,6 @@ BEGIN
     END IF;
 END
 $log$;
-
-CREATE OR REPLACE VIEW {view} AS
-SELECT s.*,
-       e.chunk_seq,
-       e.chunk,
-       e.embedding,
-       e.model AS embedding_model,
-       e.embedded_at
-FROM {store} e
-JOIN {source} s ON {store_source_join};
 
 -- The full-text side of hybrid search: each chunk's tsvector, in the declared text search
 -- configuration, kept by PostgreSQL as a stored generated column (ranking reads it instead of
