@@ -298,6 +298,9 @@ class TableSpec(_Strict):
     budget: Budget | None = None
     # One long-lived Dagster run per table, woken by LISTEN/NOTIFY, instead of a run per change.
     continuous: bool = False
+    # Whether the code location's tables sensor looks after this table (its change runs and its
+    # continuous run); `false` leaves it to schedules, backfills and runs from the UI. Not in the fingerprint.
+    sensor: bool = True
     # When failed rows are retried and when they are given up on (see RetrySpec).
     retry: RetrySpec = RetrySpec()
     # How the table's assets appear in Dagster (see AssetPresentation); not in the fingerprint.

@@ -367,6 +367,10 @@ def run(ctx: Context) -> Result:
                                 [round(per_table, 2)], target="<= 0.5"))
         for c in (one, many):
             pct = c["percent_of_a_core"]
+            # New sessions are what costs PostgreSQL most here, and unlike CPU they do not depend
+            # on what else the machine runs.
+            sessions = sum(d["sessions_per_minute"] for d in c["postgres_sessions_and_commits"].values())
+            measures.append(Measure(f"{c['label']}: new PostgreSQL sessions", "per minute", [round(sessions, 1)]))
             measures.append(Measure(f"{c['label']}: PostgreSQL", "% of a core", [pct["postgres"]]))
             for role in ("daemon", "code server", "code server proxy", "webserver", "run worker", "dagster dev"):
                 if role in pct["by_role"]:

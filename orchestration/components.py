@@ -3,7 +3,7 @@
     dg list components                                   # shows orchestration.components.EmbeddingTable
     dg scaffold defs orchestration.components.EmbeddingTable articles   # orchestration/defs/articles/defs.yaml
     dg check defs                                        # validates every declaration
-    dg list defs                                         # each table's assets, checks, sensors, schedules
+    dg list defs                                         # each table's assets, checks, jobs, schedules
 
 Its attributes are the fields of `assets.spec.TableSpec` (docs/declaring-a-table.md), validated by
 the same model, so `dg check yaml` and the CLI report the same errors. Underneath is a plain
@@ -22,7 +22,7 @@ from assets.spec import TableSpec
 from .checks import embeddings_checks
 from .embedding_assets import continuous_job, embeddings_asset, source_asset_spec
 from .schedules import index_upkeep_job, index_upkeep_schedule, reconcile_schedule, retry_schedule
-from .sensors import changes_sensor, continuous_keeper
+from .sensors import SensedTable, changes_job
 from .quality import search_quality_asset
 from .versions_dagster import promote_job
 
@@ -44,26 +44,28 @@ attributes:
 """
 
 
-def embedding_table_definitions(spec: TableSpec, origin: str, include_source: bool = True) -> dg.Definitions:
+def table_definitions(spec: TableSpec, origin: str, include_source: bool = True) -> tuple[dg.Definitions, SensedTable]:
     """Every Dagster definition of one table: its source asset (unless another table over the
-    same source declares it), embeddings asset, checks, change sensor, schedules, index job,
-    promote job (model versions), search-quality asset (with golden queries), and
-    in continuous mode its long-lived job and keeper sensor."""
+    same source declares it), embeddings asset, checks, schedules, index job, promote job (model
+    versions), search-quality asset (with golden queries), the job of its change runs and, in
+    continuous mode, its long-lived job; and the table as the code location's one tables sensor
+    (orchestration/sensors.py) takes it, with those jobs."""
     index_job = index_upkeep_job(spec, origin)
-    jobs = [index_job, promote_job(spec, origin)]
-    sensors = [changes_sensor(spec)]
-    if spec.continuous:
-        follow = continuous_job(spec, origin)
-        jobs.append(follow)
-        sensors.append(continuous_keeper(spec, follow))
+    sensed = SensedTable(spec, changes_job(spec), continuous_job(spec, origin) if spec.continuous else None)
     return dg.Definitions(
         assets=[*([source_asset_spec(spec)] if include_source else []), embeddings_asset(spec, origin),
                 *([search_quality_asset(spec, origin)] if spec.versions.golden or spec.versions.golden_sql else [])],
         asset_checks=embeddings_checks(spec),
-        jobs=jobs,
-        sensors=sensors,
+        jobs=[index_job, promote_job(spec, origin),
+              *(j for j in (sensed.changes_job, sensed.continuous_job) if j is not None)],
         schedules=[reconcile_schedule(spec), retry_schedule(spec), index_upkeep_schedule(spec, origin, index_job)],
-    )
+    ), sensed
+
+
+def embedding_table_definitions(spec: TableSpec, origin: str, include_source: bool = True) -> dg.Definitions:
+    """One table's definitions (see table_definitions), without a sensor: the code location
+    (orchestration/definitions.py) adds one tables sensor for all of its tables."""
+    return table_definitions(spec, origin, include_source)[0]
 
 
 class EmbeddingTableScaffolder(dg.Scaffolder):
@@ -81,8 +83,9 @@ class EmbeddingTableScaffolder(dg.Scaffolder):
 @dg.scaffold_with(EmbeddingTableScaffolder)
 class EmbeddingTable(dg.Component):
     """A PostgreSQL table whose rows are kept embedded in a pgvector store: a source asset, an
-    embeddings asset partitioned by key-hash bucket, six checks, a change sensor and schedules
-    for the reconcile sweep, retries and index upkeep."""
+    embeddings asset partitioned by key-hash bucket, six checks, schedules for the reconcile
+    sweep, retries and index upkeep, and the jobs its change runs and its continuous run use. The
+    code location's one tables sensor (orchestration/definitions.py) starts those runs."""
 
     def __init__(self, spec: TableSpec, origin: str = "<python>", include_source: bool = True) -> None:
         self.spec = spec

@@ -1,6 +1,8 @@
 """The Dagster code location: every declared table (an EmbeddingTable component, see
-orchestration/components.py) with its assets, checks, sensor, schedules and jobs, plus what all
-tables share: the database resource and the sensor that records failed runs.
+orchestration/components.py) with its assets, checks, schedules and jobs, plus what all tables
+share: the database resource, the one tables sensor that starts every table's change runs and
+continuous runs, and the sensor that records failed runs. Both sensors exist once here, however
+many declarations there are.
 
 A declaration that cannot be loaded is shown in the UI as an asset of its own, in the group
 `vectorsync_declaration_errors`, with the error as its description, and the other tables load as
@@ -20,12 +22,12 @@ import dagster as dg
 from assets.declarations import load_declarations_isolated
 from assets.spec import TableSpec
 
-from .components import embedding_table_definitions
+from .components import table_definitions
 from .database import tables_dir
 from .embedding_assets import source_asset_key
 from .names import dagster_name_part
 from .resources import database_resource
-from .sensors import record_run_failures
+from .sensors import SensedTable, record_run_failures, tables_sensor
 
 log = logging.getLogger(__name__)
 ERROR_GROUP = "vectorsync_declaration_errors"
@@ -77,12 +79,15 @@ def build_definitions(directory: Path) -> dg.Definitions:
     specs, errors = load_declarations_isolated(directory)
     failures: list[tuple[Exception, str]] = [(e, e.source) for e in errors]
     parts: list[dg.Definitions] = []
+    sensed: list[SensedTable] = []
     seen_sources: set[dg.AssetKey] = set()
     for spec, origin in specs:
         key = source_asset_key(spec)
         try:
             # Two tables (two models, say) may embed one source table: it is declared once.
-            parts.append(embedding_table_definitions(spec, origin, include_source=key not in seen_sources))
+            part, table = table_definitions(spec, origin, include_source=key not in seen_sources)
+            parts.append(part)
+            sensed.append(table)
             seen_sources.add(key)
         except Exception as exc:  # noqa: BLE001 - any failure of one table stays that table's
             failures.append((exc, origin))
@@ -94,7 +99,7 @@ def build_definitions(directory: Path) -> dg.Definitions:
         log.error(f"{origin}: table not loaded: {error}")
     shared = dg.Definitions(
         assets=[_error_asset(error, origin, directory) for error, origin in failures],
-        sensors=[record_run_failures],
+        sensors=[record_run_failures, *([tables_sensor(sensed)] if sensed else [])],
         resources={"database": database_resource()},
         # Runs execute in their own process already; a second process per step would double the
         # start cost of every change-triggered run.

@@ -459,7 +459,7 @@ def continuous_job(spec: TableSpec, origin: str) -> dg.JobDefinition:
             listener = ChangeListener(database.resolved_url(), spec.name)
 
             # The pid lets an operator (or a benchmark) find the process; the lock above is how
-            # the keeper sensor tells a live run from one whose process was killed.
+            # the tables sensor tells a live run from one whose process was killed.
             context.instance.add_run_tags(context.run_id, {"vectorsync/pid": str(os.getpid())})
             context.log.info(f"{spec.name}: following changes (LISTEN {CHANNEL})")
             try:
@@ -490,8 +490,9 @@ def continuous_job(spec: TableSpec, origin: str) -> dg.JobDefinition:
 
     @dg.job(
         name=f"{spec.name}_continuous",
-        description=f"Continuous mode for {spec.name}: kept running by the {spec.name}_continuous_keeper "
-        "sensor; stop that sensor to stop it for good.",
+        description=f"Continuous mode for {spec.name}: kept running by the vectorsync_tables sensor; "
+        "with `sensor: false` in the declaration (or that sensor stopped, for every table) a run that "
+        "ends is not replaced.",
         tags={"vectorsync/table": spec.name, "vectorsync/trigger": "continuous"},
         executor_def=dg.in_process_executor,
     )

@@ -15,9 +15,15 @@ from .database import vectorsync_home
 
 DAGSTER_DATABASE = "dagster"
 # How often Dagster's monitoring daemon looks at runs, and how long after a run ended its pool
-# slots are freed if it still holds them (its worker was killed before it could free them).
-RUN_MONITORING_POLL_SECONDS = 5
+# slots are freed if it still holds them (its worker was killed before it could free them). Each
+# pass opens 3-4 new connections to PostgreSQL, idle or not: 10 s frees a killed run's slot within
+# about 11 s (Dagster's default pass is every 120 s) at half the idle cost of 5 s.
+RUN_MONITORING_POLL_SECONDS = 10
 FREE_SLOTS_AFTER_RUN_END_SECONDS = 1
+# How long a run waits in the queue at most. A change run also waits for the tables sensor's
+# tick (15 s) and its own start (2-3 s), so this keeps the first change after a quiet spell
+# within the sensor path's freshness targets (p50 15 s, p95 30 s); it costs 3-6 connections a pass.
+DEQUEUE_SECONDS = 5
 PASSWORD_ENV = "PGPASSWORD"
 # A run in one of these is not over: queued, starting, running or stopping.
 IN_FLIGHT = [
@@ -61,12 +67,12 @@ def instance_config(url: str, max_concurrent_runs: int = MAX_CONCURRENT_RUNS, po
         # prepare_instance creates the tables once; every process that loads the instance (each
         # sensor evaluation builds one) would otherwise reflect the schema over 3 new connections.
         "storage": {"postgres": {"postgres_db": db, "should_autocreate_tables": False}},
-        # Runs wait in the queue for at most 2 s. Each pass of the queue opens new connections to
-        # PostgreSQL (Dagster's daemon does not pool them), so a 1 s pass doubled its idle cost.
+        # Runs wait in the queue for at most DEQUEUE_SECONDS. Each pass of the queue opens 3-6 new
+        # connections to PostgreSQL (Dagster's daemon does not pool them), idle or not.
         "run_coordinator": {
             "module": "dagster.core.run_coordinator",
             "class": "QueuedRunCoordinator",
-            "config": {"dequeue_interval_seconds": 2},
+            "config": {"dequeue_interval_seconds": DEQUEUE_SECONDS},
         },
         # Dagster's default run launcher: each run worker is a process of the code server, which
         # notices within a second when one dies (an OOM kill, a SIGKILL) and fails its run.
@@ -86,9 +92,12 @@ def instance_config(url: str, max_concurrent_runs: int = MAX_CONCURRENT_RUNS, po
             "poll_interval_seconds": RUN_MONITORING_POLL_SECONDS,
             "free_slots_after_run_end_seconds": FREE_SLOTS_AFTER_RUN_END_SECONDS,
         },
-        # vectorsync's assets use no declarative automation; the asset daemon would still tick
-        # (and open connections) every few seconds. Turn it back on for assets of your own that use it.
-        "auto_materialize": {"enabled": False},
+        # vectorsync's assets use no declarative automation and no freshness policy (its freshness
+        # signal is the backlog_age check), yet the asset and freshness daemons would still tick
+        # and open connections every few seconds, `enabled: false` alone leaving the asset daemon
+        # on for automation sensors. Turn them back on for assets of your own that use them.
+        "auto_materialize": {"enabled": False, "use_sensors": False},
+        "freshness": {"enabled": False},
         "telemetry": {"enabled": False},
     }
 

@@ -20,8 +20,14 @@ _pools: dict[str, ConnectionPool] = {}
 _pools_lock = threading.Lock()
 
 
+# One tick of the tables sensor looks at every table in turn: a change log locked by a long
+# statement (an ALTER, a TRUNCATE) fails that table's part of the tick instead of holding up all.
+SENSOR_LOCK_TIMEOUT = "5s"
+
+
 def _configure(conn: psycopg.Connection) -> None:
     conn.execute("SET application_name = 'vectorsync sensors'")
+    conn.execute(f"SET lock_timeout = '{SENSOR_LOCK_TIMEOUT}'")
 
 
 def _pool(url: str) -> ConnectionPool:

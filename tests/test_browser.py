@@ -280,7 +280,7 @@ def test_automation_page_lists_the_change_sensor(browser: Chromium, demo: tuple[
     _, log = demo
     link = re.search(r"(http://\S+/automation)\b", log.read_text())
     assert link, "the demo does not print where the sensor is"
-    _show(browser, link.group(1), ["python_docs_changes"], "automation")
+    _show(browser, link.group(1), ["vectorsync_tables"], "automation")
 
 
 def test_ctrl_c_of_the_serving_demo_stops_everything_it_started(tmp_path: Path) -> None:

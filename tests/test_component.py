@@ -74,7 +74,8 @@ def test_dg_lists_scaffolds_checks_and_lists_the_tables(project: Path, conn: psy
     listed = dg_in(project, "list", "defs", "--json", db_url=db_url)
     assert listed.returncode == 0, listed.stderr
     for name in ("embeddings/notes", f"postgres/{schema}/notes", "notes_changes", "notes_reconcile",
-                 "notes_retry_failures", "notes_index_upkeep", "notes_vector_index", "coverage"):
+                 "notes_retry_failures", "notes_index_upkeep", "notes_vector_index", "coverage",
+                 "vectorsync_tables", "vectorsync_run_failures"):
         assert name in listed.stdout, name
 
 
@@ -125,8 +126,12 @@ def test_any_postgresql_identifier_loads_and_one_bad_table_never_takes_the_other
     keys = {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()}
     for i in range(len(HOSTILE)):
         assert f"embeddings/hostile_{i}" in keys
-        assert repo.has_sensor_def(f"hostile_{i}_changes")
+        assert repo.has_job(f"hostile_{i}_changes")
         assert repo.has_schedule_def(f"hostile_{i}_reconcile")
+    # One tables sensor for every declaration file, starting each table's change runs.
+    assert sorted(s.name for s in repo.sensor_defs) == ["vectorsync_run_failures", "vectorsync_tables"]
+    targets = {t.job_name for t in repo.get_sensor_def("vectorsync_tables").targets}
+    assert targets == {f"hostile_{i}_changes" for i in range(len(HOSTILE))}
     sources = [k for k in repo.asset_graph.get_all_asset_keys() if k.path[0] == "postgres"]
     assert len(sources) == len(HOSTILE), sources  # every identifier its own key: no collisions
     assert all(part.replace("_", "").isalnum() and part.isascii() for k in sources for part in k.path)

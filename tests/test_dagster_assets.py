@@ -24,7 +24,7 @@ from assets.install import install
 from assets.spec import parse_spec
 from orchestration.instance import prepare_instance
 from orchestration.resources import VectorsyncDatabase
-from orchestration.sensors import changes_sensor
+from orchestration.sensors import SensedTable, changes_job, tables_sensor
 
 from conftest import requested_buckets, unique
 
@@ -105,7 +105,7 @@ def test_checks_report_coverage(instance, declared, db_url: str) -> None:
 
 def test_change_sensor_requests_only_buckets_with_new_changes(instance, declared, db_url: str, conn) -> None:
     spec = declared
-    sensor = changes_sensor(spec)
+    sensor = tables_sensor([SensedTable(spec, changes_job(spec))])
     defs = dg.Definitions(
         assets=[source_asset_spec(spec), embeddings_asset(spec, "test.yaml")], sensors=[sensor],
         resources={"database": VectorsyncDatabase(url=db_url)},

@@ -225,7 +225,8 @@ def test_the_production_pages_helm_values_match_the_instance_the_code_writes() -
     assert monitoring["cancelTimeoutSeconds"] == mine["cancel_timeout_seconds"]
     queued = values["dagsterDaemon"]["runCoordinator"]
     assert queued["type"] == "QueuedRunCoordinator"
-    assert queued["config"]["queuedRunCoordinator"]["dequeueIntervalSeconds"] == 1
+    assert (queued["config"]["queuedRunCoordinator"]["dequeueIntervalSeconds"]
+            == written["run_coordinator"]["config"]["dequeue_interval_seconds"])
     assert values["concurrency"]["enabled"] is True
     assert values["concurrency"]["pools"]["defaultLimit"] == written["concurrency"]["pools"]["default_limit"]
     assert values["concurrency"]["runs"]["maxConcurrentRuns"] == written["concurrency"]["runs"]["max_concurrent_runs"]

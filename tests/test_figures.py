@@ -18,7 +18,7 @@ from orchestration.embedding_assets import embeddings_asset, embeddings_asset_ke
 from orchestration.instance import prepare_instance
 from orchestration.names import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
 from orchestration.resources import VectorsyncDatabase
-from orchestration.sensors import changes_sensor
+from orchestration.sensors import SensedTable, changes_job, tables_sensor
 
 from conftest import unique
 
@@ -175,7 +175,7 @@ def test_a_run_that_would_pass_the_daily_budget_stops_and_leaves_the_rest_in_the
     resources = {"database": VectorsyncDatabase(url=db_url)}
 
     def tick(declared):
-        sensor = changes_sensor(declared)
+        sensor = tables_sensor([SensedTable(declared, changes_job(declared))])
         defs = dg.Definitions(assets=[source_asset_spec(declared), embeddings_asset(declared, "test.yaml")],
                               sensors=[sensor], resources=resources)
         with dg.build_sensor_context(instance=instance, definitions=defs, resources=resources) as context:
@@ -213,7 +213,7 @@ def test_the_change_sensor_fails_backlog_age_once_the_backlog_is_older_than_its_
     instance, db_url: str, conn
 ) -> None:
     spec = declare(conn, rows=3, max_backlog_seconds=1)
-    sensor = changes_sensor(spec)
+    sensor = tables_sensor([SensedTable(spec, changes_job(spec))])
     resources = {"database": VectorsyncDatabase(url=db_url)}
     defs = dg.Definitions(assets=[source_asset_spec(spec), embeddings_asset(spec, "test.yaml")], sensors=[sensor],
                           resources=resources)

@@ -304,7 +304,7 @@ def test_dagster_yaml_never_holds_the_database_password(tmp_path, monkeypatch) -
 def test_continuous_keeper_waits_longer_after_each_failure_in_a_row(instance) -> None:
     """A continuous run that fails is replaced at once, one that keeps failing ever more slowly, and
     a run that ends well (or is canceled) starts the count again."""
-    from orchestration.sensors import _restart_wait, continuous_restart_delay
+    from orchestration.keeper import _restart_wait, continuous_restart_delay
 
     broken = {"now": True}
 
@@ -336,7 +336,7 @@ def test_continuous_keeper_waits_longer_after_each_failure_in_a_row(instance) ->
 
 
 def test_a_continuous_run_is_replaced_only_when_code_or_declarations_changed(tmp_path) -> None:
-    from orchestration.sensors import code_fingerprint
+    from orchestration.keeper import code_fingerprint
 
     declaration = tmp_path / "notes.yaml"
     declaration.write_text("name: notes\nsource: public.notes\ncolumns: [body]\n")
@@ -344,3 +344,63 @@ def test_a_continuous_run_is_replaced_only_when_code_or_declarations_changed(tmp
     assert code_fingerprint(declarations=tmp_path) == first  # a reload with nothing changed
     declaration.write_text("name: notes\nsource: public.notes\ncolumns: [body, title]\n")
     assert code_fingerprint(declarations=tmp_path) != first
+
+
+def test_one_tables_sensor_gives_each_table_its_own_runs_tags_and_reasons(instance, conn, db_url: str) -> None:
+    """The code location has one tables sensor however many tables it declares: one tick asks for
+    each table's own runs (its job, its tags, its buckets), starts a continuous table's run, skips a
+    table declared with `sensor: false`, and says why for each table, one table's failure included."""
+    from conftest import requested_buckets as buckets_of
+    from orchestration.sensors import SensedTable, changes_job, tables_sensor
+    from orchestration.embedding_assets import continuous_job
+
+    changed, _ = declare(conn, rows=12)
+    left_out, _ = declare(conn, rows=12, sensor=False)
+    continuous, _ = declare(conn, rows=3, continuous=True)
+    broken, _ = declare(conn, rows=3)
+    # A change log locked by a long statement elsewhere: that table's part of the tick fails after
+    # the sensor's lock timeout, the others' do not wait for it.
+    locker = psycopg.connect(db_url)
+    locker.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(
+        sql.Identifier("vectorsync", broken.queue_name)))
+    uninstalled = parse_spec({"name": unique("orc"), "source": "public.nowhere", "columns": ["body"]}, "test.yaml")
+    tables = [SensedTable(changed, changes_job(changed)), SensedTable(left_out, changes_job(left_out)),
+              SensedTable(continuous, changes_job(continuous), continuous_job(continuous, "test.yaml")),
+              SensedTable(broken, changes_job(broken)), SensedTable(uninstalled, changes_job(uninstalled))]
+    sensor = tables_sensor(tables)
+    resources = {"database": VectorsyncDatabase(url=db_url)}
+    defs = dg.Definitions(assets=[a for t in tables for a in (source_asset_spec(t.spec), embeddings_asset(t.spec, "test.yaml"))],
+                          sensors=[sensor], resources=resources)
+
+    def tick(cursor=None):
+        with dg.build_sensor_context(instance=instance, definitions=defs, cursor=cursor, resources=resources) as context:
+            return sensor(context)
+
+    started_at = time.monotonic()
+    first = tick()
+    assert time.monotonic() - started_at < 30
+    by_table: dict[str, list[dg.RunRequest]] = {}
+    for request in first.run_requests:
+        by_table.setdefault(request.tags["vectorsync/table"], []).append(request)
+    assert set(by_table) == {changed.name, continuous.name}
+    pending = {b for (b,) in conn.execute(sql.SQL("SELECT DISTINCT bucket FROM {}").format(
+        sql.Identifier("vectorsync", changed.queue_name)))}
+    assert set().union(*(buckets_of(r) for r in by_table[changed.name])) == pending
+    assert all(r.job_name == f"{changed.name}_changes" and r.tags["vectorsync/trigger"] == "changes"
+               for r in by_table[changed.name])
+    # The continuous table's fresh changes are its run's to drain: it gets that run, no change run.
+    [started] = by_table[continuous.name]
+    assert started.job_name == f"{continuous.name}_continuous" and started.tags["vectorsync/trigger"] == "continuous"
+
+    # The next tick: the sensor-path table's buckets were asked for, and every table says why no run.
+    again = tables_sensor([t for t in tables if t.spec is not continuous])
+    with dg.build_sensor_context(instance=instance, definitions=defs, cursor=first.cursor,
+                                 resources=resources) as context:
+        quiet = again(context)
+    assert quiet.run_requests == []
+    reason = quiet.skip_reason.skip_message
+    assert f"{changed.name}: every bucket with changes has a run" in reason
+    assert f"{left_out.name}: left out (`sensor: false`" in reason
+    assert f"{uninstalled.name}: not installed" in reason
+    assert f"{broken.name}: failed: LockNotAvailable" in reason
+    locker.close()
