@@ -473,10 +473,15 @@ def continuous_job(spec: TableSpec, origin: str) -> dg.JobDefinition:
                         ledger.settle(worked)
                         reporter.add(worked)
 
+                    switched = _VersionWatch(report_conn, spec.name, table.spec.version)
                     outcome, reason = "failed", None
                     try:
-                        follow_changes(engine, listener, add, should_stop=lambda: metered.exhausted,
+                        follow_changes(engine, listener, add, should_stop=lambda: metered.exhausted or switched(),
                                        on_idle=reporter.flush)
+                        if switched.changed:
+                            context.log.info(f"{spec.name}: model version {table.spec.version} is no longer the "
+                                             "active one (a promotion or rollback): this run ends, and the tables "
+                                             "sensor starts one on the active version")
                         outcome = "succeeded"
                     except BudgetExceeded as exc:
                         outcome, reason = "over_budget", str(exc)
@@ -500,6 +505,30 @@ def continuous_job(spec: TableSpec, origin: str) -> dg.JobDefinition:
         follow()
 
     return _job
+
+
+class _VersionWatch:
+    """Whether the table's active model version is still the one a continuous run follows: a
+    promotion or rollback ends the run (the tables sensor starts one on the new active version), so
+    no one has to restart it by hand. Asked on every loop turn, it reads the registry at most every
+    CHECK_SECONDS."""
+
+    CHECK_SECONDS = 5.0
+
+    def __init__(self, conn: psycopg.Connection, name: str, version: int) -> None:
+        self.conn, self.name, self.version = conn, name, version
+        self.changed = False
+        self._next = time.monotonic() + self.CHECK_SECONDS
+
+    def __call__(self) -> bool:
+        if self.changed or time.monotonic() < self._next:
+            return self.changed
+        self._next = time.monotonic() + self.CHECK_SECONDS
+        if versions.installed(self.conn):
+            found = self.conn.execute("SELECT version FROM vectorsync.embedding_tables WHERE name = %s",
+                                      (self.name,)).fetchone()
+            self.changed = found is not None and found[0] != self.version
+        return self.changed
 
 
 def _continuous_metadata(

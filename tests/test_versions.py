@@ -482,3 +482,37 @@ def test_golden_queries_gate_promotion_and_install_prices_the_fill(
         quality = live_quality(conn, resolve(conn, new, str(folder / "defs.yaml")))
         active, previous = quality.by_state["active"][1], quality.by_state["previous"][1]
         assert previous.recall_at_k >= 0.75 and previous.mrr_at_10 > active.mrr_at_10
+
+
+def test_a_continuous_run_ends_when_its_version_stops_being_active(conn: psycopg.Connection, db_url: str) -> None:
+    """Continuous mode follows the active version; a promotion ends its run (the tables sensor then
+    starts one on the new active version), so no one restarts it by hand."""
+    import dagster as dg
+
+    from orchestration.embedding_assets import continuous_job
+    from orchestration.resources import VectorsyncDatabase
+
+    with OpenAIServer(dimensions=8) as server:
+        source = make_source(conn, 12)
+        name = unique("cont")
+        old_spec = declare(source, name, continuous=True)
+        sync_all(conn, installed(conn, old_spec))
+        done: list[bool] = []
+
+        def follow() -> None:
+            with dg.DagsterInstance.ephemeral() as instance:
+                result = continuous_job(old_spec, "test").execute_in_process(
+                    instance=instance, resources={"database": VectorsyncDatabase(url=db_url)}, raise_on_error=False)
+                done.append(result.success)
+
+        runner = threading.Thread(target=follow, daemon=True)
+        runner.start()
+        time.sleep(1.0)
+        assert runner.is_alive()  # following changes
+        new = installed(conn, declare(source, name, continuous=True, provider=openai(server, "embed", 8)))
+        sync_all(conn, new)
+        promote(conn, new)
+        started = time.monotonic()
+        runner.join(timeout=60)
+        assert not runner.is_alive() and done == [True]
+        assert time.monotonic() - started < 30
