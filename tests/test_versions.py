@@ -30,8 +30,8 @@ from assets.search import Fusion, hybrid_search, run_search, search
 from assets.spec import TableSpec, parse_spec
 from orchestration.cli import main
 from orchestration.database import connect
-from tests.conftest import unique
-from tests.openai_server import OpenAIServer
+from conftest import unique
+from openai_server import OpenAIServer
 
 PROJECT = Path(__file__).resolve().parent.parent
 WORDS = "vector index search model table row chunk query store promote rollback version".split()
