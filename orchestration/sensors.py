@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 import dagster as dg
+import psycopg
 from psycopg import sql
 
 from orchestration.embedding_assets import bucket_partition_key, embeddings_asset_key, source_asset_key
@@ -35,6 +36,9 @@ TABLES_SENSOR_SECONDS = 15
 # A bucket whose changes are still pending this long after its last request, with no run covering
 # it, is asked for again: the earlier run failed or was killed before it cleared them.
 REREQUEST_AFTER_SECONDS = 60.0
+# A bucket whose only pending entry is a sweep parked for its batch (assets/batch_fill.py) needs a
+# run only to poll the batch, which takes minutes to a day: one every 5 minutes, not every minute.
+BATCH_POLL_SECONDS = 300.0
 # A change-triggered run keeps draining new changes in its buckets until they pause this long.
 LINGER_SECONDS = 20.0
 # A change run in flight longer than this no longer counts as covering its buckets: its process
@@ -181,7 +185,7 @@ def _table_changes(
         registered = None
         if conn.execute("SELECT to_regclass('vectorsync.embedding_tables')").fetchone()[0] is not None:
             registered = conn.execute(
-                """SELECT queue_table FROM vectorsync.embedding_tables
+                """SELECT queue_table, fingerprint FROM vectorsync.embedding_tables
                    WHERE name = %s AND to_regclass('vectorsync.' || quote_ident(queue_table)) IS NOT NULL""",
                 (spec.name,),
             ).fetchone()
@@ -196,6 +200,7 @@ def _table_changes(
                    FROM {} GROUP BY bucket ORDER BY bucket"""
             ).format(queue)
         ).fetchall()
+        parked = _parked_for_batch(conn, spec.name, registered[1], queue) if pending else set()
         observe = observation_due(cursor)
         source_rows = (estimated_rows(conn, sql.Identifier(spec.source.schema_, spec.source.table))
                        if pending or observe else None)
@@ -212,6 +217,11 @@ def _table_changes(
         # The continuous run drains the log; this only stands in when changes wait longer than
         # it would ever leave them (the run is down, or stopped on purpose).
         pending = [p for p in pending if p[2] > REREQUEST_AFTER_SECONDS]
+    if parked:
+        if now - cursor.get("_batch_poll", [0.0])[0] < BATCH_POLL_SECONDS:
+            pending = [p for p in pending if p[0] not in parked]
+        else:
+            cursor["_batch_poll"] = [now]
     if over_budget:
         return TableTick([], events, over_budget)
     if not pending and not observe:
@@ -237,6 +247,18 @@ def _table_changes(
     if requests:
         return TableTick(requests, events, None)
     return TableTick([], events, NO_NEW_CHANGES if not pending else "every bucket with changes has a run")
+
+
+def _parked_for_batch(conn: psycopg.Connection, name: str, fingerprint: str, queue: sql.Composable) -> set[int]:
+    """Buckets of the active version waiting for a batch not yet collected, with no change by key
+    pending (a change goes the ordinary way at once)."""
+    if conn.execute("SELECT to_regclass('vectorsync.batch_jobs')").fetchone()[0] is None:
+        return set()
+    return {b for (b,) in conn.execute(sql.SQL(
+        """SELECT DISTINCT b FROM vectorsync.batch_jobs j CROSS JOIN LATERAL unnest(j.buckets) AS b
+           WHERE j.table_name = %s AND j.model = %s AND j.state IN ('preparing', 'uploaded', 'submitted')
+             AND NOT EXISTS (SELECT 1 FROM {} q WHERE q.bucket = b AND q.row_keys IS NOT NULL)"""
+    ).format(queue), (name, fingerprint))}
 
 
 def _change_request(

@@ -388,3 +388,53 @@ def test_a_dagster_run_tagged_for_batch_mode_sends_a_batch_and_the_next_run_stor
         metadata = materialization.asset_materialization.metadata
         assert metadata["batch_tokens"].value == job["tokens"]
     assert _embedded_texts(server) == []
+
+
+def test_the_tables_sensor_polls_a_pending_batch_every_few_minutes_not_every_minute(
+    make_batch_table, server: OpenAIServer, db_url: str, tmp_path: Path
+) -> None:
+    """While a batch is pending, its buckets' sweep requests stay in the log: the tables sensor asks
+    for a run to poll it once per BATCH_POLL_SECONDS instead of every minute, and a change by key in
+    such a bucket is still asked for at once."""
+    import json
+    import time
+
+    import dagster as dg
+
+    from orchestration.embedding_assets import embeddings_asset
+    from orchestration.instance import prepare_instance
+    from orchestration.resources import VectorsyncDatabase
+    from orchestration.sensors import BATCH_POLL_SECONDS, SensedTable, changes_job, tables_sensor
+
+    server.batches.hold = True
+    table = make_batch_table(40)
+    assert sum(s.batches_submitted for s in _sync_all(table, full=True, batch=True).values()) == 1
+    spec = table.spec
+    sensor = tables_sensor([SensedTable(spec, changes_job(spec))])
+    resources = {"database": VectorsyncDatabase(url=db_url)}
+    defs = dg.Definitions(assets=[embeddings_asset(spec, "test")], sensors=[sensor], resources=resources)
+    home = prepare_instance(db_url, tmp_path / "dagster_home")
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+
+        def tick(cursor: dict | None) -> dg.SensorResult:
+            with dg.build_sensor_context(instance=instance, definitions=defs, resources=resources,
+                                         cursor=None if cursor is None else json.dumps(cursor)) as context:
+                return sensor(context)
+
+        def a_minute_later(cursor: str) -> dict:
+            # As if every bucket had been asked for over a minute ago (when an ordinary change is
+            # asked for again).
+            state = json.loads(cursor)
+            state[spec.name] = {k: [v[0], v[1] - 61] if k.isdigit() else v for k, v in state[spec.name].items()}
+            return state
+
+        first = tick(None)
+        assert first.run_requests  # one run polls the batch
+        assert tick(a_minute_later(first.cursor)).run_requests == []  # polled just now: no run
+        later = a_minute_later(first.cursor)
+        later[spec.name]["_batch_poll"] = [time.time() - BATCH_POLL_SECONDS - 1]
+        polled = tick(later)
+        assert polled.run_requests  # a poll is due again
+        table.conn.execute(sql.SQL("UPDATE {} SET body = body || ' changed' WHERE id = 1").format(table.table.source))
+        changed = tick(a_minute_later(polled.cursor))
+        assert changed.run_requests  # a change by key is not held back by the pending batch
