@@ -20,7 +20,8 @@ from pydantic import BaseModel
 from assets.spec import TableSpec
 
 from .checks import embeddings_checks
-from .embedding_assets import continuous_job, embeddings_asset, source_asset_spec
+from .continuous_job import continuous_job
+from .embedding_assets import embeddings_asset, source_asset_spec
 from .schedules import index_upkeep_job, index_upkeep_schedule, reconcile_schedule, retry_schedule
 from .sensors import SensedTable, changes_job
 from .quality import search_quality_asset

@@ -14,7 +14,7 @@ from assets.spec import TableSpec
 from assets.usage import budget_reached
 
 from .database import PROJECT_DIR, tables_dir
-from .embedding_assets import continuous_lock_held
+from .continuous_job import continuous_lock_held
 from .instance import IN_FLIGHT
 from .resources import VectorsyncDatabase
 

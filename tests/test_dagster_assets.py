@@ -177,7 +177,7 @@ def test_continuous_reporter_keeps_no_event_once_it_is_written(instance) -> None
     """The continuous run's op never returns, so the events it logs must not pile up in its
     context: each is in the event log as soon as it is written, and nowhere else."""
     from assets.engine import SyncStats
-    from orchestration.embedding_assets import _BatchReporter
+    from orchestration.continuous_job import _BatchReporter
 
     key = dg.AssetKey(["embeddings", unique("reporter")])
     retained: list[bool] = []

@@ -271,7 +271,7 @@ def test_vectorsync_sync_shows_progress_and_records_its_run(tmp_path, db_url: st
 
 def test_a_continuous_run_stops_at_the_budget_and_its_keeper_starts_no_other(instance, db_url: str, conn) -> None:
     from assets.usage import budget_reached
-    from orchestration.embedding_assets import continuous_job
+    from orchestration.continuous_job import continuous_job
 
     # $10 a token: the first request (a few tokens) already passes a budget of $1.
     spec = declare(conn, rows=5, continuous=True, provider={"price_per_million_tokens": 10_000_000},

@@ -352,7 +352,7 @@ def test_one_tables_sensor_gives_each_table_its_own_runs_tags_and_reasons(instan
     table declared with `sensor: false`, and says why for each table, one table's failure included."""
     from conftest import requested_buckets as buckets_of
     from orchestration.sensors import SensedTable, changes_job, tables_sensor
-    from orchestration.embedding_assets import continuous_job
+    from orchestration.continuous_job import continuous_job
 
     changed, _ = declare(conn, rows=12)
     left_out, _ = declare(conn, rows=12, sensor=False)

@@ -489,7 +489,7 @@ def test_a_continuous_run_ends_when_its_version_stops_being_active(conn: psycopg
     starts one on the new active version), so no one restarts it by hand."""
     import dagster as dg
 
-    from orchestration.embedding_assets import continuous_job
+    from orchestration.continuous_job import continuous_job
     from orchestration.resources import VectorsyncDatabase
 
     with OpenAIServer(dimensions=8) as server:
