@@ -15,7 +15,7 @@ from psycopg import sql
 
 from .catalog import ResolvedTable
 from .sync_stats import SyncStats
-from .providers.base import EmbeddingProvider, Embeddings, ProviderError
+from .providers.base import DelegatingProvider, EmbeddingProvider, Embeddings, ProviderError
 from .spec import ProviderSpec, TableSpec
 from .status import estimated_rows
 
@@ -97,7 +97,7 @@ class BudgetExceeded(ProviderError):
         return True
 
 
-class MeteredProvider(EmbeddingProvider):
+class MeteredProvider(DelegatingProvider):
     """A provider that counts what every request costs as it returns (from any of the engine's
     threads), and refuses, before it is sent, a request that would take the day's spend past the
     budget. `spent_elsewhere` is the day's spend of other runs (and earlier attempts of this one),
@@ -107,12 +107,7 @@ class MeteredProvider(EmbeddingProvider):
         self, inner: EmbeddingProvider, price_per_million_tokens: float, table: str,
         budget_usd: float | None = None, on_request: Callable[[], None] | None = None,
     ) -> None:
-        self.inner = inner
-        self.dimensions = inner.dimensions
-        self.max_inputs_per_request = inner.max_inputs_per_request
-        self.max_tokens_per_request = inner.max_tokens_per_request
-        self.max_tokens_per_input = inner.max_tokens_per_input
-        self.max_concurrency = inner.max_concurrency
+        super().__init__(inner)
         self.price = price_per_million_tokens
         self.table = table
         self.budget_usd = budget_usd
@@ -128,9 +123,6 @@ class MeteredProvider(EmbeddingProvider):
     @property
     def cost_usd(self) -> float:
         return cost_usd(self.tokens, self.price)
-
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return self.inner.count_tokens(texts)
 
     def embed(self, texts: Sequence[str]) -> Embeddings:
         estimate = 0.0

@@ -22,7 +22,7 @@ import psycopg  # noqa: E402
 from assets.catalog import ResolvedTable, resolve  # noqa: E402
 from assets.engine import EmbeddingEngine, SyncStats  # noqa: E402
 from assets.install import install  # noqa: E402
-from assets.providers.base import EmbeddingProvider, Embeddings  # noqa: E402
+from assets.providers.base import DelegatingProvider, EmbeddingProvider, Embeddings  # noqa: E402
 from assets.spec import TableSpec, parse_spec  # noqa: E402
 from assets.status import change_backlog  # noqa: E402
 from orchestration.database import connect, database_url  # noqa: E402
@@ -49,22 +49,14 @@ def local_provider() -> EmbeddingProvider:
     return provider_for(ProviderSpec())
 
 
-class RecordingProvider(EmbeddingProvider):
+class RecordingProvider(DelegatingProvider):
     """The real local model, recording every input it is asked to embed (and able to run a hook
     during a request, to change rows while their old text is being embedded)."""
 
     def __init__(self, inner: EmbeddingProvider) -> None:
-        self.inner = inner
-        self.dimensions = inner.dimensions
-        self.max_inputs_per_request = inner.max_inputs_per_request
-        self.max_tokens_per_request = inner.max_tokens_per_request
-        self.max_tokens_per_input = inner.max_tokens_per_input
-        self.max_concurrency = inner.max_concurrency
+        super().__init__(inner)
         self.inputs: list[str] = []
         self.during_request = None
-
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return self.inner.count_tokens(texts)
 
     def embed(self, texts: Sequence[str]) -> Embeddings:
         self.inputs.extend(texts)

@@ -59,6 +59,26 @@ class EmbeddingProvider(ABC):
         pass
 
 
+class DelegatingProvider(EmbeddingProvider):
+    """A provider that wraps another (to meter it, to record what it is sent): it takes the inner
+    provider's limits and passes every call through; subclasses override what they observe. Closing
+    it leaves the inner provider open, since the inner one is shared (providers.provider_for)."""
+
+    def __init__(self, inner: EmbeddingProvider) -> None:
+        self.inner = inner
+        self.dimensions = inner.dimensions
+        self.max_inputs_per_request = inner.max_inputs_per_request
+        self.max_tokens_per_request = inner.max_tokens_per_request
+        self.max_tokens_per_input = inner.max_tokens_per_input
+        self.max_concurrency = inner.max_concurrency
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return self.inner.count_tokens(texts)
+
+    def embed(self, texts: Sequence[str]) -> Embeddings:
+        return self.inner.embed(texts)
+
+
 def check_vectors(vectors: np.ndarray, expected_rows: int, dimensions: int) -> np.ndarray:
     """Refuse a response that does not fit the request instead of storing garbage."""
     if vectors.ndim != 2 or vectors.shape[0] != expected_rows:
