@@ -15,7 +15,7 @@ import psycopg
 
 from . import versions
 from .catalog import ResolvedTable
-from .evaluation import Metrics, compare, evaluate, store_search
+from .evaluation import GateResult, Metrics, compare, evaluate, store_search
 from .golden import AnswerCheck, check_answers, golden_from_sql, load_golden
 from .promotion import ActiveAndCandidate, Gate
 from .providers import provider_for
@@ -93,7 +93,17 @@ def quality_gate(answers: AnswerCheck, k: int) -> Gate:
     return gate
 
 
-def gate_for(conn: psycopg.Connection, declared: ResolvedTable) -> Gate | None:
-    """The table's promotion gate: its golden queries' quality gate, or None without any."""
-    answers = golden_answers(conn, declared)
-    return None if answers is None else quality_gate(answers, declared.spec.versions.golden_k)
+def gate_for(declared: ResolvedTable) -> Gate | None:
+    """The table's promotion gate: its golden queries' quality gate, or None without any. The
+    golden set is read when the gate is asked, not here: runs that find no candidate to promote
+    (most of them) read nothing."""
+    spec = declared.spec.versions
+    if spec.golden is None and spec.golden_sql is None:
+        return None
+
+    def gate(pair: ActiveAndCandidate) -> GateResult:
+        answers = golden_answers(pair.conn, declared)
+        assert answers is not None  # golden or golden_sql is declared
+        return quality_gate(answers, spec.golden_k)(pair)
+
+    return gate

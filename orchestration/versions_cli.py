@@ -53,7 +53,7 @@ def cmd_sync(args: argparse.Namespace, find: Finder) -> int:
                   "complete (`vectorsync sync NAME`, a change run, or --wait)")
         if status == 0:
             try:
-                switched = maybe_auto_promote(conn, declared, gate_for(conn, declared))
+                switched = maybe_auto_promote(conn, declared, gate_for(declared))
             except PromotionRefused as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 2
@@ -189,7 +189,7 @@ _HEADER = ("version", "state", "fingerprint", "rows covered", "size", "drop afte
 
 def cmd_promote(args: argparse.Namespace, find: Finder) -> int:
     def gated(conn: psycopg.Connection, declared: ResolvedTable) -> Switch:
-        return promote(conn, declared, None if args.skip_quality_gate else gate_for(conn, declared))
+        return promote(conn, declared, None if args.skip_quality_gate else gate_for(declared))
 
     return _switch(args, find, gated, "promoted")
 

@@ -64,7 +64,7 @@ def auto_promote(context: dg.AssetExecutionContext | dg.OpExecutionContext, conn
                  declared: ResolvedTable) -> Switch | None:
     """`versions.promote: auto`: a run that finds the candidate complete promotes it."""
     try:
-        switched = maybe_auto_promote(conn, declared, gate_for(conn, declared))
+        switched = maybe_auto_promote(conn, declared, gate_for(declared))
     except (PromotionRefused, GoldenError) as exc:
         context.log.warning(str(exc))
         return None
@@ -88,7 +88,7 @@ def promote_job(spec: TableSpec, origin: str) -> dg.JobDefinition:
         with database.connect() as conn:
             try:
                 declared = resolve(conn, spec, origin)
-                switched = promote(conn, declared, gate_for(conn, declared))
+                switched = promote(conn, declared, gate_for(declared))
             except (PromotionRefused, GoldenError) as exc:
                 raise dg.Failure(description=str(exc)) from None
         context.log.info(f"{spec.name}: version {switched.active} is active, version {switched.previous} was"
