@@ -78,11 +78,12 @@ def drain_pending(
     holds: that run drains them, or the next pass comes back. Returns the stats of each bucket
     that was worked."""
     worked: dict[int, SyncStats] = {}
+    engine.drain_wal()
     for bucket in pending_buckets(engine.conn, engine.table, buckets):
         if should_stop():
             break
         try:
-            stats = engine.sync_bucket(bucket, full=False, should_stop=should_stop)
+            stats = engine.sync_bucket(bucket, full=False, should_stop=should_stop, drain_wal=False)
         except BucketBusy:
             continue
         if stats.rows_seen or stats.changes_cleared:  # not emptied by another run meanwhile

@@ -44,6 +44,7 @@ from .source_rows import SourceReader
 from .store import Store
 from .sweep import Sweep
 from .sync_stats import SyncStats
+from .wal_capture import drain_table
 
 # Callers import these from here: the engine is the front door, each has its own owner.
 __all__ = ["BucketBusy", "EmbeddingEngine", "RetryPolicy", "SyncStats", "retry_policy"]
@@ -95,14 +96,20 @@ class EmbeddingEngine:
         self.pipeline.on_page = callback
 
     def sync_bucket(
-        self, bucket: int, full: bool = False, should_stop: Callable[[], bool] = lambda: False
+        self, bucket: int, full: bool = False, should_stop: Callable[[], bool] = lambda: False,
+        drain_wal: bool = True,
     ) -> SyncStats:
         """Make bucket `bucket` current: drain its change log, and sweep it if `full` or asked to."""
-        return self.sync_buckets([bucket], full=full, should_stop=should_stop)[bucket]
+        return self.sync_buckets([bucket], full=full, should_stop=should_stop, drain_wal=drain_wal)[bucket]
+
+    def drain_wal(self) -> None:
+        """Log what the table's replication slot decoded so far (`capture: logical`; nothing for
+        a table whose triggers capture), so this run sees every change committed before it."""
+        drain_table(self.conn, self.table)
 
     def sync_buckets(
         self, buckets: Iterable[int], full: bool = False, should_stop: Callable[[], bool] = lambda: False,
-        batch: bool | None = None, batch_wait_seconds: float = 0.0,
+        batch: bool | None = None, batch_wait_seconds: float = 0.0, drain_wal: bool = True,
     ) -> dict[int, SyncStats]:
         """Make several buckets current, one bucket at a time (each locked only while it is worked
         on, a busy one done last), with the provider kept busy across bucket boundaries. Raises
@@ -113,7 +120,7 @@ class EmbeddingEngine:
         Row and chunk counts are exact per bucket; a request's tokens and seconds are shared out
         by the tokens each bucket sent in it, its count goes to the bucket of its first text, and
         `seconds` is the call's time shared out evenly, so the per-bucket figures add up to the
-        call's totals."""
+        call's totals. `drain_wal=False`: the caller has just called drain_wal itself."""
         wanted = sorted(set(buckets))
         for bucket in wanted:
             if not 0 <= bucket < self.spec.buckets:
@@ -125,6 +132,8 @@ class EmbeddingEngine:
         # Again on every call: the caller may have changed its session's time zone in between.
         use_key_text_settings(self.conn)
         try:
+            if drain_wal:
+                self.drain_wal()
             parked = self._batch_phase(wanted, full, stats, should_stop, batch, batch_wait_seconds)
             self._work_on(wanted, full, stats, should_stop, parked)
         except psycopg.OperationalError as exc:

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from . import versions
+from . import versions, wal_capture
 from .catalog import ResolvedTable, resolve, use_key_text_settings
 from .index import index_definition
+from .names import slot_name
 from .spec import SpecError, TableSpec
 from .table_ddl import (
     SQL_DIR, as_version, buckets_stale, create_version_objects, drop_index_of_another_distance, drop_version,
@@ -41,6 +42,9 @@ def install(
     the catalog before any DDL runs; everything happens in one transaction."""
     with conn.transaction():
         resolved = [resolve(conn, spec, origin) for spec, origin in specs]
+        for table in resolved:
+            if table.spec.capture == "logical":
+                wal_capture.check_ready(conn, table)
         use_key_text_settings(conn, local=True)  # rebucketing hashes key texts
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (INSTALL_LOCK,))
         conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
@@ -55,6 +59,11 @@ def install(
             conn.execute(path.read_text())
         notes: dict[str, list[str]] = {t.spec.name: [] for t in resolved}
         swept = [t.spec.name for t in resolved if install_table(conn, t, notes[t.spec.name])]
+        for table in resolved:
+            if table.spec.capture == "logical":
+                wal_capture.create_publication(conn, table)
+    for table in resolved:
+        _switch_capture(conn, table, notes[table.spec.name])
     return InstallReport(applied, [t.spec.name for t in resolved], swept,
                          {name: lines for name, lines in notes.items() if lines})
 
@@ -126,6 +135,30 @@ def install_table(conn: psycopg.Connection, table: ResolvedTable, notes: list[st
                 .format(vt.table.queue, sql.Literal(spec.buckets))
             )
     return bool(swept)
+
+
+def _switch_capture(conn: psycopg.Connection, table: ResolvedTable, notes: list[str]) -> None:
+    """Move a table between capture by triggers and from the WAL, after the install committed,
+    never leaving a moment in which neither captures. To the WAL: the full triggers log until the
+    slot exists (created outside any transaction, as PostgreSQL requires), then are swapped for the
+    wake-only ones. Back to triggers: the install put the full triggers back, so what the slot
+    decoded before that goes to the change logs, then the slot and publication are dropped."""
+    name = table.spec.name
+    if table.spec.capture == "logical":
+        if wal_capture.create_slot(conn, name):
+            notes.append(f"capture: logical: replication slot {slot_name(name)} created; it keeps WAL until "
+                         "drained (by the tables sensor, runs and continuous mode)")
+        with conn.transaction():
+            install_capture(conn, table, from_wal=True)
+    elif wal_capture.slot_state(conn, name) is not None:
+        queues = [vt.table.queue for vt in versions.live_tables(conn, table)]
+        if wal_capture.slot_state(conn, name) == "ok":
+            wal_capture.drain(conn, table, queues)
+        else:
+            with conn.transaction():
+                wal_capture.log_sweep(conn, table, queues)
+        wal_capture.drop_slot_and_publication(conn, name)
+        notes.append(f"capture: triggers again; replication slot {slot_name(name)} drained and dropped")
 
 
 def _register(conn: psycopg.Connection, active: ResolvedTable, declared_is_active: bool) -> None:

@@ -32,6 +32,12 @@ def fits(name: str) -> bool:
     return len(name.encode("utf-8")) <= MAX_IDENTIFIER_BYTES
 
 
+def slot_name(name: str) -> str:
+    """The logical replication slot and the publication of a table with `capture: logical`
+    (a table's name is [a-z][a-z0-9_]{0,39}, so it fits as it is)."""
+    return f"vectorsync_{name}"
+
+
 def table_object_names(name: str, destination: str | None, version: int = 1) -> dict[str, str]:
     """Every object of one declared table, by role. Each is built from the whole, uncut name of
     what it belongs to, then fitted: a cut store name never makes two index names equal.

