@@ -99,6 +99,26 @@ def slot_state(conn: psycopg.Connection, table_name: str) -> str | None:
     return "lost" if found[0] == "lost" else "ok"
 
 
+@dataclass(frozen=True)
+class SlotHealth:
+    slot: str
+    state: str | None  # as slot_state
+    retained_bytes: int  # WAL kept for the slot (from its restart point)
+    undrained_bytes: int  # WAL not yet confirmed drained
+
+
+def slot_health(conn: psycopg.Connection, table_name: str) -> SlotHealth:
+    """What the capture_slot check reports."""
+    found = conn.execute(
+        """SELECT wal_status, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint,
+                  pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint
+           FROM pg_replication_slots WHERE slot_name = %s""", (slot_name(table_name),),
+    ).fetchone()
+    if found is None:
+        return SlotHealth(slot_name(table_name), None, 0, 0)
+    return SlotHealth(slot_name(table_name), "lost" if found[0] == "lost" else "ok", found[1] or 0, found[2] or 0)
+
+
 def create_slot(conn: psycopg.Connection, table_name: str) -> bool:
     """Create the slot if missing (autocommit: PostgreSQL refuses it in a transaction that wrote;
     it waits for transactions in progress to end). Returns whether it was created."""

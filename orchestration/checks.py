@@ -20,7 +20,7 @@ import dagster as dg
 import psycopg
 from psycopg import sql
 
-from assets import versions
+from assets import versions, wal_capture
 from assets.catalog import resolve, use_key_text_settings
 from assets.promotion import coverage as version_coverage
 from assets.spec import TableSpec
@@ -28,6 +28,9 @@ from assets.status import change_backlog
 
 from .embedding_assets import embeddings_asset_key
 from .resources import VectorsyncDatabase
+
+# capture_slot warns past this much WAL kept for the slot (the tables sensor drains it every tick).
+SLOT_RETAINED_WARN_BYTES = 1 << 30
 
 
 
@@ -236,6 +239,21 @@ def embeddings_checks(spec: TableSpec) -> list[dg.AssetChecksDefinition]:
                       "rolled_back": candidate.rolled_back_at is not None},
         )
 
+    if spec.capture == "logical":
+        @check("capture_slot", "capture: logical: the table's replication slot is healthy and keeps "
+               f"less than {SLOT_RETAINED_WARN_BYTES // 2**20} MiB of WAL (a slot nobody drains keeps WAL "
+               "until the disk fills; one PostgreSQL invalidated has lost changes, and the next drain "
+               "recreates it and sweeps every bucket).")
+        def capture_slot(conn: psycopg.Connection) -> dg.AssetCheckResult:
+            health = wal_capture.slot_health(conn, spec.name)
+            return dg.AssetCheckResult(
+                passed=health.state == "ok" and health.retained_bytes < SLOT_RETAINED_WARN_BYTES,
+                severity=dg.AssetCheckSeverity.WARN if health.state == "ok" else dg.AssetCheckSeverity.ERROR,
+                metadata={"slot": health.slot, "state": health.state or "missing",
+                          "retained_wal_bytes": health.retained_bytes,
+                          "undrained_wal_bytes": health.undrained_bytes},
+            )
+
     @dg.multi_asset_check(
         specs=[check_spec for check_spec, _ in declared.values()],
         name=f"{spec.name}_embeddings_checks",
@@ -249,6 +267,9 @@ def embeddings_checks(spec: TableSpec) -> list[dg.AssetChecksDefinition]:
         selected = [n for n in declared if dg.AssetCheckKey(key, n) in context.selected_asset_check_keys]
         with database.connect() as conn:
             installed = _installed(conn, spec)
+            if installed and spec.capture == "logical":
+                # Keys still in the WAL are pending changes too, for coverage and backlog_age.
+                wal_capture.drain_declared(conn, spec)
             for name in selected:
                 yield _evaluate(conn, spec, key, name, declared[name][1], installed)
 

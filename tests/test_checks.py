@@ -31,6 +31,9 @@ from orchestration.versions_dagster import promote_job
 
 from conftest import unique
 
+from assets.names import slot_name
+from assets.wal_capture import drop_slot_and_publication
+
 DIMENSIONS = 8
 POISON = "poison"
 
@@ -427,3 +430,29 @@ def test_coverage_holds_for_a_timestamptz_key_and_a_percent_in_the_schema_name(
     assert checks["coverage"].passed, checks["coverage"].metadata
     assert checks["coverage"].metadata["uncovered_rows"].value == 0
     assert checks["vector_validity"].passed and checks["vector_validity"].metadata["chunks"].value == 2
+
+
+# capture: logical --------------------------------------------------------------------------------
+
+
+def test_logical_capture_counts_keys_still_in_the_wal_and_watches_its_slot(
+    declare: Declare, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = declare(TEXTS, capture="logical")
+    try:
+        assert t.materialize().success
+        # A row written after the run, its key still only in the WAL: pending, so covered.
+        t.conn.execute(sql.SQL("INSERT INTO {} VALUES (100, 'written later')").format(t.source))
+        evaluations = t.checks()
+        assert evaluations["coverage"].passed, evaluations["coverage"].metadata
+        assert evaluations["backlog_age"].metadata["pending_changes"].value == 1
+        slot = evaluations["capture_slot"]
+        assert slot.passed and slot.metadata["state"].value == "ok"
+
+        # A slot keeping more WAL than the limit warns (any WAL at all, with the limit at 0).
+        monkeypatch.setattr("orchestration.checks.SLOT_RETAINED_WARN_BYTES", 0)
+        kept = t.check("capture_slot")
+        assert not kept.passed and kept.severity == dg.AssetCheckSeverity.WARN
+        assert kept.metadata["retained_wal_bytes"].value > 0
+    finally:
+        drop_slot_and_publication(t.conn, t.spec.name)

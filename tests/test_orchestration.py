@@ -404,3 +404,31 @@ def test_one_tables_sensor_gives_each_table_its_own_runs_tags_and_reasons(instan
     assert f"{uninstalled.name}: not installed" in reason
     assert f"{broken.name}: failed: LockNotAvailable" in reason
     locker.close()
+
+
+def test_the_tables_sensor_finds_changes_still_in_the_wal(instance, conn, db_url: str) -> None:
+    """capture: logical: a change whose key is only in the WAL yet gets its bucket's run on the
+    next tick (the tick drains the slot into the change log first)."""
+    from assets.wal_capture import drop_slot_and_publication
+    from conftest import requested_buckets as buckets_of
+    from orchestration.sensors import SensedTable, changes_job, tables_sensor
+
+    spec, source = declare(conn, rows=5, capture="logical")
+    try:
+        assert materialize_all(instance, spec, db_url).success
+        queue = sql.Identifier("vectorsync", spec.queue_name)
+        assert conn.execute(sql.SQL("SELECT count(*) FROM {}").format(queue)).fetchone()[0] == 0
+        conn.execute(sql.SQL("UPDATE {} SET body = 'changed' WHERE id = 3").format(source))
+        assert conn.execute(sql.SQL("SELECT count(*) FROM {}").format(queue)).fetchone()[0] == 0  # in the WAL only
+        sensor = tables_sensor([SensedTable(spec, changes_job(spec))])
+        resources = {"database": VectorsyncDatabase(url=db_url)}
+        defs = dg.Definitions(assets=[source_asset_spec(spec), embeddings_asset(spec, "test.yaml")],
+                              sensors=[sensor], resources=resources)
+        with dg.build_sensor_context(instance=instance, definitions=defs, resources=resources) as context:
+            result = sensor(context)
+        bucket = conn.execute("SELECT vectorsync.bucket_of('[3]'::jsonb, %s)", (spec.buckets,)).fetchone()[0]
+        assert set().union(*(buckets_of(r) for r in result.run_requests)) == {bucket}
+        assert materialize_all(instance, spec, db_url, full_sweep=False).success
+        store_matches_source(conn, spec, source)
+    finally:
+        drop_slot_and_publication(conn, spec.name)
