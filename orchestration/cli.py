@@ -14,7 +14,7 @@ from assets.status import installed_tables, require_installed, table_status
 from assets.usage import Spend, spend_by_table
 
 from . import versions_cli
-from .database import connect, database_url, tables_dir, vectorsync_home
+from .database import connect, database_url, ensure_server_settings, tables_dir, vectorsync_home
 
 DEMO_QUERIES = (
     "how do I open a file",
@@ -39,6 +39,10 @@ def cmd_install(args: argparse.Namespace) -> int:
     from assets.grants import GrantError, grant_run_role
 
     specs = _specs(args)
+    if any(s.capture == "logical" for s, _ in specs):
+        # Decoding the WAL needs wal_level = logical: the embedded server is restarted with it;
+        # a server of DATABASE_URL is its owner's, and install then says what it lacks.
+        ensure_server_settings(database_url(), {"wal_level": "logical"})
     with connect() as conn:
         report = install(conn, specs)
         for role in args.grant or []:
