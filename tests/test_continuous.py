@@ -65,7 +65,17 @@ def docs(make_table, conn: psycopg.Connection) -> Iterator[TableFixture]:
     yield make_table("id int PRIMARY KEY, body text", columns=["body"], buckets=4)
 
 
-def test_follows_insert_update_delete_on_notify(db_url: str, docs: TableFixture, recording, conn) -> None:
+@pytest.fixture
+def wal_docs(make_table, conn: psycopg.Connection) -> Iterator[TableFixture]:
+    yield make_table("id int PRIMARY KEY, body text", columns=["body"], buckets=4, capture="logical")
+
+
+@pytest.mark.parametrize("capture", ["triggers", "logical"])
+def test_follows_insert_update_delete_on_notify(
+    db_url: str, request: pytest.FixtureRequest, recording, conn, capture: str
+) -> None:
+    # capture: logical: the wake-only trigger's NOTIFY, then the keys drained from the WAL.
+    docs = request.getfixturevalue("docs" if capture == "triggers" else "wal_docs")
     source = docs.table.source
     docs.sync(full=True)  # the install's sweep markers: an empty table
     with Follower(db_url, docs, recording) as follower:
