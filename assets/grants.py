@@ -50,9 +50,14 @@ def grant_run_role(conn: psycopg.Connection, tables: list[ResolvedTable], role: 
     statements: list[sql.Composable] = []
     who = sql.Identifier(role)
     with conn.transaction():
-        exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+        exists = conn.execute("SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
         if exists is None:
             raise GrantError(f"role {role!r} does not exist; create it first (CREATE ROLE {role} LOGIN)")
+        logical = [t.spec.name for t in tables if t.spec.capture == "logical"]
+        if logical and not exists[0]:
+            # Reading a replication slot takes the REPLICATION attribute, which no GRANT gives.
+            raise GrantError(f"role {role!r}: table {logical[0]} has capture: logical, and draining its replication "
+                             f"slot needs the REPLICATION attribute: ALTER ROLE {role} REPLICATION (as a superuser)")
         statements += [
             sql.SQL("GRANT USAGE ON SCHEMA vectorsync TO {}").format(who),
             sql.SQL("GRANT SELECT ON vectorsync.embedding_tables, vectorsync.migrations, "

@@ -292,3 +292,26 @@ def test_install_grant_gives_a_role_what_runs_need_and_nothing_more(
         assert all("permission denied" not in str(e.metadata) for e in evaluations)
         stored = conn.execute(sql.SQL("SELECT chunk FROM {} WHERE id = 3").format(table.store)).fetchall()
         assert stored == [("doc 3\nonce more",)]
+
+
+def test_a_run_role_of_a_logical_table_needs_the_replication_attribute(
+    run_role: str, conn: psycopg.Connection, db_url: str, make_table
+) -> None:
+    """Draining a replication slot takes REPLICATION, which no GRANT gives: the grant says so;
+    with it, the role drains the slot into the change log."""
+    from assets.grants import GrantError, grant_run_role
+    from assets.wal_capture import drain_table
+
+    t = make_table("id int PRIMARY KEY, body text", columns=["body"], capture="logical")
+    with pytest.raises(GrantError, match=f"ALTER ROLE {run_role} REPLICATION"):
+        grant_run_role(conn, [t.table], run_role)
+    conn.execute(sql.SQL("ALTER ROLE {} REPLICATION").format(sql.Identifier(run_role)))
+    try:
+        grant_run_role(conn, [t.table], run_role)
+        t.sync()
+        conn.execute(sql.SQL("INSERT INTO {} VALUES (1, 'drained by the run role')").format(t.table.source))
+        with psycopg.connect(database_url_for(db_url, user=run_role), autocommit=True) as as_role:
+            assert drain_table(as_role, t.table) == 1
+        assert t.pending() == 1
+    finally:
+        conn.execute(sql.SQL("ALTER ROLE {} NOREPLICATION").format(sql.Identifier(run_role)))
