@@ -46,7 +46,7 @@ from .providers.base import EmbeddingProvider, ProviderError
 from .store import Store
 from .sweep import Sweep
 from .sync_stats import SyncStats
-from .usage import batch_price_per_million, price_per_million
+from .usage import BudgetExceeded, batch_price_per_million, cost_usd, price_per_million, spent_today
 
 # How often a run that was asked to wait for its batch polls it.
 POLL_SECONDS = 5.0
@@ -285,7 +285,15 @@ class BatchFill:
 
     def _send(self, buckets: list[int], items: list[tuple[bytes, int, int]], file: IO[bytes],
               stats: dict[int, SyncStats]) -> None:
-        """Record the job, its items and the buckets' sweep requests; upload; create the batch."""
+        """Record the job, its items and the buckets' sweep requests; upload; create the batch.
+        A batch that would take the day's spend past the table's budget is not sent: a batch is
+        paid for when it completes, so the batches in flight count as spent already."""
+        budget = self.spec.budget.daily_usd if self.spec.budget else None
+        if budget is not None:
+            estimate = cost_usd(sum(n for *_, n in items), batch_price_per_million(self.spec.provider))
+            spent = spent_today(self.conn, self.spec.name, with_batches_in_flight=True)
+            if estimate > 0 and spent + estimate > budget:
+                raise BudgetExceeded(self.spec.name, spent, estimate, budget)
         with self.conn.transaction():
             job_id = self.conn.execute(
                 """INSERT INTO vectorsync.batch_jobs (table_name, model, buckets, items, price_per_million_tokens,

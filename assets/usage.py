@@ -259,14 +259,7 @@ class RunLedger:
 
     def _spent_elsewhere(self) -> float:
         """Today's (UTC) spend of the table: other runs, and earlier attempts of this run."""
-        if not self.enabled:
-            return 0.0
-        return self.conn.execute(
-            sql.SQL("""SELECT (SELECT coalesce(sum(cost_usd), 0) FROM vectorsync.runs
-                       WHERE table_name = %(name)s AND updated_at >= date_trunc('day', now(), 'UTC'))""")
-            + _batch_spend_since(self.conn, sql.SQL("date_trunc('day', now(), 'UTC')")),
-            {"name": self.spec.name},
-        ).fetchone()[0]
+        return spent_today(self.conn, self.spec.name) if self.enabled else 0.0
 
     def _write(self) -> None:
         if not self.enabled:
@@ -385,6 +378,24 @@ def budget_reached(conn: psycopg.Connection, spec: TableSpec) -> str | None:
         return None
     return (f"table {spec.name}: daily budget of ${spec.budget.daily_usd:.2f} reached (${found[0]:.4f} spent "
             "today, UTC): changes wait in the change log until tomorrow or a higher budget.daily_usd")
+
+
+def spent_today(conn: psycopg.Connection, table_name: str, with_batches_in_flight: bool = False) -> float:
+    """The table's spend today (UTC): its runs, and the batches collected today. With
+    `with_batches_in_flight`, also what the batches sent and not yet collected will cost at the
+    batch price (their tokens were counted when they were sent): money already committed."""
+    in_flight = sql.SQL("")
+    if with_batches_in_flight and conn.execute("SELECT to_regclass('vectorsync.batch_jobs')").fetchone()[0]:
+        in_flight = sql.SQL(
+            """ + (SELECT coalesce(sum(i.tokens * j.price_per_million_tokens / 1e6), 0)
+                   FROM vectorsync.batch_jobs j JOIN vectorsync.batch_items i ON i.job_id = j.id
+                   WHERE j.table_name = %(name)s AND j.state IN ('preparing', 'uploaded', 'submitted'))""")
+    return conn.execute(
+        sql.SQL("""SELECT (SELECT coalesce(sum(cost_usd), 0) FROM vectorsync.runs
+                   WHERE table_name = %(name)s AND updated_at >= date_trunc('day', now(), 'UTC'))""")
+        + _batch_spend_since(conn, sql.SQL("date_trunc('day', now(), 'UTC')")) + in_flight,
+        {"name": table_name},
+    ).fetchone()[0]
 
 
 def _batch_spend_since(conn: psycopg.Connection, since: sql.Composable) -> sql.Composable:

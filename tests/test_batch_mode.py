@@ -438,3 +438,37 @@ def test_the_tables_sensor_polls_a_pending_batch_every_few_minutes_not_every_min
         table.conn.execute(sql.SQL("UPDATE {} SET body = body || ' changed' WHERE id = 1").format(table.table.source))
         changed = tick(a_minute_later(polled.cursor))
         assert changed.run_requests  # a change by key is not held back by the pending batch
+
+
+def test_a_batch_is_not_sent_past_the_daily_budget_counting_batches_in_flight(
+    make_batch_table, server: OpenAIServer
+) -> None:
+    """A batch is paid for when it completes: sending one that would pass the day's budget, with
+    the batches still in flight counted as spent, is refused like an ordinary request would be."""
+    from dataclasses import replace
+
+    from assets.engine import EmbeddingEngine
+    from assets.spec import Budget
+    from assets.usage import BudgetExceeded
+
+    tiny = make_batch_table(60, budget={"daily_usd": 1e-9})
+    with pytest.raises(BudgetExceeded, match=f"table {tiny.spec.name}: daily budget"):
+        _sync_all(tiny, full=True, batch=True)
+    assert server.batches.created() == [] and _jobs(tiny.conn, tiny.spec.name) == []
+    assert tiny.stored() == {} and tiny.pending() > 0  # nothing lost: the sweeps still wait
+
+    table = make_batch_table(60, budget={"daily_usd": 1.0})
+    table.engine.sync_buckets([0, 1], full=True, batch=True)
+    (first,) = _jobs(table.conn, table.spec.name)
+    assert first["state"] == "submitted"
+    first_cost = table.conn.execute("SELECT sum(tokens) FROM vectorsync.batch_items WHERE job_id = %s",
+                                    (first["id"],)).fetchone()[0] * SMALL_PRICE / 2 / 1e6
+    # A budget the first batch alone fits in: the second half of the rows would pass it.
+    tight = table.spec.model_copy(update={"budget": Budget(daily_usd=first_cost * 1.5)})
+    engine = EmbeddingEngine(table.conn, replace(table.table, spec=tight), table.engine.provider)
+    try:
+        with pytest.raises(BudgetExceeded):
+            engine.sync_buckets([2, 3], full=True, batch=True)
+    finally:
+        engine.close()
+    assert len(_jobs(table.conn, table.spec.name)) == 1
