@@ -12,6 +12,7 @@ from assets.declarations import load_declarations
 from assets.spec import SpecError, TableSpec
 from assets.status import installed_tables, require_installed, table_status
 from assets.usage import Spend, spend_by_table
+from assets import wal_capture
 
 from . import versions_cli
 from .database import connect, database_url, ensure_server_settings, tables_dir, vectorsync_home
@@ -78,19 +79,27 @@ def cmd_status(args: argparse.Namespace) -> int:
         header = ("table", "source", "source rows", "embedded", "current", "chunks", "pending",
                   "failed", "dead", "skipped", "tokens 24h", "cost 24h", "tokens 30d", "cost 30d", "batch saved 30d")
         spend = spend_by_table(conn)
-        rows, problems = [], []
+        rows, problems, slots = [], [], []
         for name in names:
             try:
                 s = table_status(conn, name)
             except LookupError as exc:  # one broken table must not hide the others' figures
                 problems.append(str(exc))
                 continue
+            if wal_capture.capture_mode(conn, name) == "logical":
+                # Its pending count is what was drained: keys still in the WAL come on top.
+                slot = wal_capture.slot_health(conn, name)
+                slots.append(f"{name}: capture: logical, slot {slot.slot} {slot.state or 'missing'}, "
+                             f"{slot.undrained_bytes / 2**20:.1f} MiB of WAL not drained yet, "
+                             f"{slot.retained_bytes / 2**20:.1f} MiB kept")
             used = spend.get(name, Spend(0, 0.0, 0, 0.0))
             rows.append((s.name, s.source, s.source_rows, s.rows_embedded, s.rows_current, s.chunks,
                          s.pending_changes, s.failed_rows, s.dead_rows, s.skipped_rows,
                          used.tokens_day, f"${used.cost_day:.4f}", used.tokens_month, f"${used.cost_month:.4f}",
                          f"${used.saved_month:.4f}"))
     _print_table(header, rows)
+    for line in slots:
+        print(line)
     # Reported, not fatal: status is what one runs to find out what is wrong.
     for problem in problems:
         print(f"error: {problem}")

@@ -298,3 +298,16 @@ def test_a_database_crash_under_writes_and_drains_loses_nothing(tmp_path: Path, 
         assert stored == source
     finally:
         server.cleanup()
+
+
+def test_status_says_how_much_wal_a_logical_table_has_not_drained(
+    conn, make_table, db_url, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from orchestration.cli import main as cli_main
+
+    t = make_table(COLUMNS, columns=["body"], capture="logical")
+    conn.execute(sql.SQL("INSERT INTO {} SELECT g, 'row ' || g FROM generate_series(1, 500) g").format(t.table.source))
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    assert cli_main(["status"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith(f"{t.spec.name}: capture: logical"))
+    assert f"slot {slot_name(t.spec.name)} ok" in line and "MiB of WAL not drained yet" in line
