@@ -191,8 +191,10 @@ def drain(conn: psycopg.Connection, table: ResolvedTable, live_queues: Iterable[
                 with conn.transaction():
                     log_sweep(conn, table, queues)
         logged = 0
+        # What was committed when the drain began; later commits are the next drain's, so a drain
+        # ends however fast writers write.
+        bound = conn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()[0]
         while True:
-            bound = conn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()[0]
             with conn.transaction():
                 # The keys' text as the engine prints them: decoding runs the types' output functions
                 # in this session (time zones, float digits).
