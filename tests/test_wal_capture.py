@@ -311,3 +311,30 @@ def test_status_says_how_much_wal_a_logical_table_has_not_drained(
     assert cli_main(["status"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith(f"{t.spec.name}: capture: logical"))
     assert f"slot {slot_name(t.spec.name)} ok" in line and "MiB of WAL not drained yet" in line
+
+
+def test_a_drain_bigger_than_one_peek_takes_several_and_skips_nothing(
+    conn, make_table, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past MAX_CHANGES messages a peek stops after the transaction it is in: the slot advances
+    to that transaction's end and the next peek goes on from there."""
+    t = make_table(COLUMNS, columns=["body"], capture="logical")
+    _settle(t)
+    monkeypatch.setattr(wal_capture, "MAX_CHANGES", 50)
+    for i in range(12):  # 12 transactions of 20 rows: 22 messages each with BEGIN and COMMIT
+        conn.execute(sql.SQL("INSERT INTO {} SELECT g, 'row ' || g FROM generate_series(%s::int, %s::int) g")
+                     .format(t.table.source), (i * 20 + 1, i * 20 + 20))
+    peeks = 0
+    real_peek = wal_capture._peek
+
+    def counted(*args, **kwargs):
+        nonlocal peeks
+        peeks += 1
+        return real_peek(*args, **kwargs)
+
+    monkeypatch.setattr(wal_capture, "_peek", counted)
+    assert wal_capture.drain_table(conn, t.table) == 240
+    assert peeks >= 4
+    assert wal_capture.drain_table(conn, t.table) == 0
+    _settle(t)
+    assert _stored_texts(t) == _source_texts(conn, t)
