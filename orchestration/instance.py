@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
@@ -25,6 +26,12 @@ FREE_SLOTS_AFTER_RUN_END_SECONDS = 1
 # within the sensor path's freshness targets (p50 15 s, p95 30 s); it costs 3-6 connections a pass.
 DEQUEUE_SECONDS = 5
 PASSWORD_ENV = "PGPASSWORD"
+STORAGE_MODULE = "orchestration.dagster_storage"
+STORAGE_CLASSES = {
+    "run_storage": "PooledPostgresRunStorage",
+    "event_log_storage": "PooledPostgresEventLogStorage",
+    "schedule_storage": "PooledPostgresScheduleStorage",
+}
 # A run in one of these is not over: queued, starting, running or stopping.
 IN_FLIGHT = [
     dg.DagsterRunStatus.QUEUED,
@@ -64,9 +71,15 @@ def instance_config(url: str, max_concurrent_runs: int = MAX_CONCURRENT_RUNS, po
     if params:
         db["params"] = params
     return {
+        # dagster-postgres's storages, each process's connections pooled (orchestration/
+        # dagster_storage.py): without it the idle daemon opened ~260 sessions a minute.
         # prepare_instance creates the tables once; every process that loads the instance (each
         # sensor evaluation builds one) would otherwise reflect the schema over 3 new connections.
-        "storage": {"postgres": {"postgres_db": db, "should_autocreate_tables": False}},
+        **{
+            key: {"module": STORAGE_MODULE, "class": name,
+                  "config": {"postgres_db": copy.deepcopy(db), "should_autocreate_tables": False}}
+            for key, name in STORAGE_CLASSES.items()
+        },
         # Runs wait in the queue for at most DEQUEUE_SECONDS. Each pass of the queue opens 3-6 new
         # connections to PostgreSQL (Dagster's daemon does not pool them), idle or not.
         "run_coordinator": {
@@ -133,7 +146,7 @@ def _create_dagster_tables(config: dict) -> None:
     from dagster_postgres import DagsterPostgresStorage
     from dagster_postgres.utils import pg_url_from_config
 
-    db = dict(config["storage"]["postgres"]["postgres_db"])
+    db = dict(config["run_storage"]["config"]["postgres_db"])
     if isinstance(db.get("password"), dict):
         db["password"] = os.environ[PASSWORD_ENV]
     storage = DagsterPostgresStorage(pg_url_from_config({"postgres_db": db}), should_autocreate_tables=True)
