@@ -178,8 +178,9 @@ def test_a_pooled_dagster_connection_that_died_is_replaced(db_url: str, tmp_path
         dead = _backend_of(instance.run_storage.connect())
         with psycopg.connect(db_url, autocommit=True) as conn:
             assert conn.execute("SELECT pg_terminate_backend(%s)", (dead,)).fetchone()[0]
-        assert list(instance.get_runs(limit=1)) == []
-        assert instance.all_instigator_state() == []
+        # Other tests' runs may be in this database: what counts is that the calls answer.
+        assert isinstance(instance.get_runs(limit=1), list)
+        assert isinstance(instance.all_instigator_state(), list)
         assert _backend_of(instance.run_storage.connect()) != dead
 
 
@@ -202,7 +203,7 @@ def test_a_forked_process_opens_its_own_dagster_connections(db_url: str, tmp_pat
         os.close(read)
         assert in_child and in_child != parent
         assert _backend_of(instance.run_storage.connect()) == parent  # the parent's is still open, its own
-        assert list(instance.get_runs(limit=1)) == []
+        assert isinstance(instance.get_runs(limit=1), list)
 
 
 def test_the_webserver_keeps_the_pool_dagster_gives_it(db_url: str, tmp_path: Path) -> None:
