@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
@@ -16,15 +17,22 @@ from .database import vectorsync_home
 DAGSTER_DATABASE = "dagster"
 # How often Dagster's monitoring daemon looks at runs, and how long after a run ended its pool
 # slots are freed if it still holds them (its worker was killed before it could free them). Each
-# pass opens 3-4 new connections to PostgreSQL, idle or not: 10 s frees a killed run's slot within
-# about 11 s (Dagster's default pass is every 120 s) at half the idle cost of 5 s.
+# pass makes 3-4 storage calls, idle or not (3-4 new connections where dagster-postgres's own
+# storage is used, as under Dagster's Helm chart): 10 s frees a killed run's slot within about
+# 11 s (Dagster's default pass is every 120 s) at half the idle cost of 5 s.
 RUN_MONITORING_POLL_SECONDS = 10
 FREE_SLOTS_AFTER_RUN_END_SECONDS = 1
 # How long a run waits in the queue at most. A change run also waits for the tables sensor's
 # tick (15 s) and its own start (2-3 s), so this keeps the first change after a quiet spell
-# within the sensor path's freshness targets (p50 15 s, p95 30 s); it costs 3-6 connections a pass.
+# within the sensor path's freshness targets (p50 15 s, p95 30 s); it costs 3-6 storage calls a pass.
 DEQUEUE_SECONDS = 5
 PASSWORD_ENV = "PGPASSWORD"
+STORAGE_MODULE = "orchestration.dagster_storage"
+STORAGE_CLASSES = {
+    "run_storage": "PooledPostgresRunStorage",
+    "event_log_storage": "PooledPostgresEventLogStorage",
+    "schedule_storage": "PooledPostgresScheduleStorage",
+}
 # A run in one of these is not over: queued, starting, running or stopping.
 IN_FLIGHT = [
     dg.DagsterRunStatus.QUEUED,
@@ -64,11 +72,17 @@ def instance_config(url: str, max_concurrent_runs: int = MAX_CONCURRENT_RUNS, po
     if params:
         db["params"] = params
     return {
+        # dagster-postgres's storages, each process's connections pooled (orchestration/
+        # dagster_storage.py): without it the idle daemon opened ~260 sessions a minute.
         # prepare_instance creates the tables once; every process that loads the instance (each
         # sensor evaluation builds one) would otherwise reflect the schema over 3 new connections.
-        "storage": {"postgres": {"postgres_db": db, "should_autocreate_tables": False}},
-        # Runs wait in the queue for at most DEQUEUE_SECONDS. Each pass of the queue opens 3-6 new
-        # connections to PostgreSQL (Dagster's daemon does not pool them), idle or not.
+        **{
+            key: {"module": STORAGE_MODULE, "class": name,
+                  "config": {"postgres_db": copy.deepcopy(db), "should_autocreate_tables": False}}
+            for key, name in STORAGE_CLASSES.items()
+        },
+        # Runs wait in the queue for at most DEQUEUE_SECONDS. Each pass of the queue makes 3-6
+        # storage calls, idle or not (new connections under dagster-postgres's own storage).
         "run_coordinator": {
             "module": "dagster.core.run_coordinator",
             "class": "QueuedRunCoordinator",
@@ -133,7 +147,7 @@ def _create_dagster_tables(config: dict) -> None:
     from dagster_postgres import DagsterPostgresStorage
     from dagster_postgres.utils import pg_url_from_config
 
-    db = dict(config["storage"]["postgres"]["postgres_db"])
+    db = dict(config["run_storage"]["config"]["postgres_db"])
     if isinstance(db.get("password"), dict):
         db["password"] = os.environ[PASSWORD_ENV]
     storage = DagsterPostgresStorage(pg_url_from_config({"postgres_db": db}), should_autocreate_tables=True)

@@ -3,9 +3,9 @@ which turns every table's change log into runs of the changed buckets and keeps 
 table's long-lived run alive, and the sensor that records every failed run in the control schema.
 
 One sensor for all tables, not one per table: every tick of a sensor costs Dagster's sensor
-daemon about twenty new PostgreSQL connections (its storage does not pool them, dagster-io/dagster
-#20325), whatever the sensor does. A table adds a few queries on one pooled connection to a tick
-instead. Each table still gets runs, run keys, tags, skip reasons and freshness events of its own;
+daemon a dozen or more storage calls and a gRPC round trip, whatever the sensor does (and as many
+new PostgreSQL connections where dagster-postgres's own storage is used: it does not pool them,
+dagster-io/dagster#20325). A table adds a few queries on one pooled connection to a tick instead. Each table still gets runs, run keys, tags, skip reasons and freshness events of its own;
 a table is left out of the sensor with `sensor: false` in its declaration."""
 
 
@@ -348,7 +348,7 @@ def _error_chain(error) -> str:
     name="vectorsync_run_failures",
     monitor_all_code_locations=False,
     # Dagster's default is 30 s; a failure report can wait a minute, and every tick costs the
-    # daemon its twenty connections.
+    # daemon a dozen storage calls.
     minimum_interval_seconds=RUN_FAILURES_SENSOR_SECONDS,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Records every failed run in vectorsync.run_failures, so the SQL view "

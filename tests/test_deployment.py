@@ -22,9 +22,12 @@ import psycopg
 import pytest
 import yaml
 from psycopg.conninfo import make_conninfo
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
+from orchestration.dagster_storage import POOL_SIZE
 from orchestration.instance import (
+    DAGSTER_DATABASE,
     FREE_SLOTS_AFTER_RUN_END_SECONDS,
     PASSWORD_ENV,
     RUN_MONITORING_POLL_SECONDS,
@@ -78,8 +81,10 @@ def _settings_are_vectorsyncs(instance: dg.DagsterInstance) -> None:
     # Runs go through Dagster's default launcher (no run_launcher key is written).
     assert type(instance.run_launcher).__name__ == "DefaultRunLauncher"
     assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
-    assert type(instance.run_storage).__name__ == "PostgresRunStorage"
-    assert type(instance.event_log_storage).__name__ == "PostgresEventLogStorage"
+    # dagster-postgres's storages, on pooled connections (orchestration/dagster_storage.py).
+    assert type(instance.run_storage).__name__ == "PooledPostgresRunStorage"
+    assert type(instance.event_log_storage).__name__ == "PooledPostgresEventLogStorage"
+    assert type(instance.schedule_storage).__name__ == "PooledPostgresScheduleStorage"
     monitoring = instance.run_monitoring_settings
     assert monitoring["enabled"] is True
     # A killed run worker's pool slots are freed within seconds, not Dagster's default 2 minutes.
@@ -99,7 +104,7 @@ def test_the_dagster_yaml_for_an_external_server_loads_and_takes_its_password_fr
     assert PASSWORD not in text and "s3cret" not in text
     config = yaml.safe_load(text)
     assert "run_launcher" not in config
-    db = config["storage"]["postgres"]["postgres_db"]
+    db = config["run_storage"]["config"]["postgres_db"]
     assert db["password"] == {"env": PASSWORD_ENV}
     assert (db["hostname"], db["port"], db["scheme"]) == ("127.0.0.1", urlparse(password_server).port,
                                                          "postgresql+psycopg2")
@@ -126,7 +131,7 @@ def test_the_dagster_yaml_for_the_embedded_server_reaches_it_over_its_unix_socke
 ) -> None:
     home = prepare_instance(db_url, tmp_path / "dagster_home")
     config = yaml.safe_load((home / "dagster.yaml").read_text())
-    db = config["storage"]["postgres"]["postgres_db"]
+    db = config["run_storage"]["config"]["postgres_db"]
     socket_dir = dict(p.split("=", 1) for p in urlparse(db_url).query.split("&"))["host"]
     assert db["hostname"] == "" and db["params"] == {"host": socket_dir}
     assert db["password"] == ""  # a socket URL has none
@@ -136,6 +141,82 @@ def test_the_dagster_yaml_for_the_embedded_server_reaches_it_over_its_unix_socke
         instance.get_runs(limit=1)  # connects through the socket
     with psycopg.connect(make_conninfo(db_url, dbname="dagster"), autocommit=True) as conn:
         assert conn.execute("SHOW timezone").fetchone() == ("UTC",)
+
+
+# Dagster's storage on pooled connections ---------------------------------------------------------
+
+
+def _dagster_sessions(db_url: str) -> int:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        return conn.execute("SELECT sessions FROM pg_stat_database WHERE datname = %s", (DAGSTER_DATABASE,)).fetchone()[0]
+
+
+def _backend_of(storage_connection) -> int:
+    with storage_connection as conn:
+        return conn.execute(text("SELECT pg_backend_pid()")).scalar()
+
+
+def test_dagster_storage_calls_reuse_a_few_connections_instead_of_one_each(db_url: str, tmp_path: Path) -> None:
+    """dagster-postgres alone opens a connection per storage call (the idle daemon's ~260 sessions a
+    minute); the storages in our dagster.yaml share a pool per process."""
+    home = prepare_instance(db_url, tmp_path / "dagster_home")
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        instance.get_runs(limit=1)
+        before = _dagster_sessions(db_url)
+        for _ in range(40):  # what the daemon's passes do: runs, sensor state, pool slots
+            instance.get_runs(limit=1)
+            instance.all_instigator_state()
+            instance.event_log_storage.get_concurrency_keys()
+        opened = _dagster_sessions(db_url) - before
+    assert opened <= POOL_SIZE, f"{opened} new sessions for 120 storage calls"
+
+
+def test_a_pooled_dagster_connection_that_died_is_replaced(db_url: str, tmp_path: Path) -> None:
+    """A server restart or a killed backend between two calls costs a reconnect, not a failed call."""
+    home = prepare_instance(db_url, tmp_path / "dagster_home")
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        dead = _backend_of(instance.run_storage.connect())
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            assert conn.execute("SELECT pg_terminate_backend(%s)", (dead,)).fetchone()[0]
+        # Other tests' runs may be in this database: what counts is that the calls answer.
+        assert isinstance(instance.get_runs(limit=1), list)
+        assert isinstance(instance.all_instigator_state(), list)
+        assert _backend_of(instance.run_storage.connect()) != dead
+
+
+def test_a_forked_process_opens_its_own_dagster_connections(db_url: str, tmp_path: Path) -> None:
+    """Two processes on one socket would interleave their queries: a child of a process with a pool
+    (a run worker of a code server) must never use, nor close, its parent's connections."""
+    home = prepare_instance(db_url, tmp_path / "dagster_home")
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        parent = _backend_of(instance.run_storage.connect())
+        read, write = os.pipe()
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the child reports through the pipe
+            try:
+                os.write(write, str(_backend_of(instance.run_storage.connect())).encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        os.waitpid(child, 0)
+        in_child = int(os.read(read, 64) or 0)
+        os.close(read)
+        assert in_child and in_child != parent
+        assert _backend_of(instance.run_storage.connect()) != in_child
+        with psycopg.connect(db_url, autocommit=True) as conn:  # the child left the parent's session open
+            assert conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (parent,)).fetchone()
+        assert isinstance(instance.get_runs(limit=1), list)
+
+
+def test_the_webserver_keeps_the_pool_dagster_gives_it(db_url: str, tmp_path: Path) -> None:
+    """dagster-webserver pools its connections itself, with a statement timeout: left as it is."""
+    home = prepare_instance(db_url, tmp_path / "dagster_home")
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        instance.optimize_for_webserver(statement_timeout=4321, pool_recycle=3600, max_overflow=5)
+        for storage in (instance.run_storage.connect(), instance.schedule_storage.connect(),
+                        instance.event_log_storage.index_connection()):
+            with storage as conn:
+                assert conn.execute(text("SHOW statement_timeout")).scalar() == "4321ms"
 
 
 # The user-code image -------------------------------------------------------------------------------

@@ -298,7 +298,8 @@ def test_dagster_yaml_never_holds_the_database_password(tmp_path, monkeypatch) -
     assert "s3cret-pw" not in (tmp_path / "dagster.yaml").read_text()
     monkeypatch.setenv(PASSWORD_ENV, "s3cret-pw")
     loaded, _ = dagster_instance_config(str(tmp_path))  # the schema accepts the env reference
-    assert loaded["storage"]["postgres"]["postgres_db"]["password"] == {"env": PASSWORD_ENV}
+    for key in ("run_storage", "event_log_storage", "schedule_storage"):
+        assert loaded[key]["config"]["postgres_db"]["password"] == {"env": PASSWORD_ENV}
 
 
 def test_continuous_keeper_waits_longer_after_each_failure_in_a_row(instance) -> None:
