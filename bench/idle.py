@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -343,6 +344,14 @@ def _configuration(ctx: Context, base_url: str, work: Path, tables: int, continu
 def run(ctx: Context) -> Result:
     p = ctx.params
     work = scratch_dir("vs-bench-idle-")
+    # pooled_storage=true: the instance names the opt-in pooled storage classes
+    # (orchestration/instance.py, POOLED_STORAGE_ENV), as a user who sets the variable gets.
+    from orchestration.instance import POOLED_STORAGE_ENV
+
+    if p.get("pooled_storage"):
+        os.environ[POOLED_STORAGE_ENV] = "1"
+    else:
+        os.environ.pop(POOLED_STORAGE_ENV, None)
     configurations: list[dict[str, Any]] = []
     errors: list[str] = []
     with openai_server(32, 0.0) as (base_url, _):
@@ -396,7 +405,7 @@ BENCHMARK = Benchmark(
     target="<= 5% of a core for one table; <= +0.5% per further table; sensor path and continuous mode",
     run=run,
     defaults={"tables": 10, "settle_seconds": 60, "seconds": 60, "profile_seconds": 20, "profile_processes": 3,
-              "modes": ["sensor", "continuous"], "instance": {}},
+              "modes": ["sensor", "continuous"], "instance": {}, "pooled_storage": False},
     quick={"tables": 3, "settle_seconds": 15, "seconds": 20, "profile_seconds": 5},
     rounds=1,
 )

@@ -27,6 +27,14 @@ FREE_SLOTS_AFTER_RUN_END_SECONDS = 1
 # within the sensor path's freshness targets (p50 15 s, p95 30 s); it costs 3-6 storage calls a pass.
 DEQUEUE_SECONDS = 5
 PASSWORD_ENV = "PGPASSWORD"
+# Opt-in (set to 1 where dagster.yaml is written): Dagster's storage on connections pooled per
+# process (orchestration/dagster_storage.py). dagster-postgres has no public way to pool its
+# connections (dagster-io/dagster#20325): these classes override the connection hooks of its public
+# storage classes, which is behaviour Dagster chose, so they stay off unless asked for. Measured
+# (`python -m bench idle`, one table): 2.5 % of a core on the sensor path and 2.7 % in continuous
+# mode with them, 4.5 % and 5.3 % without; every process that loads the instance must then be
+# able to import vectorsync (not so for the daemon and webserver images of Dagster's Helm chart).
+POOLED_STORAGE_ENV = "VECTORSYNC_POOLED_DAGSTER_STORAGE"
 STORAGE_MODULE = "orchestration.dagster_storage"
 STORAGE_CLASSES = {
     "run_storage": "PooledPostgresRunStorage",
@@ -55,8 +63,16 @@ def dagster_home() -> Path:
 MAX_CONCURRENT_RUNS = 16
 
 
-def instance_config(url: str, max_concurrent_runs: int = MAX_CONCURRENT_RUNS, pool_limit: int = 2) -> dict:
-    """dagster.yaml for a server given by a libpq URL (a unix socket when `host=` names a dir)."""
+def pooled_storage_asked() -> bool:
+    return os.environ.get(POOLED_STORAGE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def instance_config(url: str, max_concurrent_runs: int = MAX_CONCURRENT_RUNS, pool_limit: int = 2,
+                    pooled_storage: bool | None = None) -> dict:
+    """dagster.yaml for a server given by a libpq URL (a unix socket when `host=` names a dir).
+    `pooled_storage`: see POOLED_STORAGE_ENV (None: as that variable says)."""
+    if pooled_storage is None:
+        pooled_storage = pooled_storage_asked()
     parsed = urlparse(url)
     params = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
     db = {
@@ -71,16 +87,19 @@ def instance_config(url: str, max_concurrent_runs: int = MAX_CONCURRENT_RUNS, po
     }
     if params:
         db["params"] = params
-    return {
+    # prepare_instance creates the tables once; every process that loads the instance (each
+    # sensor evaluation builds one) would otherwise reflect the schema over 3 new connections.
+    storage: dict = {"storage": {"postgres": {"postgres_db": db, "should_autocreate_tables": False}}}
+    if pooled_storage:
         # dagster-postgres's storages, each process's connections pooled (orchestration/
         # dagster_storage.py): without it the idle daemon opened ~260 sessions a minute.
-        # prepare_instance creates the tables once; every process that loads the instance (each
-        # sensor evaluation builds one) would otherwise reflect the schema over 3 new connections.
-        **{
+        storage = {
             key: {"module": STORAGE_MODULE, "class": name,
                   "config": {"postgres_db": copy.deepcopy(db), "should_autocreate_tables": False}}
             for key, name in STORAGE_CLASSES.items()
-        },
+        }
+    return {
+        **storage,
         # Runs wait in the queue for at most DEQUEUE_SECONDS. Each pass of the queue makes 3-6
         # storage calls, idle or not (new connections under dagster-postgres's own storage).
         "run_coordinator": {
@@ -116,8 +135,9 @@ def instance_config(url: str, max_concurrent_runs: int = MAX_CONCURRENT_RUNS, po
     }
 
 
-def prepare_instance(url: str, home: Path | None = None) -> Path:
-    """Create the Dagster database (in UTC) on the server and write dagster.yaml. Idempotent."""
+def prepare_instance(url: str, home: Path | None = None, pooled_storage: bool | None = None) -> Path:
+    """Create the Dagster database (in UTC) on the server and write dagster.yaml. Idempotent.
+    `pooled_storage`: see POOLED_STORAGE_ENV."""
     home = home or dagster_home()
     home.mkdir(parents=True, exist_ok=True)
     with psycopg.connect(url, autocommit=True) as conn:
@@ -131,7 +151,7 @@ def prepare_instance(url: str, home: Path | None = None) -> Path:
     if password and not os.environ.get(PASSWORD_ENV):
         # Processes started from here (dagster dev, the daemon, their runs) inherit it.
         os.environ[PASSWORD_ENV] = unquote(password)
-    config = instance_config(url)
+    config = instance_config(url, pooled_storage=pooled_storage)
     _create_dagster_tables(config)
     (home / "dagster.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     nux = home / ".nux"
@@ -147,7 +167,8 @@ def _create_dagster_tables(config: dict) -> None:
     from dagster_postgres import DagsterPostgresStorage
     from dagster_postgres.utils import pg_url_from_config
 
-    db = dict(config["run_storage"]["config"]["postgres_db"])
+    db = dict((config["run_storage"]["config"] if "run_storage" in config
+               else config["storage"]["postgres"])["postgres_db"])
     if isinstance(db.get("password"), dict):
         db["password"] = os.environ[PASSWORD_ENV]
     storage = DagsterPostgresStorage(pg_url_from_config({"postgres_db": db}), should_autocreate_tables=True)

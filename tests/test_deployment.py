@@ -81,10 +81,10 @@ def _settings_are_vectorsyncs(instance: dg.DagsterInstance) -> None:
     # Runs go through Dagster's default launcher (no run_launcher key is written).
     assert type(instance.run_launcher).__name__ == "DefaultRunLauncher"
     assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
-    # dagster-postgres's storages, on pooled connections (orchestration/dagster_storage.py).
-    assert type(instance.run_storage).__name__ == "PooledPostgresRunStorage"
-    assert type(instance.event_log_storage).__name__ == "PooledPostgresEventLogStorage"
-    assert type(instance.schedule_storage).__name__ == "PooledPostgresScheduleStorage"
+    # dagster-postgres's storages (the pooled ones of orchestration/dagster_storage.py are opt-in).
+    assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+    assert type(instance.event_log_storage).__name__ == "PostgresEventLogStorage"
+    assert type(instance.schedule_storage).__name__ == "PostgresScheduleStorage"
     monitoring = instance.run_monitoring_settings
     assert monitoring["enabled"] is True
     # A killed run worker's pool slots are freed within seconds, not Dagster's default 2 minutes.
@@ -104,7 +104,7 @@ def test_the_dagster_yaml_for_an_external_server_loads_and_takes_its_password_fr
     assert PASSWORD not in text and "s3cret" not in text
     config = yaml.safe_load(text)
     assert "run_launcher" not in config
-    db = config["run_storage"]["config"]["postgres_db"]
+    db = config["storage"]["postgres"]["postgres_db"]
     assert db["password"] == {"env": PASSWORD_ENV}
     assert (db["hostname"], db["port"], db["scheme"]) == ("127.0.0.1", urlparse(password_server).port,
                                                          "postgresql+psycopg2")
@@ -131,7 +131,7 @@ def test_the_dagster_yaml_for_the_embedded_server_reaches_it_over_its_unix_socke
 ) -> None:
     home = prepare_instance(db_url, tmp_path / "dagster_home")
     config = yaml.safe_load((home / "dagster.yaml").read_text())
-    db = config["run_storage"]["config"]["postgres_db"]
+    db = config["storage"]["postgres"]["postgres_db"]
     socket_dir = dict(p.split("=", 1) for p in urlparse(db_url).query.split("&"))["host"]
     assert db["hostname"] == "" and db["params"] == {"host": socket_dir}
     assert db["password"] == ""  # a socket URL has none
@@ -158,8 +158,12 @@ def _backend_of(storage_connection) -> int:
 
 def test_dagster_storage_calls_reuse_a_few_connections_instead_of_one_each(db_url: str, tmp_path: Path) -> None:
     """dagster-postgres alone opens a connection per storage call (the idle daemon's ~260 sessions a
-    minute); the storages in our dagster.yaml share a pool per process."""
-    home = prepare_instance(db_url, tmp_path / "dagster_home")
+    minute); the opt-in pooled storages share a pool per process."""
+    home = prepare_instance(db_url, tmp_path / "dagster_home", pooled_storage=True)
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert type(instance.run_storage).__name__ == "PooledPostgresRunStorage"
+        assert type(instance.event_log_storage).__name__ == "PooledPostgresEventLogStorage"
+        assert type(instance.schedule_storage).__name__ == "PooledPostgresScheduleStorage"
     with dg.DagsterInstance.from_config(str(home)) as instance:
         instance.get_runs(limit=1)
         before = _dagster_sessions(db_url)
@@ -173,7 +177,7 @@ def test_dagster_storage_calls_reuse_a_few_connections_instead_of_one_each(db_ur
 
 def test_a_pooled_dagster_connection_that_died_is_replaced(db_url: str, tmp_path: Path) -> None:
     """A server restart or a killed backend between two calls costs a reconnect, not a failed call."""
-    home = prepare_instance(db_url, tmp_path / "dagster_home")
+    home = prepare_instance(db_url, tmp_path / "dagster_home", pooled_storage=True)
     with dg.DagsterInstance.from_config(str(home)) as instance:
         dead = _backend_of(instance.run_storage.connect())
         with psycopg.connect(db_url, autocommit=True) as conn:
@@ -187,7 +191,7 @@ def test_a_pooled_dagster_connection_that_died_is_replaced(db_url: str, tmp_path
 def test_a_forked_process_opens_its_own_dagster_connections(db_url: str, tmp_path: Path) -> None:
     """Two processes on one socket would interleave their queries: a child of a process with a pool
     (a run worker of a code server) must never use, nor close, its parent's connections."""
-    home = prepare_instance(db_url, tmp_path / "dagster_home")
+    home = prepare_instance(db_url, tmp_path / "dagster_home", pooled_storage=True)
     with dg.DagsterInstance.from_config(str(home)) as instance:
         parent = _backend_of(instance.run_storage.connect())
         read, write = os.pipe()
@@ -210,7 +214,7 @@ def test_a_forked_process_opens_its_own_dagster_connections(db_url: str, tmp_pat
 
 def test_the_webserver_keeps_the_pool_dagster_gives_it(db_url: str, tmp_path: Path) -> None:
     """dagster-webserver pools its connections itself, with a statement timeout: left as it is."""
-    home = prepare_instance(db_url, tmp_path / "dagster_home")
+    home = prepare_instance(db_url, tmp_path / "dagster_home", pooled_storage=True)
     with dg.DagsterInstance.from_config(str(home)) as instance:
         instance.optimize_for_webserver(statement_timeout=4321, pool_recycle=3600, max_overflow=5)
         for storage in (instance.run_storage.connect(), instance.schedule_storage.connect(),

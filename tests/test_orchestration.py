@@ -293,13 +293,17 @@ def test_dagster_yaml_never_holds_the_database_password(tmp_path, monkeypatch) -
     from orchestration.instance import PASSWORD_ENV, instance_config
 
     monkeypatch.delenv(PASSWORD_ENV, raising=False)
-    config = instance_config("postgresql://vs:s3cret-pw@db.example:5432/app")
-    (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(config))
-    assert "s3cret-pw" not in (tmp_path / "dagster.yaml").read_text()
     monkeypatch.setenv(PASSWORD_ENV, "s3cret-pw")
-    loaded, _ = dagster_instance_config(str(tmp_path))  # the schema accepts the env reference
-    for key in ("run_storage", "event_log_storage", "schedule_storage"):
-        assert loaded[key]["config"]["postgres_db"]["password"] == {"env": PASSWORD_ENV}
+    for pooled in (False, True):  # Dagster's storage, and the opt-in pooled storage classes
+        config = instance_config("postgresql://vs:s3cret-pw@db.example:5432/app", pooled_storage=pooled)
+        (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(config))
+        assert "s3cret-pw" not in (tmp_path / "dagster.yaml").read_text()
+        loaded, _ = dagster_instance_config(str(tmp_path))  # the schema accepts the env reference
+        if pooled:
+            for key in ("run_storage", "event_log_storage", "schedule_storage"):
+                assert loaded[key]["config"]["postgres_db"]["password"] == {"env": PASSWORD_ENV}
+        else:
+            assert loaded["storage"]["postgres"]["postgres_db"]["password"] == {"env": PASSWORD_ENV}
 
 
 def test_continuous_keeper_waits_longer_after_each_failure_in_a_row(instance) -> None:
