@@ -1,11 +1,11 @@
 """Change capture from the write-ahead log (`capture: logical`). Free of Dagster.
 
 Why: the capture triggers copy every changed row into transition tables and join old with new rows
-inside the writer's statement: 1.45-1.7x the statement's time on bulk writes (`python -m bench b`),
-and 1.23-1.30x for the transition tables alone, before any query runs. With logical decoding the
-writer pays only for wal_level=logical (0.95-1.0x in the same benchmark); the keys are read back from the WAL afterwards, off the
-writer's path, by whoever next looks at the table's changes (the tables sensor, a run, continuous
-mode).
+inside the writer's statement: 1.45-1.74x the statement's time on bulk writes (`python -m bench b`),
+and 1.23-1.31x for the transition tables alone, before any query runs. With logical decoding the
+writer pays only for wal_level=logical (0.95-1.02x in the same benchmark); the keys are read back
+from the WAL afterwards, off the writer's path, by whoever next looks at the table's changes (the
+tables sensor, a run, continuous mode).
 
 How: one publication (FOR TABLE the source) and one logical replication slot (pgoutput) per table,
 both named vectorsync_<name>. `drain` peeks the slot's changes up to a bound, writes their keys to
