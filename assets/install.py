@@ -150,9 +150,9 @@ def _switch_capture(conn: psycopg.Connection, table: ResolvedTable, notes: list[
                          "drained (by the tables sensor, runs and continuous mode)")
         with conn.transaction():
             install_capture(conn, table, from_wal=True)
-    elif wal_capture.slot_state(conn, name) is not None:
+    elif (state := wal_capture.slot_state(conn, name)) is not None:
         queues = [vt.table.queue for vt in versions.live_tables(conn, table)]
-        if wal_capture.slot_state(conn, name) == "ok":
+        if state == "ok":
             wal_capture.drain(conn, table, queues)
         else:
             with conn.transaction():

@@ -136,16 +136,24 @@ def install_capture(conn: psycopg.Connection, declared: ResolvedTable, from_wal:
     objects = table_objects(declared, tuple(columns.values()))
     objects["fan_out"] = fan_out([vt.table.queue for vt in live])
     if from_wal is None:
-        from_wal = declared.spec.capture == "logical" and conn.execute(
-            "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s AND wal_status IS DISTINCT FROM 'lost'",
-            (slot_name(declared.spec.name),),
-        ).fetchone() is not None
+        from_wal = declared.spec.capture == "logical" and slot_state(conn, declared.spec.name) == "ok"
     if from_wal:
         watched = {c.name: None for c in (*declared.key, *columns.values())}  # type: ignore[attr-defined]
         objects["watched_columns"] = sql.SQL(", ").join(sql.Identifier(c) for c in watched)
         run_script(conn, "capture_wake.sql", objects)
     else:
         run_script(conn, "capture.sql", objects)
+
+
+def slot_state(conn: psycopg.Connection, table_name: str) -> str | None:
+    """The table's replication slot (assets/wal_capture.py): None when it does not exist, 'lost'
+    when PostgreSQL invalidated it, else 'ok'. Here, beside install_capture, which it decides."""
+    found = conn.execute(
+        "SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s", (slot_name(table_name),)
+    ).fetchone()
+    if found is None:
+        return None
+    return "lost" if found[0] == "lost" else "ok"
 
 
 def triggers_capture(conn: psycopg.Connection, declared: ResolvedTable) -> bool:

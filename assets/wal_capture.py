@@ -35,7 +35,9 @@ from .catalog import ResolvedTable, resolve, use_key_text_settings
 from .names import slot_name
 from .pgoutput import Decoded, parse_messages
 from .spec import SpecError, TableSpec
-from .table_ddl import fan_out, triggers_capture
+# slot_state is table_ddl's (it decides which triggers install_capture writes); callers of this
+# module find it here too.
+from .table_ddl import fan_out, slot_state, triggers_capture
 
 PLUGIN = "pgoutput"
 # Changes per peek: a transaction is never split, so one bigger than this is read whole.
@@ -91,16 +93,6 @@ def create_publication(conn: psycopg.Connection, table: ResolvedTable) -> None:
                              "publish_via_partition_root = true)").format(name, table.source))
 
 
-def slot_state(conn: psycopg.Connection, table_name: str) -> str | None:
-    """None when the slot does not exist, 'lost' when PostgreSQL invalidated it, else 'ok'."""
-    found = conn.execute(
-        "SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s", (slot_name(table_name),)
-    ).fetchone()
-    if found is None:
-        return None
-    return "lost" if found[0] == "lost" else "ok"
-
-
 @dataclass(frozen=True)
 class SlotHealth:
     slot: str
@@ -112,13 +104,11 @@ class SlotHealth:
 def slot_health(conn: psycopg.Connection, table_name: str) -> SlotHealth:
     """What the capture_slot check reports."""
     found = conn.execute(
-        """SELECT wal_status, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint,
+        """SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint,
                   pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint
            FROM pg_replication_slots WHERE slot_name = %s""", (slot_name(table_name),),
-    ).fetchone()
-    if found is None:
-        return SlotHealth(slot_name(table_name), None, 0, 0)
-    return SlotHealth(slot_name(table_name), "lost" if found[0] == "lost" else "ok", found[1] or 0, found[2] or 0)
+    ).fetchone() or (0, 0)
+    return SlotHealth(slot_name(table_name), slot_state(conn, table_name), found[0] or 0, found[1] or 0)
 
 
 def create_slot(conn: psycopg.Connection, table_name: str) -> bool:
@@ -162,8 +152,7 @@ def drain_table(conn: psycopg.Connection, table: ResolvedTable) -> int | None:
     the WAL; 0 for a table whose triggers capture (they log in the writer's transaction)."""
     if capture_mode(conn, table.spec.name) != "logical":
         return 0
-    queues = [table.ident("vectorsync", v.queue_table) for v in versions.versions(conn, table.spec.name)]
-    return drain(conn, table, queues or [table.queue])
+    return _drain_live(conn, table)
 
 
 def drain_declared(conn: psycopg.Connection, spec: TableSpec) -> int | None:
@@ -171,7 +160,12 @@ def drain_declared(conn: psycopg.Connection, spec: TableSpec) -> int | None:
     WAL (the tables sensor's tick, which has the declaration alone)."""
     if capture_mode(conn, spec.name) != "logical":
         return 0
-    return drain_table(conn, resolve(conn, spec))
+    return _drain_live(conn, resolve(conn, spec))
+
+
+def _drain_live(conn: psycopg.Connection, table: ResolvedTable) -> int | None:
+    queues = [table.ident("vectorsync", v.queue_table) for v in versions.versions(conn, table.spec.name)]
+    return drain(conn, table, queues or [table.queue])
 
 
 def drain(conn: psycopg.Connection, table: ResolvedTable, live_queues: Iterable[sql.Composable]) -> int | None:
