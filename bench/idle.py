@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -259,13 +260,16 @@ def _short(frame: str) -> str:
     return f"{name} ({where})"
 
 
-def _configuration(ctx: Context, base_url: str, work: Path, tables: int, continuous: bool) -> dict[str, Any]:
+def _configuration(ctx: Context, base_url: str, work: Path, tables: int, continuous: bool, index: int) -> dict[str, Any]:
     from orchestration.local_dagster import LocalDagster
 
+    from bench.helm_layout import HelmLayout
+
     p = ctx.params
+    stack_class = HelmLayout if p["layout"] == "helm" else LocalDagster
     mode = "continuous" if continuous else "sensor"
     label = f"{mode}, {tables} table{'s' if tables > 1 else ''}"
-    root = work / f"{mode}_{tables}"
+    root = work / f"{mode}_{tables}_{index}"
     tables_dir, home = root / "tables", root / "home"
     # py-spy's and strace's raw output outlive the benchmark's temporary home, for a closer look.
     out = PROFILES_DIR / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{mode}-{tables}"
@@ -274,7 +278,7 @@ def _configuration(ctx: Context, base_url: str, work: Path, tables: int, continu
     port = free_port()
     began = time.monotonic()
     with _instance_settings(tables + 4, p["instance"]), \
-            LocalDagster(ctx.url, home, tables_dir, env={KEY_ENV: "sk-bench"}, port=port) as dagster:
+            stack_class(ctx.url, home, tables_dir, env={KEY_ENV: "sk-bench"}, port=port) as dagster:
         _wait(lambda: _graphql_up(port), 300, "the webserver answering")
         if continuous:
             _wait(lambda: len(_started_runs(home, names)) >= tables, 600, f"{tables} continuous runs starting")
@@ -356,39 +360,46 @@ def run(ctx: Context) -> Result:
     errors: list[str] = []
     with openai_server(32, 0.0) as (base_url, _):
         for continuous in [mode == "continuous" for mode in p["modes"]]:
-            for tables in (1, p["tables"]):
+            for index, tables in enumerate(p["tables_list"] or (1, p["tables"])):
                 try:
-                    configurations.append(_configuration(ctx, base_url, work, tables, continuous))
+                    configurations.append(_configuration(ctx, base_url, work, tables, continuous, index))
                 except Exception as exc:  # noqa: BLE001 - the other configurations' figures still count
                     ctx.log(f"{'continuous' if continuous else 'sensor'}, {tables} tables: {type(exc).__name__}: {exc}")
                     errors.append(f"{'continuous' if continuous else 'sensor'}, {tables} tables: {exc}")
     measures: list[Measure] = []
-    n = p["tables"]
     for mode in ("sensor", "continuous"):
         found = [c for c in configurations if c["label"].startswith(mode)]
-        if len(found) != 2:
-            continue
-        one, many = found
-        measures.append(Measure(f"{mode}: whole stack idle, 1 table", "% of a core",
-                                [one["percent_of_a_core"]["total"]], target="<= 5"))
-        per_table = (many["percent_of_a_core"]["total"] - one["percent_of_a_core"]["total"]) / (n - 1)
-        measures.append(Measure(f"{mode}: each further table (1 -> {n} tables)", "% of a core",
-                                [round(per_table, 2)], target="<= 0.5"))
-        for c in (one, many):
-            pct = c["percent_of_a_core"]
+        # Rounds of one configuration (tables_list=[1, 1, 1]) give one measure with their median.
+        by_count: dict[int, list[dict[str, Any]]] = {}
+        for c in found:
+            by_count.setdefault(len(c["tables"]), []).append(c)
+        totals = {n: [c["percent_of_a_core"]["total"] for c in cs] for n, cs in by_count.items()}
+        if 1 in totals:
+            measures.append(Measure(f"{mode}: whole stack idle, 1 table", "% of a core", totals[1], target="<= 5"))
+        for n in sorted(t for t in totals if t > 1):
+            if 1 in totals:
+                per_table = (statistics.median(totals[n]) - statistics.median(totals[1])) / (n - 1)
+                measures.append(Measure(f"{mode}: each further table (1 -> {n} tables)", "% of a core",
+                                        [round(per_table, 2)], target="<= 0.5"))
+        for n, cs in sorted(by_count.items()):
+            label = cs[0]["label"]
             # New sessions are what costs PostgreSQL most here, and unlike CPU they do not depend
             # on what else the machine runs.
-            sessions = sum(d["sessions_per_minute"] for d in c["postgres_sessions_and_commits"].values())
-            measures.append(Measure(f"{c['label']}: new PostgreSQL sessions", "per minute", [round(sessions, 1)]))
-            measures.append(Measure(f"{c['label']}: PostgreSQL", "% of a core", [pct["postgres"]]))
+            measures.append(Measure(f"{label}: new PostgreSQL sessions", "per minute", [round(sum(
+                d["sessions_per_minute"] for d in c["postgres_sessions_and_commits"].values()), 1) for c in cs]))
+            measures.append(Measure(f"{label}: PostgreSQL", "% of a core", [c["percent_of_a_core"]["postgres"] for c in cs]))
             for role in ("daemon", "code server", "code server proxy", "webserver", "run worker", "dagster dev"):
-                if role in pct["by_role"]:
-                    measures.append(Measure(f"{c['label']}: {role}", "% of a core", [pct["by_role"][role]]))
+                shares = [c["percent_of_a_core"]["by_role"][role] for c in cs if role in c["percent_of_a_core"]["by_role"]]
+                if shares:
+                    measures.append(Measure(f"{label}: {role}", "% of a core", shares))
     targets = {"<= 5": 5.0, "<= 0.5": 0.5}
     return Result(
         measures=measures, params=p,
         extra={"configurations": configurations, "errors": errors},
-        notes=[f"stock `dagster dev` (webserver, daemon, code server; default run launcher), settled "
+        notes=[("the Helm chart's processes (dagster api grpc, dagster-daemon, dagster-webserver; no dagster dev "
+                "proxy; bench/helm_layout.py)" if p["layout"] == "helm" else
+                "stock `dagster dev` (webserver, daemon, code server behind dev's proxy)")
+               + f"; default run launcher; settled "
                f"{p['settle_seconds']} s after the webserver answered (and every continuous run started), "
                f"then CPU over {p['seconds']} s without writes; one round per configuration",
                "PostgreSQL = the postmaster, its background processes and its backends, those that ended "
@@ -405,7 +416,9 @@ BENCHMARK = Benchmark(
     target="<= 5% of a core for one table; <= +0.5% per further table; sensor path and continuous mode",
     run=run,
     defaults={"tables": 10, "settle_seconds": 60, "seconds": 60, "profile_seconds": 20, "profile_processes": 3,
-              "modes": ["sensor", "continuous"], "instance": {}, "pooled_storage": False},
+              "modes": ["sensor", "continuous"], "instance": {}, "pooled_storage": False,
+              # "dev": `dagster dev`; "helm": the Helm chart's processes (bench/helm_layout.py)
+              "layout": "dev", "tables_list": None},
     quick={"tables": 3, "settle_seconds": 15, "seconds": 20, "profile_seconds": 5},
     rounds=1,
 )

@@ -35,13 +35,7 @@ class LocalDagster:
 
     def start(self) -> LocalDagster:
         prepare_instance(self.url, self.home)
-        # Stock Dagster, as users run it: the daemon alone, or `dagster dev` (webserver + daemon).
-        bin_dir = Path(sys.executable).parent
-        if self.port is None:
-            command = [str(bin_dir / "dagster-daemon"), "run", "-w", "workspace.yaml"]
-        else:
-            command = [str(bin_dir / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1",
-                       "-p", str(self.port)]
+        command = self.command(Path(sys.executable).parent)
         env = {**os.environ, "DAGSTER_HOME": str(self.home), "DATABASE_URL": self.url, **self.extra_env}
         if self.tables_dir is not None:
             env["VECTORSYNC_TABLES"] = str(self.tables_dir)
@@ -53,6 +47,12 @@ class LocalDagster:
         )
         log.close()
         return self
+
+    def command(self, bin_dir: Path) -> list[str]:
+        """Stock Dagster, as users run it: the daemon alone, or `dagster dev` (webserver + daemon)."""
+        if self.port is None:
+            return [str(bin_dir / "dagster-daemon"), "run", "-w", "workspace.yaml"]
+        return [str(bin_dir / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(self.port)]
 
     def stop(self, timeout: float = 30.0) -> None:
         if self.process is None or self.process.poll() is not None:
