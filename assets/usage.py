@@ -16,7 +16,8 @@ from psycopg import sql
 from .catalog import ResolvedTable
 from .sync_stats import SyncStats
 from .providers.base import DelegatingProvider, EmbeddingProvider, Embeddings, ProviderError
-from .spec import ProviderSpec, TableSpec
+from .spec import TableSpec
+from .spec_sections import ProviderSpec
 from .status import estimated_rows
 
 # US dollars per million input tokens, OpenAI's list prices for its embedding models. A

@@ -448,7 +448,7 @@ def test_a_batch_is_not_sent_past_the_daily_budget_counting_batches_in_flight(
     from dataclasses import replace
 
     from assets.engine import EmbeddingEngine
-    from assets.spec import Budget
+    from assets.spec_sections import Budget
     from assets.usage import BudgetExceeded
 
     tiny = make_batch_table(60, budget={"daily_usd": 1e-9})

@@ -12,7 +12,8 @@ import pytest
 from psycopg import sql
 
 from assets.install import install
-from assets.spec import ProviderSpec, parse_spec
+from assets.spec import parse_spec
+from assets.spec_sections import ProviderSpec
 from assets.usage import lag_of, price_per_million
 from orchestration.embedding_assets import embeddings_asset, embeddings_asset_key, source_asset_spec
 from orchestration.instance import prepare_instance
