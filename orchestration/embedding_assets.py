@@ -17,10 +17,11 @@ from assets.catalog import ResolvedTable, resolve
 from assets.continuous import ChangeListener, follow_changes
 from assets.engine import BucketBusy, EmbeddingEngine, SyncStats, retry_policy
 from assets.providers import provider_for
+from assets.run_ledger import RunLedger
 from assets.spec import TableSpec
 from assets.status import change_backlog, estimated_rows
 from assets.usage import (
-    BATCH_DISCOUNT, BudgetExceeded, Lag, RunLedger, cost_usd, lag_of, rows_to_visit,
+    BATCH_DISCOUNT, BudgetExceeded, Lag, cost_usd, lag_of, rows_to_visit,
 )
 
 from .names import dagster_name_part

@@ -155,7 +155,7 @@ def test_batch_lines_are_billed_at_half_the_list_price(make_batch_table, server:
     assert spend.cost_day == pytest.approx(job["cost_usd"])
     assert spend.saved_month == pytest.approx(job["tokens"] * SMALL_PRICE / 2 / 1e6)
     # The daily budget counts the batch's cost as today's spend.
-    from assets.usage import RunLedger
+    from assets.run_ledger import RunLedger
 
     ledger = RunLedger(table.conn, unique("run"), table.spec, "test", [0])
     assert ledger.metered(table.engine.provider).spent_elsewhere == pytest.approx(job["cost_usd"])
