@@ -350,7 +350,8 @@ def test_a_dagster_run_tagged_for_batch_mode_sends_a_batch_and_the_next_run_stor
     import dagster as dg
 
     from assets.install import install
-    from orchestration.embedding_assets import BATCH_MODE_TAG, embeddings_asset, embeddings_asset_key
+    from orchestration.embedding_assets import BATCH_MODE_TAG, embeddings_asset
+    from orchestration.names import embeddings_asset_key
     from orchestration.instance import prepare_instance
     from orchestration.resources import VectorsyncDatabase
 
