@@ -18,7 +18,7 @@ import openai
 
 from .providers.base import ProviderError, check_vectors
 from .providers.openai_compatible import make_client, provider_error, without_key
-from .spec import ProviderSpec
+from .spec_sections import ProviderSpec
 
 ENDPOINT = "/v1/embeddings"
 # OpenAI's limits for one batch: 50,000 requests and a 200 MB input file (kept under it).

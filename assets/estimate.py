@@ -31,7 +31,8 @@ from psycopg import sql
 from .catalog import ResolvedTable, use_key_text_settings
 from .pipeline import prepare_rows
 from .source_rows import Row, SourceReader
-from .spec import ProviderSpec, TableSpec
+from .spec import TableSpec
+from .spec_sections import ProviderSpec
 from .usage import batch_price_per_million, cost_usd, price_per_million
 
 # Rows read per query: large enough that a million rows is a few hundred round trips.

@@ -34,7 +34,7 @@ from psycopg.types.json import Jsonb
 
 from .catalog import ResolvedTable
 from .providers.base import EmbeddingProvider
-from .spec import ProviderSpec
+from .spec_sections import ProviderSpec
 from .versions import installed_spec
 
 # What the SQL function raises when the caller's query model is no longer the active version's.

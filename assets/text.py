@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 
-from .spec import Chunking
+from .spec_sections import Chunking
 
 # Break points, best first: a paragraph, a line, a sentence, a word.
 _SEPARATORS = ("\n\n", "\n", ". ", " ")

@@ -26,7 +26,7 @@ from assets.promotion import coverage as version_coverage
 from assets.spec import TableSpec
 from assets.status import change_backlog
 
-from .embedding_assets import embeddings_asset_key
+from .names import embeddings_asset_key
 from .resources import VectorsyncDatabase
 
 # capture_slot warns past this much WAL kept for the slot (the tables sensor drains it every tick).

@@ -18,14 +18,15 @@ from assets.continuous import CHANNEL, ChangeListener, follow_changes
 from assets.engine import EmbeddingEngine, SyncStats, retry_policy
 from assets.locks import held_elsewhere, try_lock
 from assets.providers import provider_for
+from assets.run_ledger import RunLedger
 from assets.spec import TableSpec
 from assets.status import change_backlog
-from assets.usage import BudgetExceeded, RunLedger, price_per_million
+from assets.usage import BudgetExceeded, price_per_million
 
-from .embedding_assets import (
-    CONTINUOUS_EXACT_COUNT_UP_TO, backlog_metadata, bucket_partition_key, embeddings_asset_key, partition_metadata,
-    store_metadata, work_metadata,
+from .asset_metadata import (
+    CONTINUOUS_EXACT_COUNT_UP_TO, backlog_metadata, partition_metadata, store_metadata, work_metadata,
 )
+from .names import bucket_partition_key, embeddings_asset_key
 from .resources import VectorsyncDatabase
 
 # How often a continuous run records its micro-batches in Dagster's event log, at most: one

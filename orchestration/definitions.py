@@ -24,8 +24,7 @@ from assets.spec import TableSpec
 
 from .components import table_definitions
 from .database import tables_dir
-from .embedding_assets import source_asset_key
-from .names import dagster_name_part
+from .names import dagster_name_part, source_asset_key
 from .resources import database_resource
 from .sensors import SensedTable, record_run_failures, tables_sensor
 

@@ -44,12 +44,12 @@ from assets.search import search
 from assets.declarations import load_declarations
 from assets.spec import TableSpec
 from assets.status import TableStatus, table_status
-from orchestration.embedding_assets import GROUP, SOURCE_GROUP, embeddings_asset_key, partitions_for
+from orchestration.embedding_assets import GROUP, SOURCE_GROUP, partitions_for
 
 from .corpus import load_python_docs
 from .database import PROJECT_DIR, connect, database_url, release_dead_handles, tables_dir
 from .instance import prepare_instance
-from .names import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
+from .names import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG, embeddings_asset_key
 from .processes import finish_process_group
 from .progress import ProgressDisplay, Reading
 from .resources import database_resource

@@ -1,4 +1,4 @@
-"""Names on the Dagster side: asset keys and run tags derived from declarations.
+"""Names on the Dagster side: asset keys, partition keys and run tags derived from declarations.
 
 Dagster names (jobs, ops, sensors, schedules, checks) allow only `[A-Za-z0-9_]`, and Dagster also
 derives op names from asset keys, so an asset key part that is not such a name breaks the whole
@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+
+import dagster as dg
+
+from assets.spec import TableSpec
 
 # Dagster's own tags for a run over a range of partitions (a backfill run, or a sensor's run of
 # several buckets); they are part of Dagster's documented run tags, spelled here once.
@@ -34,3 +38,17 @@ def dagster_name_part(identifier: str) -> str:
     readable = _INVALID_RUN.sub("_", identifier).strip("_")[: MAX_PART_CHARS - 9] or "x"
     digest = hashlib.sha256(identifier.encode()).hexdigest()[:8]
     return f"{readable}_{digest}"
+
+
+def bucket_partition_key(bucket: int) -> str:
+    return f"{bucket:03d}"
+
+
+def source_asset_key(spec: TableSpec) -> dg.AssetKey:
+    """The source table's key: any PostgreSQL identifier, spelled as valid Dagster names."""
+    parts = [dagster_name_part(spec.source.schema_), dagster_name_part(spec.source.table)]
+    return dg.AssetKey([*spec.asset.source_key_prefix, *parts])
+
+
+def embeddings_asset_key(spec: TableSpec) -> dg.AssetKey:
+    return dg.AssetKey([*spec.asset.key_prefix, spec.name])

@@ -10,7 +10,7 @@ from assets.catalog import resolve
 from assets.quality_gate import live_quality
 from assets.spec import TableSpec
 
-from .embedding_assets import embeddings_asset_key
+from .names import embeddings_asset_key
 from .resources import VectorsyncDatabase
 
 

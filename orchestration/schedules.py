@@ -14,12 +14,11 @@ import dagster as dg
 
 from assets import versions
 from assets.catalog import resolve
-from orchestration.embedding_assets import bucket_partition_key, embeddings_asset_key
 from assets.index import build_index, index_state
 from assets.ledger import due_buckets
 from assets.spec import TableSpec
 
-from .names import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
+from .names import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG, bucket_partition_key, embeddings_asset_key
 from .resources import VectorsyncDatabase
 from .versions_dagster import drop_expired_versions, has_expired_versions, one_op_job
 

@@ -18,14 +18,15 @@ import dagster as dg
 import psycopg
 from psycopg import sql
 
-from orchestration.embedding_assets import bucket_partition_key, embeddings_asset_key, source_asset_key
 from assets.spec import TableSpec
 from assets.status import estimated_rows
 from assets.usage import budget_reached
 from assets.wal_capture import drain_declared
 
 from .keeper import in_flight, keep_continuous
-from .names import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
+from .names import (
+    PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG, bucket_partition_key, embeddings_asset_key, source_asset_key,
+)
 from .resources import VectorsyncDatabase
 
 TABLES_SENSOR = "vectorsync_tables"

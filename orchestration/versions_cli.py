@@ -25,7 +25,8 @@ from assets.quality_gate import gate_for
 from assets.promotion import PromotionRefused, Switch, coverage, maybe_auto_promote, promote, rollback, version_bytes
 from assets.status import require_installed
 from assets.batch_fill import batch_jobs_pending
-from assets.usage import BudgetExceeded, RunLedger, batch_price_per_million, cost_usd, rows_to_visit
+from assets.run_ledger import RunLedger
+from assets.usage import BudgetExceeded, batch_price_per_million, cost_usd, rows_to_visit
 
 from .database import connect
 from .progress import ProgressDisplay, Reading

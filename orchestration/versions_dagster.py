@@ -14,7 +14,7 @@ from assets.golden import GoldenError
 from assets.providers import provider_for
 from assets.quality_gate import gate_for, live_quality
 from assets.spec import TableSpec
-from assets.usage import RunLedger
+from assets.run_ledger import RunLedger
 
 from .resources import VectorsyncDatabase
 

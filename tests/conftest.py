@@ -48,7 +48,7 @@ def conn(db_url: str) -> Iterator[psycopg.Connection]:
 @pytest.fixture(scope="session")
 def local_provider() -> EmbeddingProvider:
     from assets.providers import provider_for
-    from assets.spec import ProviderSpec
+    from assets.spec_sections import ProviderSpec
 
     return provider_for(ProviderSpec())
 

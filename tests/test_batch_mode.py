@@ -155,7 +155,7 @@ def test_batch_lines_are_billed_at_half_the_list_price(make_batch_table, server:
     assert spend.cost_day == pytest.approx(job["cost_usd"])
     assert spend.saved_month == pytest.approx(job["tokens"] * SMALL_PRICE / 2 / 1e6)
     # The daily budget counts the batch's cost as today's spend.
-    from assets.usage import RunLedger
+    from assets.run_ledger import RunLedger
 
     ledger = RunLedger(table.conn, unique("run"), table.spec, "test", [0])
     assert ledger.metered(table.engine.provider).spent_elsewhere == pytest.approx(job["cost_usd"])
@@ -350,7 +350,8 @@ def test_a_dagster_run_tagged_for_batch_mode_sends_a_batch_and_the_next_run_stor
     import dagster as dg
 
     from assets.install import install
-    from orchestration.embedding_assets import BATCH_MODE_TAG, embeddings_asset, embeddings_asset_key
+    from orchestration.embedding_assets import BATCH_MODE_TAG, embeddings_asset
+    from orchestration.names import embeddings_asset_key
     from orchestration.instance import prepare_instance
     from orchestration.resources import VectorsyncDatabase
 
@@ -448,7 +449,7 @@ def test_a_batch_is_not_sent_past_the_daily_budget_counting_batches_in_flight(
     from dataclasses import replace
 
     from assets.engine import EmbeddingEngine
-    from assets.spec import Budget
+    from assets.spec_sections import Budget
     from assets.usage import BudgetExceeded
 
     tiny = make_batch_table(60, budget={"daily_usd": 1e-9})

@@ -20,11 +20,11 @@ from openai_server import OpenAIServer
 from psycopg import sql
 
 from orchestration.checks import embeddings_checks
-from orchestration.embedding_assets import embeddings_asset, embeddings_asset_key
+from orchestration.embedding_assets import embeddings_asset
 from assets.install import install
 from assets.spec import SpecError, TableSpec, load_spec_file
 from orchestration.instance import prepare_instance
-from orchestration.names import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
+from orchestration.names import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG, embeddings_asset_key
 from orchestration.resources import VectorsyncDatabase
 from orchestration.quality import search_quality_asset
 from orchestration.versions_dagster import promote_job

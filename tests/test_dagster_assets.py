@@ -14,12 +14,8 @@ import pytest
 from psycopg import sql
 
 from orchestration.checks import embeddings_checks
-from orchestration.embedding_assets import (
-    embeddings_asset,
-    embeddings_asset_key,
-    source_asset_key,
-    source_asset_spec,
-)
+from orchestration.embedding_assets import embeddings_asset, source_asset_spec
+from orchestration.names import embeddings_asset_key, source_asset_key
 from assets.install import install
 from assets.spec import parse_spec
 from orchestration.instance import prepare_instance

@@ -14,7 +14,8 @@ from psycopg import sql
 
 from assets.install import install
 from assets.search import search
-from assets.spec import ProviderSpec, SpecError, load_spec_file, parse_spec
+from assets.spec import SpecError, load_spec_file, parse_spec
+from assets.spec_sections import ProviderSpec
 from assets.status import table_status
 from assets.text import chunk, text_hash
 
@@ -364,7 +365,7 @@ def test_status_counts(make_table, conn: psycopg.Connection) -> None:
 
 
 def test_chunking_covers_the_text() -> None:
-    from assets.spec import Chunking
+    from assets.spec_sections import Chunking
 
     text = "alpha beta gamma. " * 300
     pieces = chunk(text, Chunking(size=100, overlap=20))

@@ -12,11 +12,12 @@ import pytest
 from psycopg import sql
 
 from assets.install import install
-from assets.spec import ProviderSpec, parse_spec
+from assets.spec import parse_spec
+from assets.spec_sections import ProviderSpec
 from assets.usage import lag_of, price_per_million
-from orchestration.embedding_assets import embeddings_asset, embeddings_asset_key, source_asset_spec
+from orchestration.embedding_assets import embeddings_asset, source_asset_spec
 from orchestration.instance import prepare_instance
-from orchestration.names import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
+from orchestration.names import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG, embeddings_asset_key
 from orchestration.resources import VectorsyncDatabase
 from orchestration.sensors import SensedTable, changes_job, tables_sensor
 

@@ -18,7 +18,7 @@ from openai_server import Fault, OpenAIServer
 
 from assets.providers.base import ProviderError
 from assets.providers.openai_compatible import OpenAICompatibleProvider
-from assets.spec import ProviderSpec
+from assets.spec_sections import ProviderSpec
 
 KEY_ENV = "VECTORSYNC_TEST_OPENAI_KEY"
 SECRET = "sk-test-5ecret-do-not-leak-9f3c"

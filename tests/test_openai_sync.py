@@ -17,7 +17,7 @@ from psycopg import sql
 
 from assets.providers import openai_compatible
 from assets.providers.openai_compatible import OpenAICompatibleProvider, count_bytes, token_counter
-from assets.spec import ProviderSpec, parse_spec
+from assets.spec import parse_spec
 
 PROJECT = Path(__file__).resolve().parent.parent
 KEY_ENV = "VECTORSYNC_TEST_NO_KEY"

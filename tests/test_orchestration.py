@@ -11,14 +11,14 @@ import pytest
 from psycopg import sql
 
 from assets.catalog import resolve
-from orchestration.embedding_assets import embeddings_asset, embeddings_asset_key, source_asset_spec
+from orchestration.embedding_assets import embeddings_asset, source_asset_spec
 from assets.index import index_state
 from assets.install import install
 from assets.spec import parse_spec
 from assets.template import render
 from assets.text import chunk, text_hash
 from orchestration.instance import prepare_instance
-from orchestration.names import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
+from orchestration.names import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG, embeddings_asset_key
 from orchestration.resources import VectorsyncDatabase
 from orchestration.schedules import index_upkeep_job, index_upkeep_schedule, reconcile_schedule, retry_schedule
 from orchestration.sensors import record_run_failures

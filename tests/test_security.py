@@ -20,7 +20,8 @@ from reliability_support import audit, create_source, openai_spec
 from assets.catalog import resolve
 from orchestration.checks import embeddings_checks
 from assets.engine import EmbeddingEngine
-from orchestration.embedding_assets import bucket_partition_key, embeddings_asset
+from orchestration.embedding_assets import embeddings_asset
+from orchestration.names import bucket_partition_key
 from assets.install import install
 from assets.providers import build_provider
 from assets.spec import SpecError, parse_spec

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from ..spec import ProviderSpec
+from ..spec_sections import ProviderSpec
 from .base import EmbeddingProvider, ProviderError
 
 

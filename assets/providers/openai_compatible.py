@@ -15,7 +15,7 @@ import numpy as np
 
 import openai
 
-from ..spec import ProviderSpec
+from ..spec_sections import ProviderSpec
 from .base import EmbeddingProvider, Embeddings, ProviderError, check_vectors
 
 if TYPE_CHECKING:

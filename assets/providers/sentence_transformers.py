@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
-from ..spec import ProviderSpec
+from ..spec_sections import ProviderSpec
 from .base import EmbeddingProvider, Embeddings, ProviderError, check_vectors
 
 # The only local model we ship; other sentence-transformers models must already be on disk
