@@ -31,9 +31,9 @@ from .spec_sections import (
     Schedules,
     SourceRef,
     VectorIndex,
+    StrictModel,
     VersionsSpec,
-    _fits_postgres,
-    _Strict,
+    fits_postgres,
 )
 from .template import TemplatePart, default_template_parts, parse_template, template_fields
 
@@ -55,7 +55,7 @@ class SpecError(ValueError):
         super().__init__(f"{source}: {field}: {message}" if field else f"{source}: {message}")
 
 
-class TableSpec(_Strict):
+class TableSpec(StrictModel):
     """One embedding table. See docs/declaring-a-table.md for every field and its default."""
 
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
@@ -115,7 +115,7 @@ class TableSpec(_Strict):
             return {"schema": schema, "table": table} if dot else {"table": value}
         return value
 
-    _fit = field_validator("destination_schema")(_fits_postgres)
+    _fit = field_validator("destination_schema")(fits_postgres)
 
     @field_validator("primary_key", "columns")
     @classmethod

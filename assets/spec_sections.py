@@ -31,11 +31,13 @@ SHORTENABLE_MODEL_DIMENSIONS: dict[tuple[str, str], int] = {
 }
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """A declaration section: unknown fields are errors, values never change after parsing."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Chunking(_Strict):
+class Chunking(StrictModel):
     """Split text into overlapping pieces of at most `size` characters, at whitespace when possible."""
 
     size: int = Field(800, ge=50, le=100_000)
@@ -48,7 +50,7 @@ class Chunking(_Strict):
         return self
 
 
-class ProviderSpec(_Strict):
+class ProviderSpec(StrictModel):
     kind: Literal["sentence-transformers", "openai"] = "sentence-transformers"
     model: str = "all-MiniLM-L6-v2"
     dimensions: int = Field(384, ge=1, le=16_000)
@@ -90,7 +92,7 @@ class ProviderSpec(_Strict):
 CRON_FIELD = re.compile(r"^[0-9*/,\-]+$")
 
 
-class Schedules(_Strict):
+class Schedules(StrictModel):
     """When Dagster's schedules look after the table (cron, UTC). Schedules tick at most once a
     minute; anything that needs to be faster is the change sensor's or continuous mode's job."""
 
@@ -110,7 +112,7 @@ class Schedules(_Strict):
         return value
 
 
-class VectorIndex(_Strict):
+class VectorIndex(StrictModel):
     """The HNSW index on the store. Below `min_rows` chunks an exact scan is fast and a bulk
     backfill is cheaper without an index to update, so the index is built (CONCURRENTLY, by the
     index upkeep schedule) once the store passes that size."""
@@ -124,7 +126,7 @@ class VectorIndex(_Strict):
     ef_search: int = Field(200, ge=1, le=1000)
 
 
-class RetrySpec(_Strict):
+class RetrySpec(StrictModel):
     """When a row that failed is tried again: after base_seconds, doubling per attempt up to
     max_seconds (with jitter), and never again once max_attempts attempts have failed (the row is
     then dead: the dead_letters check fails until someone looks). It decides when vectors are
@@ -148,7 +150,7 @@ class RetrySpec(_Strict):
 DAGSTER_NAME_PATTERN = r"^[A-Za-z0-9_]+$"
 
 
-class BackfillSpec(_Strict):
+class BackfillSpec(StrictModel):
     """How a backfill of many partitions is split into runs. Each run is an ordinary run (its own
     process, or its own pod under the Kubernetes run launcher) that Dagster's queue and the
     provider's pool run in parallel. 4 buckets a run splits the default 16 buckets into 4 runs:
@@ -169,7 +171,7 @@ class BackfillSpec(_Strict):
     batch_min_chunks: int = Field(1000, ge=1)
 
 
-class AssetPresentation(_Strict):
+class AssetPresentation(StrictModel):
     """How the table's assets appear in Dagster (the translator of dagster-dbt and dagster-sling):
     key prefixes, group, owners, tags and extra kinds. It names things, it does not shape vectors,
     so it is not part of the fingerprint."""
@@ -187,7 +189,7 @@ class AssetPresentation(_Strict):
     kinds: list[str] = []
 
 
-class VersionsSpec(_Strict):
+class VersionsSpec(StrictModel):
     """What happens when the declared model (fingerprint, dimensions or vector type) changes: a new
     version fills beside the active one, and is switched to as `promote` says: `manual` (the
     `vectorsync promote` command or the `<name>_promote` job), or `auto` (the first run that finds
@@ -215,7 +217,7 @@ class VersionsSpec(_Strict):
         return self
 
 
-class Budget(_Strict):
+class Budget(StrictModel):
     """A ceiling on what the table's runs spend with the provider in a UTC day. A run that would
     pass it stops before the request that would: what it embedded so far is stored, the rest
     stays in the change log, and the run fails naming the table and the day's spend."""
@@ -223,7 +225,7 @@ class Budget(_Strict):
     daily_usd: float = Field(gt=0)
 
 
-def _fits_postgres(value: str | None) -> str | None:
+def fits_postgres(value: str | None) -> str | None:
     # Names of existing objects (or a schema we create): PostgreSQL would cut a longer one, so
     # the object found or made would be another than the one declared.
     if value is not None and not fits(value):
@@ -232,11 +234,11 @@ def _fits_postgres(value: str | None) -> str | None:
     return value
 
 
-class SourceRef(_Strict):
+class SourceRef(StrictModel):
     schema_: str = Field("public", alias="schema", min_length=1, max_length=63)
     table: str = Field(min_length=1, max_length=63)
 
-    _fit = field_validator("schema_", "table")(_fits_postgres)
+    _fit = field_validator("schema_", "table")(fits_postgres)
 
     @property
     def qualified(self) -> str:
