@@ -26,6 +26,11 @@ RUN pip install --index-url "$TORCH_INDEX_URL" torch==2.13.0
 # Everything else at the versions tested together. dagster-k8s is not a dependency of the
 # project: run workers need it because the Helm chart's dagster.yaml names the K8sRunLauncher.
 # It is pinned to dagster-postgres's version (Dagster's libraries are released in step).
+# PIP_INDEX_URL (unset by default: PyPI) lets a builder without PyPI point this step and the
+# editable install's build backend (setuptools) at a mirror; pip reads it from the environment,
+# and a build argument, unlike ENV, does not stay in the image (`docker history` shows it, so
+# keep credentials out of it).
+ARG PIP_INDEX_URL
 COPY requirements.lock ./
 RUN pip install -r requirements.lock dagster-k8s==0.29.27
 
