@@ -198,9 +198,10 @@ with connect() as conn:
 import json, sys
 for run in json.load(sys.stdin)["data"]["runsOrError"]["results"]:
     tags, stats = {t["key"]: t["value"] for t in run["tags"]}, run["stats"]
-    print(f"run {run['runId'][:8]} {run['status']} in {stats['endTime'] - stats['startTime']:.0f} s,",
-          "started by", tags.get("dagster/sensor_name", "the CLI"), "buckets",
-          tags.get("dagster/partition") or tags.get("dagster/asset_partition_range_start", "") + ".." + tags.get("dagster/asset_partition_range_end", ""))'
+    buckets = tags.get("dagster/partition") or "..".join(
+        tags.get(f"dagster/asset_partition_range_{end}", "?") for end in ("start", "end"))
+    print("run", run["runId"][:8], run["status"], "in %.0f s," % (stats["endTime"] - stats["startTime"]),
+          "started by", tags.get("dagster/sensor_name", "the CLI"), "buckets", buckets)'
     fi
     in_image "$IMAGE" vectorsync search python_docs "how do I open a file" 2>/dev/null | head -3 | cut -c1-100
 
