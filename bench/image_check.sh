@@ -31,6 +31,8 @@ WORK=$(mktemp -d)
 CLEANUP=()
 cleanup() { for ((i = ${#CLEANUP[@]} - 1; i >= 0; i--)); do eval "${CLEANUP[i]}" || true; done; rm -rf "$WORK"; }
 trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM  # so that an interrupted check still cleans up
 say() { printf '== %s\n' "$*"; }
 fail() { printf 'FAILED: %s\n' "$*" >&2; exit 1; }
 
@@ -42,7 +44,10 @@ standin() {
     debootstrap --variant=minbase --include=python3,python3-pip,python3-venv,python-is-python3,ca-certificates,netbase,tzdata \
         bookworm "$rootfs" http://deb.debian.org/debian >"$WORK/debootstrap.log"
     rm -f "$rootfs/usr/lib/python3.11/EXTERNALLY-MANAGED"
-    rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/*
+    # What the slim images leave out too: apt's lists and downloads, documentation, translations.
+    rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/cache/apt/archives/*.deb \
+        "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/*
+    find "$rootfs/usr/share/locale" -mindepth 1 -maxdepth 1 ! -name locale.alias -exec rm -rf {} +
     tar -C "$rootfs" -c . | docker import --change 'ENV LANG=C.UTF-8' \
         --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
         --change 'CMD ["python3"]' - python:3.11-slim
@@ -104,6 +109,22 @@ in_image() {  # docker run as the chart would: the image's user, env from the de
 
 embedded_rows() {  # the demo table's embedded/source rows and pending changes (`vectorsync status`)
     in_image "$IMAGE" vectorsync status 2>/dev/null | awk '$1 == "python_docs" {print $4 "/" $3 " pending " $7}'
+}
+
+runs_summary() {  # each run of the instance; fails while one has not ended, or if one failed
+    "$VENV/bin/dagster-graphql" -w "$WORK/workspace.yaml" 2>/dev/null -t '{ runsOrError { ... on Runs { results {
+        runId status tags { key value } stats { ... on RunStatsSnapshot { startTime endTime } } } } } }' \
+        | "$VENV/bin/python" -c '
+import json, sys
+runs = json.load(sys.stdin)["data"]["runsOrError"]["results"]
+for run in runs:
+    tags, stats = {t["key"]: t["value"] for t in run["tags"]}, run["stats"]
+    buckets = tags.get("dagster/partition") or "..".join(
+        tags.get(f"dagster/asset_partition_range_{end}", "?") for end in ("start", "end"))
+    took = "in %.0f s," % (stats["endTime"] - stats["startTime"]) if stats.get("endTime") else "not ended,"
+    print("run", run["runId"][:8], run["status"], took, "started by", tags.get("dagster/sensor_name", "the CLI"),
+          "buckets", buckets)
+sys.exit(not all(run["status"] == "SUCCESS" for run in runs))'
 }
 
 check() {
@@ -192,16 +213,13 @@ with connect() as conn:
             sleep 5
         done
         say "embedded/source rows: $(embedded_rows); run worker seen in the container: ${worker:-no}"
-        "$VENV/bin/dagster-graphql" -w "$WORK/workspace.yaml" 2>/dev/null -t '{ runsOrError { ... on Runs { results {
-            runId status tags { key value } stats { ... on RunStatsSnapshot { startTime endTime } } } } } }' \
-            | "$VENV/bin/python" -c '
-import json, sys
-for run in json.load(sys.stdin)["data"]["runsOrError"]["results"]:
-    tags, stats = {t["key"]: t["value"] for t in run["tags"]}, run["stats"]
-    buckets = tags.get("dagster/partition") or "..".join(
-        tags.get(f"dagster/asset_partition_range_{end}", "?") for end in ("start", "end"))
-    print("run", run["runId"][:8], run["status"], "in %.0f s," % (stats["endTime"] - stats["startTime"]),
-          "started by", tags.get("dagster/sensor_name", "the CLI"), "buckets", buckets)'
+        # A change run lingers a few seconds for further changes after its work: wait for its end.
+        deadline=$(($(date +%s) + 120))
+        until runs_summary >"$WORK/runs"; do
+            [ "$(date +%s)" -lt "$deadline" ] || { cat "$WORK/runs"; fail "runs did not end"; }
+            sleep 5
+        done
+        cat "$WORK/runs"
     fi
     in_image "$IMAGE" vectorsync search python_docs "how do I open a file" 2>/dev/null | head -3 | cut -c1-100
 
