@@ -17,15 +17,27 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /opt/vectorsync
 
+# The run-time user first, so that code changes do not recreate it. A numeric uid and gid, so
+# that Kubernetes' runAsNonRoot can check them; --no-log-init: no lastlog/faillog records (sparse
+# files that grow with the uid).
+RUN groupadd --gid 10001 vectorsync \
+    && useradd --uid 10001 --gid 10001 --no-log-init --create-home --home-dir "$VECTORSYNC_HOME" vectorsync
+
 # The CPU build of torch first. PyPI's Linux wheel of torch is the CUDA build (several GB), and
 # requirements.lock pins torch==2.13.0+cpu, which only PyTorch's CPU index has. Point the
-# argument at a mirror of that index if the build cannot reach it.
+# argument at a mirror of that index if the build cannot reach it (the mirror must serve
+# torch's dependencies too: filelock, fsspec, jinja2, networkx, setuptools, sympy, ...).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN pip install --index-url "$TORCH_INDEX_URL" torch==2.13.0
 
 # Everything else at the versions tested together. dagster-k8s is not a dependency of the
 # project: run workers need it because the Helm chart's dagster.yaml names the K8sRunLauncher.
 # It is pinned to dagster-postgres's version (Dagster's libraries are released in step).
+# PIP_INDEX_URL (unset by default: PyPI) lets a builder without PyPI point this step and the
+# editable install's build backend (setuptools) at a mirror; pip reads it from the environment,
+# and a build argument, unlike ENV, does not stay in the image (`docker history` shows it, so
+# keep credentials out of it).
+ARG PIP_INDEX_URL
 COPY requirements.lock ./
 RUN pip install -r requirements.lock dagster-k8s==0.29.27
 
@@ -36,11 +48,10 @@ COPY pyproject.toml README.md workspace.yaml ./
 COPY sql/ sql/
 COPY assets/ assets/
 COPY orchestration/ orchestration/
-RUN pip install --no-deps -e . \
-    && useradd --system --uid 10001 --create-home --home-dir /var/lib/vectorsync vectorsync
+RUN pip install --no-deps -e .
 
 # No root at run time; VECTORSYNC_HOME is the user's own writable directory.
-USER 10001
+USER 10001:10001
 
 EXPOSE 3030
 # CMD, not ENTRYPOINT: the Helm chart starts the container with `args: [dagster, api, grpc, -h,
