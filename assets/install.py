@@ -48,6 +48,7 @@ def install(
         use_key_text_settings(conn, local=True)  # rebucketing hashes key texts
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (INSTALL_LOCK,))
         conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        _load_pgvector(conn)
         conn.execute("CREATE SCHEMA IF NOT EXISTS vectorsync")
         conn.execute(
             """CREATE TABLE IF NOT EXISTS vectorsync.migrations (
@@ -66,6 +67,17 @@ def install(
         _switch_capture(conn, table, notes[table.spec.name])
     return InstallReport(applied, [t.spec.name for t in resolved], swept,
                          {name: lines for name, lines in notes.items() if lines})
+
+
+def _load_pgvector(conn: psycopg.Connection) -> None:
+    """Load pgvector's library into this session. The search function sets pgvector's settings
+    (hnsw.iterative_scan, hnsw.ef_search), which PostgreSQL knows only once the library is loaded:
+    before that, only a superuser may name them in CREATE FUNCTION ... SET, and install as an
+    owner role that is not one failed. Any use of the type loads it (LOAD needs a superuser)."""
+    schema = conn.execute(
+        "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'vector'"
+    ).fetchone()[0]
+    conn.execute(sql.SQL("SELECT '[1]'::{}").format(sql.Identifier(schema, "vector")))
 
 
 def _apply_migrations(conn: psycopg.Connection) -> list[str]:

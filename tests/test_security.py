@@ -316,3 +316,52 @@ def test_a_run_role_of_a_logical_table_needs_the_replication_attribute(
         assert t.pending() == 1
     finally:
         conn.execute(sql.SQL("ALTER ROLE {} NOREPLICATION").format(sql.Identifier(run_role)))
+
+
+def test_an_owner_that_is_not_a_superuser_installs_and_a_run_role_searches(
+    run_role: str, conn: psycopg.Connection, db_url: str, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """In production the owner role that installs is seldom a superuser, and every command opens
+    a new session, in which pgvector's library is not loaded yet (its settings, which the search
+    function sets, are then unknown to PostgreSQL). Install as such an owner, in a database it
+    owns where an administrator created the extension; then sync and search (vector and hybrid)
+    as the run role it granted, each command in a session of its own."""
+    owner, database = unique("vs_owner"), unique("vs_owned")
+    conn.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEROLE").format(sql.Identifier(owner)))
+    conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(database), sql.Identifier(owner)))
+    try:
+        with psycopg.connect(database_url_for(db_url, dbname=database), autocommit=True) as admin:
+            admin.execute("CREATE EXTENSION vector")  # not a trusted extension: an administrator's step
+        owner_url = database_url_for(db_url, dbname=database, user=owner)
+        role_url = database_url_for(db_url, dbname=database, user=run_role)
+        with psycopg.connect(owner_url, autocommit=True) as as_owner:
+            assert as_owner.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone() == (False,)
+            source_ref = create_source(as_owner, rows=30, seed=5)
+        with OpenAIServer(dimensions=8) as server:
+            spec = openai_spec(source_ref, server.base_url)
+            tables = tmp_path / "tables"
+            tables.mkdir()
+            (tables / f"{spec.name}.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json", by_alias=True)))
+
+            def cli(url: str, *args: str) -> tuple[int, str, str]:
+                monkeypatch.setenv("DATABASE_URL", url)
+                code = cli_main(["--tables", str(tables), *args])
+                out, err = capsys.readouterr()
+                return code, out, err
+
+            code, out, err = cli(owner_url, "install", "--grant", run_role)
+            assert code == 0, err
+            code, _, err = cli(role_url, "sync", spec.name)
+            assert code == 0, err
+            for extra in ([], ["--hybrid"]):
+                code, out, err = cli(role_url, "search", spec.name, "doc 4", "-k", "3", *extra)
+                assert code == 0, f"search {extra}: {err}"
+                assert "doc " in out, out
+        with psycopg.connect(owner_url, autocommit=True) as as_owner:
+            stored = as_owner.execute(sql.SQL("SELECT count(DISTINCT id) FROM {}").format(
+                sql.Identifier(spec.store_schema, spec.store_name))).fetchone()[0]
+        assert stored == 30
+    finally:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))
+        conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(owner)))
