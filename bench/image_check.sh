@@ -93,9 +93,6 @@ start_postgres() {
     PGPASSWORD=$admin "$bin/psql" -qX -h 127.0.0.1 -p "$PG_PORT" -U postgres -v ON_ERROR_STOP=1 <<'EOF'
 CREATE ROLE vs_owner LOGIN CREATEDB PASSWORD 'Owner-pw/with:odd@chars';
 CREATE DATABASE app OWNER vs_owner;
--- Install's hybrid_search function sets hnsw.iterative_scan, which a role other than a
--- superuser may set only once pgvector's library is loaded in its session.
-ALTER ROLE vs_owner SET session_preload_libraries = 'vector';
 \c app
 CREATE EXTENSION vector;
 EOF
