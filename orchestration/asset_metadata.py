@@ -21,6 +21,14 @@ from .names import bucket_partition_key, source_asset_key
 # seconds of scanning.
 EXACT_COUNT_UP_TO = 1_000_000
 CONTINUOUS_EXACT_COUNT_UP_TO = 50_000
+# How often a run that follows changes (continuous mode's, or a change run lingering for more)
+# writes what it did to Dagster's event log, at most: a materialization per partition touched, or
+# a log line. Each is an event-log write, on a new PostgreSQL connection under dagster-postgres's
+# storage. Once per micro-batch or per second, 20 inserts/s over 16 buckets meant 12-24 writes a
+# second: over two minutes (`python -m bench f`) 1,350-2,900 sessions, on which PostgreSQL spent
+# 11-15 s of CPU. The store is written as each change commits either way; only the UI's record
+# lags, by at most this long (the first batch after a quiet spell is recorded at once).
+REPORT_EVERY_SECONDS = 10.0
 
 
 def _figure(value: float, digits: int = 2) -> float:

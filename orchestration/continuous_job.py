@@ -24,19 +24,11 @@ from assets.status import change_backlog
 from assets.usage import BudgetExceeded, price_per_million
 
 from .asset_metadata import (
-    CONTINUOUS_EXACT_COUNT_UP_TO, backlog_metadata, partition_metadata, store_metadata, work_metadata,
+    CONTINUOUS_EXACT_COUNT_UP_TO, REPORT_EVERY_SECONDS, backlog_metadata, partition_metadata, store_metadata,
+    work_metadata,
 )
 from .names import bucket_partition_key, embeddings_asset_key
 from .resources import VectorsyncDatabase
-
-# How often a continuous run records its micro-batches in Dagster's event log, at most: one
-# materialization per partition touched, each a write to the event log (a new PostgreSQL
-# connection under dagster-postgres's storage). At 20 inserts/s spread over 16 buckets, once a
-# second was ~12 events a second: over two minutes (`python -m bench f`) PostgreSQL's short-lived
-# sessions took ~15 s of CPU and the run's reporting thread ~4.5 s.
-# The store is written as each change commits either way; only the UI's record lags, by at most
-# this long (the first batch after a quiet spell is recorded at once).
-REPORT_EVERY_SECONDS = 10.0
 
 
 def continuous_job(spec: TableSpec, origin: str) -> dg.JobDefinition:

@@ -18,7 +18,7 @@ import yaml
 from psycopg import sql
 
 from openai_server import Fault, OpenAIServer
-from orchestration.continuous_job import REPORT_EVERY_SECONDS
+from orchestration.asset_metadata import REPORT_EVERY_SECONDS
 from orchestration.instance import RUN_MONITORING_POLL_SECONDS
 from orchestration.local_dagster import LocalDagster
 from orchestration.names import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
