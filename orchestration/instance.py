@@ -32,7 +32,7 @@ PASSWORD_ENV = "PGPASSWORD"
 # connections (dagster-io/dagster#20325): these classes override the connection hooks of its public
 # storage classes, which is behaviour Dagster chose, so they stay off unless asked for. Measured
 # (`python -m bench idle`, one table): 2.5 % of a core on the sensor path and 2.7 % in continuous
-# mode with them, 4.5 % and 5.3 % without; every process that loads the instance must then be
+# mode with them, 4.1-4.5 % and 4.2-5.3 % without; every process that loads the instance must then be
 # able to import vectorsync (not so for the daemon and webserver images of Dagster's Helm chart).
 POOLED_STORAGE_ENV = "VECTORSYNC_POOLED_DAGSTER_STORAGE"
 STORAGE_MODULE = "orchestration.dagster_storage"
