@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,9 +28,12 @@ import numpy as np
 from .search import SearchError, SearchHit
 
 STATE_FILE = "search-service.json"
-# A service that accepted the connection and then takes this long is stuck; the caller then
-# fails rather than waits forever. Connecting to a closed port on 127.0.0.1 fails at once.
-TIMEOUT_SECONDS = 60.0
+# The service answers in milliseconds, or in the seconds a remote provider takes to embed the
+# query. One that accepted the connection and has not answered in this long is stuck (stopped,
+# swapping, deadlocked): the caller then searches without it, as when none runs, and says so.
+# Connecting to a closed port on 127.0.0.1 fails at once.
+TIMEOUT_SECONDS = 15.0
+log = logging.getLogger(__name__)
 
 
 def default_home() -> Path:
@@ -105,6 +109,10 @@ class SearchClient:
         try:
             status, answer = self.request("POST", path, body)
         except ConnectionError:
+            return None
+        except TimeoutError:
+            log.warning(f"search service at {self.url} did not answer within {self.timeout:.0f} s; "
+                        f"searching without it")
             return None
         if status in (404, 409):
             return None

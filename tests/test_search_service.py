@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -20,7 +22,7 @@ from assets.catalog import resolve
 from assets.engine import EmbeddingEngine
 from assets.install import install
 from assets.search import hybrid_search, search
-from assets.search_client import STATE_FILE
+from assets.search_client import STATE_FILE, SearchClient
 from assets.declarations import load_declarations
 
 from conftest import unique
@@ -201,3 +203,20 @@ print("MODULES", "torch" in sys.modules)
     assert "MODULES False" in done.stdout
     # rows come from this process's own query, with their column types
     assert "KEYS [12, " in done.stdout and " date" in done.stdout
+
+
+def test_a_service_that_never_answers_is_given_up_on(caplog: pytest.LogCaptureFixture) -> None:
+    """A service that accepts connections and never answers (stopped with SIGSTOP, swapping):
+    the client gives up after its timeout, says so, and the caller searches without it."""
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(8)  # the kernel completes the connection; nobody ever reads or answers
+        url = f"http://127.0.0.1:{listening.getsockname()[1]}"
+        client = SearchClient(url, timeout=0.5)
+        caplog.set_level(logging.WARNING, logger="assets.search_client")
+        started = time.monotonic()
+        assert client.search("notes", None, "anything", k=3) is None
+        assert client.embed("notes", None, "anything") is None
+        assert time.monotonic() - started < 5.0
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2 and all(f"search service at {url} did not answer within" in w for w in warnings)
