@@ -248,10 +248,11 @@ def _follow_changes(
     # not one per drain (each is an event-log write; a steady stream of writes drains many times
     # a second).
     drained: dict[int, SyncStats] = {}
-    last_line = [0.0]
+    last_line = 0.0
 
     def log_drained(force: bool = False) -> None:
-        if not drained or (not force and time.monotonic() - last_line[0] < REPORT_EVERY_SECONDS):
+        nonlocal last_line
+        if not drained or (not force and time.monotonic() - last_line < REPORT_EVERY_SECONDS):
             return
         total = SyncStats()
         for stats in drained.values():
@@ -259,7 +260,7 @@ def _follow_changes(
         context.log.info(f"{spec.name}: drained buckets {sorted(drained)}: {total.rows_written} rows written, "
                          f"{total.rows_deleted} deleted")
         drained.clear()
-        last_line[0] = time.monotonic()
+        last_line = time.monotonic()
 
     def merge(worked: dict[int, SyncStats]) -> None:
         ledger.settle(worked)
