@@ -4,6 +4,9 @@ log's backlog, and the store's table name, columns and column lineage. Shared by
 a backfill and continuous mode, so the UI's plots read the same keys whichever made a partition.
 """
 
+import time
+from collections.abc import Callable
+
 import dagster as dg
 import psycopg
 from psycopg import sql
@@ -29,6 +32,33 @@ CONTINUOUS_EXACT_COUNT_UP_TO = 50_000
 # 11-15 s of CPU. The store is written as each change commits either way; only the UI's record
 # lags, by at most this long (the first batch after a quiet spell is recorded at once).
 REPORT_EVERY_SECONDS = 10.0
+
+
+class BatchThrottle:
+    """Micro-batches' figures per bucket, handed to `emit` together at most every `every_seconds`:
+    what a run that follows changes records (see REPORT_EVERY_SECONDS). `flush()` emits when the
+    interval has passed (call it on quiet moments too, so the last batch is not held back);
+    `flush(force=True)` emits what is left. The interval counts from the start, or with
+    `first_at_once` the first batch is emitted as it comes."""
+
+    def __init__(
+        self, emit: Callable[[dict[int, SyncStats]], None], every_seconds: float = REPORT_EVERY_SECONDS,
+        first_at_once: bool = False,
+    ) -> None:
+        self.emit, self.every_seconds = emit, every_seconds
+        self.pending: dict[int, SyncStats] = {}
+        self.last = float("-inf") if first_at_once else time.monotonic()
+
+    def add(self, worked: dict[int, SyncStats]) -> None:
+        for bucket, stats in worked.items():
+            self.pending.setdefault(bucket, SyncStats()).merge(stats)
+        self.flush()
+
+    def flush(self, force: bool = False) -> None:
+        if self.pending and (force or time.monotonic() - self.last >= self.every_seconds):
+            batch, self.pending = self.pending, {}
+            self.last = time.monotonic()
+            self.emit(batch)
 
 
 def _figure(value: float, digits: int = 2) -> float:

@@ -24,8 +24,8 @@ from assets.status import change_backlog
 from assets.usage import BudgetExceeded, price_per_million
 
 from .asset_metadata import (
-    CONTINUOUS_EXACT_COUNT_UP_TO, REPORT_EVERY_SECONDS, backlog_metadata, partition_metadata, store_metadata,
-    work_metadata,
+    CONTINUOUS_EXACT_COUNT_UP_TO, REPORT_EVERY_SECONDS, BatchThrottle, backlog_metadata, partition_metadata,
+    store_metadata, work_metadata,
 )
 from .names import bucket_partition_key, embeddings_asset_key
 from .resources import VectorsyncDatabase
@@ -150,30 +150,22 @@ class _BatchReporter:
         describe: Callable[[dict[int, SyncStats]], tuple[dict[str, dict], dict]] | None = None,
         every_seconds: float = REPORT_EVERY_SECONDS,
     ) -> None:
-        self.context, self.key, self.every_seconds = context, key, every_seconds
+        self.context, self.key = context, key
         self.describe = describe
-        self.pending: dict[int, SyncStats] = {}
-        self.last = time.monotonic()
         self.outbox: queue.Queue[dict[int, SyncStats] | None] = queue.Queue()
+        self.batches = BatchThrottle(self.outbox.put, every_seconds)
         self.writer = threading.Thread(target=self._write, name="vectorsync-reporter", daemon=True)
         self.writer.start()
 
     def add(self, worked: dict[int, SyncStats]) -> None:
-        for bucket, stats in worked.items():
-            self.pending.setdefault(bucket, SyncStats()).merge(stats)
-        self.flush()
+        self.batches.add(worked)
 
     def flush(self) -> None:
-        if self.pending and time.monotonic() - self.last >= self.every_seconds:
-            self.outbox.put(self.pending)
-            self.pending = {}
-            self.last = time.monotonic()
+        self.batches.flush()
 
     def close(self) -> None:
         """Record what is left and wait until every event is written."""
-        if self.pending:
-            self.outbox.put(self.pending)
-            self.pending = {}
+        self.batches.flush(force=True)
         self.outbox.put(None)
         self.writer.join(timeout=30)
 

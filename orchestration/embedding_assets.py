@@ -3,7 +3,6 @@
 
 import os
 import random
-import time
 from collections.abc import Callable
 
 import dagster as dg
@@ -20,7 +19,7 @@ from assets.spec import TableSpec
 from assets.status import change_backlog
 from assets.usage import BudgetExceeded, rows_to_visit
 
-from .asset_metadata import REPORT_EVERY_SECONDS, backlog_metadata, partition_metadata, run_totals, store_metadata
+from .asset_metadata import BatchThrottle, backlog_metadata, partition_metadata, run_totals, store_metadata
 from .names import bucket_partition_key, embeddings_asset_key, source_asset_key
 from .resources import VectorsyncDatabase
 from .versions_dagster import auto_promote, sync_other_versions, version_metadata
@@ -244,37 +243,28 @@ def _follow_changes(
     engine.lock_wait_seconds = 0.0
     listener = ChangeListener(database.resolved_url(), spec.name)
 
-    # What the drains did since the last log line: one line at most every REPORT_EVERY_SECONDS,
-    # not one per drain (each is an event-log write; a steady stream of writes drains many times
-    # a second).
-    drained: dict[int, SyncStats] = {}
-    last_line = 0.0
-
-    def log_drained(force: bool = False) -> None:
-        nonlocal last_line
-        if not drained or (not force and time.monotonic() - last_line < REPORT_EVERY_SECONDS):
-            return
+    def log_drained(batch: dict[int, SyncStats]) -> None:
         total = SyncStats()
-        for stats in drained.values():
+        for stats in batch.values():
             total.merge(stats)
-        context.log.info(f"{spec.name}: drained buckets {sorted(drained)}: {total.rows_written} rows written, "
+        context.log.info(f"{spec.name}: drained buckets {sorted(batch)}: {total.rows_written} rows written, "
                          f"{total.rows_deleted} deleted")
-        drained.clear()
-        last_line = time.monotonic()
+
+    # One log line at most every REPORT_EVERY_SECONDS, not one per drain: each is an event-log
+    # write, and a steady stream of writes drains many times a second.
+    drained = BatchThrottle(log_drained, first_at_once=True)
 
     def merge(worked: dict[int, SyncStats]) -> None:
         ledger.settle(worked)
-        for bucket, stats in worked.items():
-            drained.setdefault(bucket, SyncStats()).merge(stats)
-        log_drained()
+        drained.add(worked)
 
     try:
         follow_changes(
             engine, listener, merge, should_stop=lambda: bool(getattr(engine.provider, "exhausted", False)),
             buckets=set(buckets),
             quiet_seconds=config.linger_seconds, max_seconds=config.linger_max_seconds,
-            poll_seconds=max(config.linger_seconds / 4, 0.5), on_idle=log_drained,
+            poll_seconds=max(config.linger_seconds / 4, 0.5), on_idle=drained.flush,
         )
     finally:
         listener.close()
-        log_drained(force=True)
+        drained.flush(force=True)
