@@ -401,7 +401,8 @@ def run(ctx: Context) -> Result:
                 "stock `dagster dev` (webserver, daemon, code server behind dev's proxy)")
                + f"; default run launcher; settled "
                f"{p['settle_seconds']} s after the webserver answered (and every continuous run started), "
-               f"then CPU over {p['seconds']} s without writes; one round per configuration",
+               f"then CPU over {p['seconds']} s without writes; one round per entry of tables_list (1 and "
+               f"{p['tables']} tables unless given), a measure the median of its rounds",
                "PostgreSQL = the postmaster, its background processes and its backends, those that ended "
                "within the window included (the postmaster's children times)",
                f"the instance allows tables + 4 runs at once (LocalDagster's dagster.yaml allows 4, fewer "

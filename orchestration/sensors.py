@@ -5,8 +5,9 @@ table's long-lived run alive, and the sensor that records every failed run in th
 One sensor for all tables, not one per table: every tick of a sensor costs Dagster's sensor
 daemon a dozen or more storage calls and a gRPC round trip, whatever the sensor does (and as many
 new PostgreSQL connections where dagster-postgres's own storage is used: it does not pool them,
-dagster-io/dagster#20325). A table adds a few queries on one pooled connection to a tick instead. Each table still gets runs, run keys, tags, skip reasons and freshness events of its own;
-a table is left out of the sensor with `sensor: false` in its declaration."""
+dagster-io/dagster#20325). A table adds a few queries on one pooled connection to a tick instead.
+Each table still gets runs, run keys, tags, skip reasons and freshness events of its own; a table
+is left out of the sensor with `sensor: false` in its declaration."""
 
 
 import json
