@@ -333,3 +333,22 @@ def test_the_cli_writes_a_dagster_yaml_that_dagster_loads(db_url: str, tmp_path:
     with dg.DagsterInstance.from_config(str(home)) as instance:
         assert instance.get_runs(limit=1) is not None
         assert instance.run_launcher.__class__.__name__ == "DefaultRunLauncher"
+
+
+# Stock Dagster only ---------------------------------------------------------------------------------
+
+
+def test_product_code_imports_no_private_dagster_module() -> None:
+    """Issue 13, point 2: what ships (assets/ and orchestration/) uses Dagster's public API only, so
+    it runs unchanged under a stock daemon, `dagster dev` and the Helm chart. Every import statement
+    is read, including those inside functions."""
+    import ast
+
+    private = []
+    for path in sorted([*ROOT.joinpath("assets").rglob("*.py"), *ROOT.joinpath("orchestration").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            private += [f"{path.relative_to(ROOT)}:{node.lineno}: {n}" for n in names
+                        if re.match(r"dagster(_[a-z]+)?\._", n)]
+    assert private == []
